@@ -1,0 +1,1 @@
+"""Fused adapter linears and the attention backend choice."""

@@ -1,0 +1,16 @@
+"""Studio: a diffusion-model customization studio built on diffusers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load_pipeline", "StudioError", "__version__"]
+
+
+def __getattr__(name: str):
+    # keep `import studio` light: torch and diffusers load on first use
+    if name in ("load_pipeline", "StudioError"):
+        from studio import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'studio' has no attribute {name!r}")

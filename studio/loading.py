@@ -1,0 +1,137 @@
+"""Load a text-to-image pipeline from any source a user has: the embedded `shapes` model, a local
+diffusers folder, a hub id, or one `.safetensors`/`.ckpt` checkpoint (SD 1.x/2.x, SDXL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from studio import embedded
+
+
+class StudioError(Exception):
+    """An error about the user's input; the CLI prints its message on one line and exits with 2."""
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lcm": "LCMScheduler",
+}
+
+
+def architecture(pipe) -> str:
+    """'shapes', 'sd1', 'sd2' or 'sdxl', read off the UNet's config."""
+    cfg = pipe.unet.config
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    dim = cfg.cross_attention_dim
+    if dim == embedded.TEXT_WIDTH and cfg.sample_size == embedded.UNET_CONFIG["sample_size"]:
+        return "shapes"
+    return {768: "sd1", 1024: "sd2"}.get(dim, f"unknown(cross_attention_dim={dim})")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise StudioError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return False
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header and every tensor's byte range, so a truncated or corrupt file is named, not crashed on."""
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length is past the end of the file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"file is truncated ({size} bytes, tensors need {8 + n + end})")
+        with safe_open(str(path), "pt"):
+            pass
+    except (ValueError, UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        raise StudioError(f"{path}: not a valid safetensors checkpoint ({e})") from None
+    except Exception as e:  # safetensors raises its own error types
+        raise StudioError(f"{path}: not a valid safetensors checkpoint ({e})") from None
+
+
+def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                  scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
+                  progress: bool = False):
+    """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
+    a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
+    configs). Raises StudioError with a one-line reason on bad input."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    torch_dtype = _resolve_dtype(dtype, device)
+    source = str(model)
+    path = embedded.SHAPES_DIR if source == "shapes" else Path(source).expanduser()
+    try:
+        if source == "shapes" or path.is_dir():
+            if not (path / "model_index.json").is_file():
+                if source == "shapes":
+                    raise StudioError(f"the embedded model is missing from {path}; run `studio pretrain`")
+                raise StudioError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.exists():
+            if not path.is_file():
+                raise StudioError(f"{path}: no such checkpoint file")
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
+            cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+            kwargs = {"config": config} if config else {}
+            pipe = cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline),
+                                        **kwargs)
+        elif "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype,
+                                                     local_files_only=bool(offline))
+        else:
+            raise StudioError(f"{source}: no such model (not 'shapes', a folder, a checkpoint file or a hub id)")
+    except StudioError:
+        raise
+    except OSError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if any(w in msg.lower() for w in ("connect", "offline", "internet", "resolve", "local_files_only", "hub")):
+            raise StudioError(f"{source}: cannot be downloaded (no network or not in the local cache): {msg}") from None
+        raise StudioError(f"{source}: cannot be loaded: {msg}") from None
+    except Exception as e:  # a corrupt file surfaces as many error types deep in the loaders
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StudioError(f"{source}: cannot be loaded ({type(e).__name__}: {msg})") from None
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe.studio_architecture = architecture(pipe)
+    return pipe.to(device)
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise StudioError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
