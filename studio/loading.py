@@ -31,10 +31,10 @@ def architecture(pipe) -> str:
     cfg = pipe.unet.config
     if cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
-    dim = cfg.cross_attention_dim
-    if dim == embedded.TEXT_WIDTH and cfg.sample_size == embedded.UNET_CONFIG["sample_size"]:
+    if (cfg.cross_attention_dim == embedded.UNET_CONFIG["cross_attention_dim"]
+            and tuple(cfg.block_out_channels) == embedded.UNET_CONFIG["block_out_channels"]):
         return "shapes"
-    return {768: "sd1", 1024: "sd2"}.get(dim, f"unknown(cross_attention_dim={dim})")
+    return "sd2" if cfg.get("use_linear_projection") else "sd1"
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -117,7 +117,8 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
     except OSError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if any(w in msg.lower() for w in ("connect", "offline", "internet", "resolve", "local_files_only", "hub")):
-            raise StudioError(f"{source}: cannot be downloaded (no network or not in the local cache): {msg}") from None
+            raise StudioError(f"{source}: cannot be downloaded and is not in the local cache (offline or no network)"
+                              ) from None
         raise StudioError(f"{source}: cannot be loaded: {msg}") from None
     except Exception as e:  # a corrupt file surfaces as many error types deep in the loaders
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

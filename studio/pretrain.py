@@ -45,6 +45,8 @@ class PretrainConfig:
     max_minutes: float = 0.0  # per stage; 0 = no limit. A stage stopped early saves what it has.
     unet_minutes: float = 0.0  # time budget of the unet stage: its LR schedule then follows elapsed time
     unet_warmup: int = 500
+    unet_t_min: int = 0  # train the UNet only on timesteps >= this (where layout is decided)
+    position_captions_only: bool = False  # only the caption variants that name the position
     init_from: str = ""  # a shapes pipeline folder whose UNet and text encoder the unet stage continues from
 
 
@@ -203,12 +205,14 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
         b = cfg.unet_batch
         idx = torch.randint(0, len(latents), (b,), device=dev, generator=gen)
         variant = torch.randint(0, 8, (b,), device=dev, generator=gen)
+        if cfg.position_captions_only:
+            variant = variant | 2  # bit 1 of the variant index names the position
         cap = idx * 8 + variant
         cap = torch.where(torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout,
                           torch.full_like(cap, empty_id), cap)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, device=dev, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
+        t = torch.randint(cfg.unet_t_min, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.startswith("cuda")):
             emb = text_encoder(ids[cap])[0]

@@ -1,0 +1,76 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def studio(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "studio.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_generate_writes_png_with_its_settings(tmp_path):
+    out = tmp_path / "img.png"
+    r = studio("generate", "a large blue square on a yellow background", "--seed", "3", "--steps", "6", "--out",
+               str(out))
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.size == (128, 128)
+    meta = json.loads(img.text["parameters"])
+    assert meta["seed"] == 3 and meta["steps"] == 6 and meta["model"] == "shapes"
+
+
+def test_generate_batch_names_each_image(tmp_path):
+    r = studio("generate", "a red circle", "--batch", "2", "--steps", "3", "--scheduler", "euler",
+               "--out", str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b-0.png").is_file() and (tmp_path / "b-1.png").is_file()
+
+
+def _corrupt(tmp_path):
+    p = tmp_path / "corrupt.safetensors"
+    p.write_bytes(os.urandom(4096))
+    return p
+
+
+def _truncated(tmp_path):
+    from studio import embedded
+
+    src = embedded.SHAPES_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    p = tmp_path / "truncated.safetensors"
+    p.write_bytes(src.read_bytes()[: 200_000])
+    return p
+
+
+@pytest.mark.parametrize("case", ["unknown_model", "corrupt", "truncated", "empty_prompt", "zero_steps",
+                                  "unwritable", "offline_hub_id"])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, case):
+    out = str(tmp_path / "x.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    args = {
+        "unknown_model": ["a red circle", "--model", str(tmp_path / "nope"), "--out", out],
+        "corrupt": ["a red circle", "--model", str(_corrupt(tmp_path)), "--out", out],
+        "truncated": ["a red circle", "--model", str(_truncated(tmp_path)), "--out", out],
+        "empty_prompt": ["", "--out", out],
+        "zero_steps": ["a red circle", "--steps", "0", "--out", out],
+        "unwritable": ["a red circle", "--out", str(blocker / "x.png")],
+        "offline_hub_id": ["a red circle", "--model", "nobody-here/no-such-model", "--out", out],
+    }[case]
+    r = studio("generate", *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("studio: error: "), r.stderr
+    if case == "offline_hub_id":
+        assert "network" in lines[0] or "cache" in lines[0]
+
+
+def test_info_names_the_attention_backend():
+    r = studio("info")
+    assert r.returncode == 0, r.stderr
+    assert "attention backend:" in r.stdout and "embedded model:" in r.stdout
