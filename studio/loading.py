@@ -80,6 +80,22 @@ def _check_safetensors(path: Path) -> None:
         raise StudioError(f"{path}: not a valid safetensors checkpoint ({e})") from None
 
 
+def _embedded_config_for(path: Path) -> str | None:
+    """A single file exported from the shapes model names its own configs: they ship with studio."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        unet = json.loads(meta.get("studio_unet_config", "{}"))
+    except json.JSONDecodeError:
+        return None
+    same = all(unet.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in embedded.UNET_CONFIG.items())
+    return str(embedded.SHAPES_DIR) if unet and same else None
+
+
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
                   progress: bool = False):
@@ -104,6 +120,7 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
             if path.suffix == ".safetensors":
                 _check_safetensors(path)
             cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+            config = config or _embedded_config_for(path)
             kwargs = {"config": config} if config else {}
             pipe = cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline),
                                         **kwargs)

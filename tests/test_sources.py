@@ -86,3 +86,37 @@ def test_truncated_single_file_is_named(tmp_path):
     bad.write_bytes(src.read_bytes()[:-1000])
     with pytest.raises(StudioError, match="truncated"):
         load_pipeline(str(bad))
+
+
+def test_single_file_round_trip_of_the_embedded_model(tmp_path):
+    from studio.single_file import save_single_file
+
+    pipe = load_pipeline("shapes")
+    path = save_single_file(pipe, tmp_path / "shapes.safetensors")
+    again = load_pipeline(str(path))  # its configs ship with studio: loads offline with no --config
+    assert again.studio_architecture == "shapes"
+    settings = GenerationSettings("a large blue square on a yellow background", steps=5, seed=1)
+    a = np.asarray(generate(pipe, settings)[0])
+    b = np.asarray(generate(again, settings)[0])
+    assert np.array_equal(a, b)
+
+
+def test_sd1_single_file_loads_with_its_config_folder(sd1_folder, tmp_path):
+    from studio.single_file import save_single_file
+
+    pipe = load_pipeline(str(sd1_folder))
+    path = save_single_file(pipe, tmp_path / "tiny-sd1.safetensors")
+    again = load_pipeline(str(path), config=str(sd1_folder))
+    assert again.studio_architecture == "sd1"
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_single_file_without_configs_offline_says_so(sd1_folder, tmp_path):
+    from studio.single_file import save_single_file
+
+    path = save_single_file(load_pipeline(str(sd1_folder)), tmp_path / "tiny-sd1.safetensors")
+    with pytest.raises(StudioError, match="cache|network|offline"):
+        load_pipeline(str(path), offline=True)
