@@ -45,8 +45,11 @@ class PretrainConfig:
     max_minutes: float = 0.0  # per stage; 0 = no limit. A stage stopped early saves what it has.
     unet_minutes: float = 0.0  # time budget of the unet stage: its LR schedule then follows elapsed time
     unet_warmup: int = 500
-    unet_t_min: int = 0  # train the UNet only on timesteps >= this (where layout is decided)
-    position_captions_only: bool = False  # only the caption variants that name the position
+    # Layout samples: this fraction of each batch is drawn at t >= layout_t_min with captions that name the
+    # position, and weighted in x0 space (1/SNR, normalised). Epsilon loss at high noise barely rewards
+    # putting the shape in the right place; the x0-space loss does.
+    layout_fraction: float = 0.0
+    layout_t_min: int = 600
     init_from: str = ""  # a shapes pipeline folder whose UNet and text encoder the unet stage continues from
 
 
@@ -194,6 +197,7 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     alphas = noise_sched.alphas_cumprod.to(dev)
     snr = alphas / (1 - alphas)
+    layout_norm = (1 / snr[cfg.layout_t_min:]).mean()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     minutes = cfg.unet_minutes or cfg.max_minutes
     deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
@@ -205,19 +209,22 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
         b = cfg.unet_batch
         idx = torch.randint(0, len(latents), (b,), device=dev, generator=gen)
         variant = torch.randint(0, 8, (b,), device=dev, generator=gen)
-        if cfg.position_captions_only:
-            variant = variant | 2  # bit 1 of the variant index names the position
+        n_layout = int(b * cfg.layout_fraction)
+        variant[:n_layout] |= 2  # bit 1 of the variant index names the position
         cap = idx * 8 + variant
         cap = torch.where(torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout,
                           torch.full_like(cap, empty_id), cap)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, device=dev, generator=gen)
-        t = torch.randint(cfg.unet_t_min, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
+        t[:n_layout] = torch.randint(cfg.layout_t_min, noise_sched.config.num_train_timesteps, (n_layout,),
+                                     device=dev, generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.startswith("cuda")):
             emb = text_encoder(ids[cap])[0]
             pred = unet(xt, t, emb).sample.float()
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+        weight[:n_layout] = (1 / snr[t[:n_layout]]) / layout_norm
         loss = (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
