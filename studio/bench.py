@@ -32,3 +32,14 @@ def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, gui
     row = [model, f"{load_s:.2f}", str(batch), str(steps), f"{guidance:g}", f"{best:.2f}", f"{batch / best:.2f}",
            str(torch.get_num_threads())]
     return record("Generation speed", header, [row], write=write)
+
+
+def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
+    """Judge accuracy on fresh renders and after the shipped VAE (encode->decode)."""
+    from studio.judge import HEADS, load_judge
+    from studio.loading import load_pipeline
+    from studio.pretrain import judge_report
+
+    report = judge_report(load_judge(), load_pipeline("shapes").vae, n, seed)
+    rows = [[name, str(n), *(f"{100 * acc[h]:.2f}%" for h in HEADS)] for name, acc in report.items()]
+    return record("Judge accuracy", ["images", "n", *HEADS], rows, write=write)

@@ -100,6 +100,12 @@ def cmd_bench(args) -> None:
                            repeats=args.repeats, write=not args.no_write))
 
 
+def cmd_bench_judge(args) -> None:
+    from studio.bench import bench_judge
+
+    print(bench_judge(n=args.n, write=not args.no_write))
+
+
 def cmd_ui(args) -> None:
     from studio.ui.app import launch  # lazily: the UI sits above the core
 
@@ -151,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--repeats", type=int, default=3)
     bg.add_argument("--no-write", action="store_true")
     bg.set_defaults(func=cmd_bench)
+
+    bj = bsub.add_parser("judge", help="judge accuracy on fresh renders and after the VAE")
+    bj.add_argument("--n", type=int, default=1000)
+    bj.add_argument("--no-write", action="store_true")
+    bj.set_defaults(func=cmd_bench_judge)
 
     i = sub.add_parser("info", help="versions, device, attention backend")
     i.set_defaults(func=cmd_info)

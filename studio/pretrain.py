@@ -147,19 +147,26 @@ def vae_roundtrip(vae, images_uint8: torch.Tensor, device: str, batch: int = 128
 
 
 def train_judge_stage(cfg: PretrainConfig, vae, log=print):
-    from studio.judge import accuracy, judge_images, to_tensor, train_judge
+    from studio.judge import train_judge
 
     specs, seeds = world_sample(cfg.judge_images, cfg.seed + 2, world.SHAPES, heldout=None)
     images = torch.from_numpy(render_set(specs, seeds)).to(cfg.device)
     judge = train_judge(images, specs, steps=cfg.judge_steps, seed=cfg.seed, device=cfg.device, log=log)
-    test_specs, test_seeds = world_sample(cfg.judge_test_images, cfg.seed + 3, world.SHAPES, heldout=None)
-    test = torch.from_numpy(render_set(test_specs, test_seeds))
-    report = {
-        "fresh_renders": accuracy(judge_images(judge, to_tensor(test))[1], test_specs),
-        "vae_roundtrip": accuracy(judge_images(judge, vae_roundtrip(vae, test, cfg.device))[1], test_specs),
-    }
+    report = judge_report(judge, vae, cfg.judge_test_images, cfg.seed + 3, cfg.device)
     log(f"judge accuracy {json.dumps(report)}")
     return judge.cpu(), report
+
+
+def judge_report(judge, vae, n: int, seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Judge accuracy per attribute on n fresh renders of all shapes, and on the same renders after the VAE."""
+    from studio.judge import accuracy, judge_images, to_tensor
+
+    specs, seeds = world_sample(n, seed, world.SHAPES, heldout=None)
+    test = torch.from_numpy(render_set(specs, seeds))
+    return {
+        "fresh_renders": accuracy(judge_images(judge, to_tensor(test))[1], specs),
+        "vae_roundtrip": accuracy(judge_images(judge, vae_roundtrip(vae, test, device))[1], specs),
+    }
 
 
 def train_unet(cfg: PretrainConfig, vae, log=print):
