@@ -64,7 +64,13 @@ def cmd_pretrain(args) -> None:
 
     from studio.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(**{**json.loads(args.overrides), "device": args.device, "seed": args.seed})
+    try:
+        overrides = json.loads(args.overrides)
+        cfg = PretrainConfig(**{**overrides, "device": args.device, "seed": args.seed})
+    except json.JSONDecodeError as e:
+        raise StudioError(f"--overrides is not valid JSON ({e})") from None
+    except TypeError as e:
+        raise StudioError(f"--overrides: {e}") from None
     report = pretrain(cfg, Path(args.out), tuple(args.stages.split(",")))
     print(json.dumps(report, indent=2))
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from studio import embedded, world
 from studio.files import atomic_dir
+from studio.loading import StudioError
 
 
 @dataclass
@@ -278,7 +279,11 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
         with atomic_dir(vae_dir) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
         report["seconds"]["vae"] = time.time() - t
-    vae = AutoencoderKL.from_pretrained(vae_dir if vae_dir.exists() else out / "shapes" / "vae")
+    candidates = [vae_dir, out / "shapes" / "vae"] + ([Path(cfg.init_from) / "vae"] if cfg.init_from else [])
+    found = [c for c in candidates if (c / "config.json").is_file()]
+    if not found:
+        raise StudioError(f"{out}: no trained VAE (run the vae stage first, or set init_from to a shapes folder)")
+    vae = AutoencoderKL.from_pretrained(found[0])
     if "judge" in stages:
         t = time.time()
         judge, report["judge_accuracy"] = train_judge_stage(cfg, vae, log)
