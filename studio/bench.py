@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -17,7 +18,7 @@ def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, gui
     t = time.perf_counter()
     pipe = load_pipeline(model)
     load_s = time.perf_counter() - t
-    prompts = [world.caption(s) for s in (world.random_spec(__import__("random").Random(i)) for i in range(batch))]
+    prompts = [world.caption(world.random_spec(random.Random(i))) for i in range(batch)]
     size = world.IMAGE_SIZE if pipe.studio_architecture == "shapes" else None
     pipe(prompts[:1], num_inference_steps=2, height=size, width=size)  # warm-up
     times = []

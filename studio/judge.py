@@ -6,7 +6,6 @@ Fréchet distance from its penultimate features.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -83,15 +82,6 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     return images.permute(0, 3, 1, 2).float() / 255
-
-
-def render_batch(specs: list[world.Spec], seeds: list[int]) -> np.ndarray:
-    return np.stack([world.render(s, seed) for s, seed in zip(specs, seeds)])
-
-
-def random_specs(n: int, seed: int) -> list[world.Spec]:
-    rng = random.Random(seed)
-    return [world.random_spec(rng, world.SHAPES, heldout=None) for _ in range(n)]
 
 
 def train_judge(images: torch.Tensor, specs: list[world.Spec], *, steps: int = 3000, batch: int = 256,

@@ -1,19 +1,14 @@
-import random
-
-import numpy as np
 import torch
 
 from studio import world
 from studio.evaluate import frechet_distance
 from studio.judge import accuracy, judge_images, to_tensor
-from studio.pretrain import vae_roundtrip
+from studio.pretrain import render_set, vae_roundtrip, world_sample
 
 
 def _sample(n, seed):
-    rng = random.Random(seed)
-    specs = [world.random_spec(rng, world.SHAPES, heldout=None) for _ in range(n)]
-    seeds = [rng.randrange(2**31) for _ in range(n)]
-    return specs, np.stack([world.render(s, sd) for s, sd in zip(specs, seeds)])
+    specs, seeds = world_sample(n, seed, world.SHAPES, heldout=None)
+    return specs, render_set(specs, seeds, workers=1)
 
 
 def test_judge_reads_fresh_renders(judge):
