@@ -130,5 +130,10 @@ def new_components(seed: int = 0) -> dict:
     )
 
 
+def is_shapes_unet_config(config) -> bool:
+    """Whether a UNet config (a dict or diffusers FrozenDict) is the shapes architecture."""
+    return all(config.get(k) in (v, list(v) if isinstance(v, tuple) else v) for k, v in UNET_CONFIG.items())
+
+
 def is_shipped() -> bool:
     return (SHAPES_DIR / "model_index.json").is_file()

@@ -31,8 +31,7 @@ def architecture(pipe) -> str:
     cfg = pipe.unet.config
     if cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
-    if (cfg.cross_attention_dim == embedded.UNET_CONFIG["cross_attention_dim"]
-            and tuple(cfg.block_out_channels) == embedded.UNET_CONFIG["block_out_channels"]):
+    if embedded.is_shapes_unet_config(cfg):
         return "shapes"
     return "sd2" if cfg.get("use_linear_projection") else "sd1"
 
@@ -90,8 +89,7 @@ def _embedded_config_for(path: Path) -> str | None:
         unet = json.loads(meta.get("studio_unet_config", "{}"))
     except json.JSONDecodeError:
         return None
-    same = all(unet.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in embedded.UNET_CONFIG.items())
-    return str(embedded.SHAPES_DIR) if unet and same else None
+    return str(embedded.SHAPES_DIR) if embedded.is_shapes_unet_config(unet) else None
 
 
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
