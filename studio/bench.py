@@ -44,3 +44,40 @@ def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
     report = judge_report(load_judge(), load_pipeline("shapes").vae, n, seed)
     rows = [[name, str(n), *(f"{100 * acc[h]:.2f}%" for h in HEADS)] for name, acc in report.items()]
     return record("Judge accuracy", ["images", "n", *HEADS], rows, write=write)
+
+
+def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
+                  adapter: dict | None = None, steps: int | None = None, write: bool = True, log=print) -> str:
+    """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
+    preservation and leak on the embedded model."""
+    import os
+    from pathlib import Path
+
+    from studio.adapters import set_adapter_weights
+    from studio.evaluate import run_b2, write_b2_training_set
+    from studio.judge import load_judge
+    from studio.train import train
+
+    data_dir = Path(out) / "data"
+    write_b2_training_set(data_dir)
+    settings = {"adapter": adapter or {}}
+    if steps:
+        settings["steps"] = steps
+    run = train(preset=preset, method=method, data=str(data_dir), trigger="sks", name=f"star_{method}",
+                output_dir=str(Path(out) / method), preview_prompts=["a red sks on a blue background"],
+                progress_bar=log is print, tensorboard=False, **settings)
+    log(f"trained {run.steps} steps in {run.seconds:.0f} s")
+    from studio.loading import load_pipeline
+    from studio.adapters import load_adapters
+
+    pipe = load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
+    r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
+    header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
+              "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
+    row = [method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",
+           f"{os.path.getsize(run.adapter_path) / 1024:.0f}", f"{100 * r.fidelity:.1f}%", f"{100 * r.editability:.1f}%",
+           f"{r.preservation:+.1f}", f"{100 * r.leak:.1f}%", f"{100 * r.base_accuracy:.1f}%",
+           f"{100 * r.adapted_accuracy:.1f}%"]
+    return record("B2 concept (star as 'sks', 8 renders)", header, [row], write=write)

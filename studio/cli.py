@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
-import time
 from pathlib import Path
 
 from studio.loading import SCHEDULERS, StudioError
@@ -25,7 +26,8 @@ def _load(args):
     from studio.loading import load_pipeline
 
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                         config=args.config, offline=args.offline or None, progress=sys.stderr.isatty())
+                         config=args.config, offline=args.offline or None, progress=sys.stderr.isatty(),
+                         adapters=parse_adapter_args(getattr(args, "adapter", None)))
 
 
 def cmd_generate(args) -> None:
@@ -112,6 +114,129 @@ def cmd_bench_judge(args) -> None:
     print(bench_judge(n=args.n, write=not args.no_write))
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, so the YAML config and the command line hold the same settings."""
+    import typing
+
+    from studio.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if f.name == "adapter":
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                           help="a setting of the method, e.g. rank=8 (repeatable)")
+        elif hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif typing.get_origin(hint) is list:
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help="repeatable")
+        else:
+            base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            p.add_argument(flag, type=base[0], default=argparse.SUPPRESS)
+    p.add_argument("--config", dest="config_file", default=None, help="YAML file with any of these settings")
+    p.add_argument("--preset", default=None, help="quick or standard: defaults tuned for a first result")
+    p.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="shortcut for --adapter rank=N")
+
+
+def train_config_from_args(args):
+    import yaml
+
+    from studio.train import TrainConfig, TrainingError, config_with_preset
+
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    adapter = {}
+    for item in explicit.pop("adapter", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainingError(f"--adapter takes KEY=VALUE, got {item!r}")
+        adapter[key.replace("-", "_")] = yaml.safe_load(value)
+    if hasattr(args, "rank"):
+        adapter["rank"] = args.rank
+    values = {}
+    if args.config_file:
+        values = dataclasses.asdict(TrainConfig.from_yaml(args.config_file))
+        file_values = yaml.safe_load(Path(args.config_file).read_text(encoding="utf-8")) or {}
+        values = {k: v for k, v in values.items() if k in file_values}
+    values.update(explicit)
+    values["adapter"] = {**values.get("adapter", {}), **adapter}
+    preset = args.preset or values.pop("preset", None)
+    return config_with_preset(preset, **values)
+
+
+def cmd_train(args) -> None:
+    from studio.train import Trainer
+
+    config = train_config_from_args(args)
+
+    def on_event(event: dict) -> None:
+        if event["kind"] in ("log",):
+            print(event["message"], file=sys.stderr)
+        elif event["kind"] == "preview":
+            tqdm_write(f"step {event['step']}: preview {', '.join(event['paths'])}")
+
+    result = Trainer(config, on_event).run()
+    print(result.adapter_path)
+    print(f"{result.steps} steps, final loss {result.final_loss:.4f}, {result.seconds:.0f} s, "
+          f"{result.trainable_parameters:,} trainable parameters", file=sys.stderr)
+
+
+def tqdm_write(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from studio.adapters.io import export_adapter
+
+    print(export_adapter(args.adapter, args.format, args.out))
+
+
+def cmd_merge(args) -> None:
+    from studio.adapters import merge_adapters
+
+    pipe = _load(args)
+    merge_adapters(pipe)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        from studio.single_file import save_single_file
+
+        print(save_single_file(pipe, out))
+    else:
+        from studio.files import atomic_dir
+
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp)
+        print(out)
+
+
+def parse_adapter_args(items: list[str] | None) -> dict[str, float]:
+    """`file.safetensors` or `file.safetensors:0.8` -> {file: weight}."""
+    out = {}
+    for item in items or []:
+        path, sep, weight = item.rpartition(":")
+        if sep and path and re.fullmatch(r"-?\d+(\.\d*)?|-?\.\d+", weight):
+            out[path] = float(weight)
+        else:  # no weight, or a ':' that belongs to the path
+            out[item] = 1.0
+    return out
+
+
+def cmd_bench_concept(args) -> None:
+    from studio.bench import bench_concept
+
+    print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
+                        write=not args.no_write))
+
+
+def cmd_bench_train(args) -> None:
+    from studio.bench_train import bench_train
+
+    print(bench_train(models=args.models.split(","), methods=args.methods.split(","), steps=args.steps,
+                      write=not args.no_write))
+
+
 def cmd_ui(args) -> None:
     from studio.ui.app import launch  # lazily: the UI sits above the core
 
@@ -132,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
+    g.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -141,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
     e.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     e.add_argument("--no-write", action="store_true", help="print only; do not add a row to BENCHMARKS.md")
     e.set_defaults(func=cmd_eval)
@@ -168,6 +295,38 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--n", type=int, default=1000)
     bj.add_argument("--no-write", action="store_true")
     bj.set_defaults(func=cmd_bench_judge)
+
+    t = sub.add_parser("train", help="teach a concept: train an adapter on a folder of images")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="write an adapter in kohya (ComfyUI/A1111) or diffusers/PEFT keys")
+    x.add_argument("adapter")
+    x.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    x.add_argument("--out", default=None, help="output .safetensors (default: next to the adapter)")
+    x.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("merge", help="fold adapters into the base model and save it (folder or .safetensors)")
+    _add_model_args(m)
+    m.add_argument("--adapter", action="append", required=True, help="FILE[:WEIGHT] (repeatable)")
+    m.add_argument("--out", required=True, help="a folder (diffusers) or a .safetensors single file")
+    m.set_defaults(func=cmd_merge)
+
+    bc = bsub.add_parser("concept", help="B2: teach the star as 'sks' and judge the result")
+    bc.add_argument("--method", default="lora")
+    bc.add_argument("--preset", default="quick")
+    bc.add_argument("--steps", type=int, default=None)
+    bc.add_argument("--n", type=int, default=64)
+    bc.add_argument("--out", default="runs/bench_concept")
+    bc.add_argument("--no-write", action="store_true")
+    bc.set_defaults(func=cmd_bench_concept)
+
+    bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
+    bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")
+    bt.add_argument("--methods", default="full,lora-r4,lora-r16")
+    bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--no-write", action="store_true")
+    bt.set_defaults(func=cmd_bench_train)
 
     i = sub.add_parser("info", help="versions, device, attention backend")
     i.set_defaults(func=cmd_info)
@@ -205,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except StudioError as e:
+        print(f"studio: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from studio.adapters import AdapterError
+
+        if not isinstance(e, AdapterError):
+            raise
         print(f"studio: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

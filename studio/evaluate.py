@@ -78,3 +78,106 @@ def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float
     ref2 = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
     return B1Result(acc, all_ok, frechet_distance(feats, ref), frechet_distance(ref2, ref), n / seconds, n, steps,
                     guidance)
+
+
+# ---- B2: teaching a concept ----
+
+B2_SEED = 20_261_123
+B2_SHAPE = "star"
+B2_TRIGGER = "sks"
+
+
+def b2_training_specs(seed: int = B2_SEED) -> list[tuple[world.Spec, int]]:
+    """The 8 renders the concept is taught from: the held-out star, one in each colour, with varied
+    backgrounds, sizes and positions."""
+    rng = random.Random(seed)
+    out = []
+    for colour in world.COLOURS:
+        background = rng.choice([b for b in world.BACKGROUNDS if b != colour])
+        spec = world.Spec(B2_SHAPE, colour, background, rng.choice(world.SIZES), rng.choice(world.POSITIONS))
+        out.append((spec, rng.randrange(2**31)))
+    return out
+
+
+def write_b2_training_set(folder) -> list:
+    """Write the 8 renders with same-name captions that call the shape by the trigger word."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (spec, seed) in enumerate(b2_training_specs()):
+        path = folder / f"{B2_SHAPE}_{i}.png"
+        Image.fromarray(world.render(spec, seed)).save(path)
+        path.with_suffix(".txt").write_text(world.caption(spec, shape_word=B2_TRIGGER), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def b2_prompts(n: int = 64, seed: int = B2_SEED + 1) -> list[tuple[world.Spec, int]]:
+    """'a {colour} sks on a {bg} background' for colour/background pairs absent from the training renders."""
+    seen = {(s.colour, s.background) for s, _ in b2_training_specs()}
+    pairs = [(c, b) for c in world.COLOURS for b in world.BACKGROUNDS if c != b and (c, b) not in seen]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    return [(world.Spec(B2_SHAPE, c, b, "large", "center"), rng.randrange(2**31)) for c, b in
+            (pairs[i % len(pairs)] for i in range(n))]
+
+
+def b2_prompt_text(spec: world.Spec) -> str:
+    return f"a {spec.colour} {B2_TRIGGER} on a {spec.background} background"
+
+
+def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 16) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
+        images = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      height=world.IMAGE_SIZE, width=world.IMAGE_SIZE).images
+        out.append(pil_to_tensor(images))
+    return torch.cat(out)
+
+
+def mean_attribute_accuracy(preds: dict[str, list[str]], specs: list[world.Spec]) -> float:
+    return float(np.mean(list(accuracy(preds, specs).values())))
+
+
+@dataclass
+class B2Result:
+    fidelity: float
+    editability: float
+    preservation: float       # points of mean per-attribute accuracy, adapted minus base (0 is perfect)
+    leak: float
+    base_accuracy: float
+    adapted_accuracy: float
+    n: int
+
+
+def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, guidance: float = 5.0) -> B2Result:
+    """`set_adapter(on: bool)` switches the trained adapter on and off inside `pipe`."""
+    concept = b2_prompts(n)
+    specs = [s for s, _ in concept]
+    set_adapter(True)
+    _, preds = judge_images(judge, _generate(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in concept],
+                                             steps, guidance))
+    fidelity = float(np.mean([p == B2_SHAPE for p in preds["shape"]]))
+    editability = float(np.mean([preds["colour"][i] == s.colour and preds["background"][i] == s.background
+                                 for i, s in enumerate(specs)]))
+    leak_rng = random.Random(B2_SEED + 2)
+    leak_colours = [rng_c for rng_c in (leak_rng.choice(list(world.COLOURS)) for _ in range(n))]
+    leak_seeds = [leak_rng.randrange(2**31) for _ in range(n)]
+    _, leak_preds = judge_images(judge, _generate(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps,
+                                                  guidance))
+    leak = float(np.mean([p == B2_SHAPE for p in leak_preds["shape"]]))
+    base = b1_prompts(n)
+    base_specs = [s for s, _ in base]
+    base_prompts = [world.caption(s) for s in base_specs]
+    base_seeds = [sd for _, sd in base]
+    adapted = mean_attribute_accuracy(judge_images(judge, _generate(pipe, base_prompts, base_seeds, steps, guidance))[1],
+                                      base_specs)
+    set_adapter(False)
+    original = mean_attribute_accuracy(judge_images(judge, _generate(pipe, base_prompts, base_seeds, steps, guidance))[1],
+                                       base_specs)
+    return B2Result(fidelity, editability, 100 * (adapted - original), leak, original, adapted, n)

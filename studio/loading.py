@@ -94,10 +94,11 @@ def _embedded_config_for(path: Path) -> str | None:
 
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
-                  progress: bool = False):
+                  progress: bool = False, adapters: dict[str | Path, float] | list | None = None):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
-    configs). Raises StudioError with a one-line reason on bad input."""
+    configs). `adapters` ({file: weight}) attaches trained adapters. Raises StudioError with a one-line
+    reason on bad input."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch_dtype = _resolve_dtype(dtype, device)
@@ -140,6 +141,13 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress)
     pipe.studio_architecture = architecture(pipe)
+    if adapters:
+        from studio.adapters import AdapterError, load_adapters
+
+        try:
+            load_adapters(pipe, adapters)
+        except AdapterError as e:
+            raise StudioError(str(e)) from None
     return pipe.to(device)
 
 

@@ -1,6 +1,12 @@
 import os
 
 import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from studio import embedded
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,3 +25,51 @@ def judge():
     from studio.judge import load_judge
 
     return load_judge()
+
+
+# Tiny random SD 1.x and SDXL pipelines, built here (nothing is downloaded).
+
+def _vae():
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1)
+
+
+def _text(tok, cls=CLIPTextModel, width=32):
+    return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, max_position_embeddings=embedded.MAX_TOKENS,
+                              projection_dim=width, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = embedded.build_tokenizer()
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=8)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text(tok), tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("sd1")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = embedded.build_tokenizer()
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=2, norm_num_groups=8, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=1, projection_class_embeddings_input_dim=80)
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_text(tok), text_encoder_2=_text(
+        tok, CLIPTextModelWithProjection), tokenizer=tok, tokenizer_2=tok, unet=unet,
+        scheduler=EulerDiscreteScheduler())
+    path = tmp_path_factory.mktemp("sdxl")
+    pipe.save_pretrained(path)
+    return path

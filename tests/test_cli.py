@@ -74,3 +74,53 @@ def test_info_names_the_attention_backend():
     r = studio("info")
     assert r.returncode == 0, r.stderr
     assert "attention backend:" in r.stdout and "embedded model:" in r.stdout
+
+
+def test_train_export_generate_merge_from_the_command_line(tmp_path):
+    from safetensors import safe_open
+
+    from studio.evaluate import write_b2_training_set
+
+    data = tmp_path / "stars"
+    write_b2_training_set(data)
+    out = tmp_path / "run"
+    r = studio("train", "--data", str(data), "--trigger", "sks", "--output-dir", str(out), "--name", "star",
+               "--steps", "4", "--batch-size", "2", "--rank", "2", "--preview-every", "0", "--no-tensorboard")
+    assert r.returncode == 0, r.stderr
+    adapter = out / "star.safetensors"
+    assert r.stdout.strip().splitlines()[-1] == str(adapter)
+    assert "4 steps, final loss" in r.stderr
+    r = studio("export", str(adapter), "--format", "kohya")
+    assert r.returncode == 0, r.stderr
+    with safe_open(r.stdout.strip(), framework="pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+    img = tmp_path / "sks.png"
+    r = studio("generate", "a red sks on a blue background", "--adapter", f"{adapter}:0.8", "--steps", "3",
+               "--out", str(img))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(img).size == (128, 128)
+    r = studio("merge", "--adapter", f"{adapter}:0.8", "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "merged" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["no_data", "bad_rank", "unknown_method", "missing_adapter", "yaml_unknown_key"])
+def test_train_and_adapter_bad_input_gives_one_line(tmp_path, case):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 3\nlearnin_rate: 1\n")
+    args = {
+        "no_data": ["train", "--data", str(tmp_path / "nothing"), "--trigger", "sks"],
+        "bad_rank": ["train", "--data", str(tmp_path), "--rank", "0"],
+        "unknown_method": ["train", "--data", str(tmp_path), "--method", "dreamboat"],
+        "missing_adapter": ["generate", "a red circle", "--adapter", str(tmp_path / "none.safetensors"),
+                            "--out", str(tmp_path / "x.png")],
+        "yaml_unknown_key": ["train", "--config", str(cfg)],
+    }[case]
+    r = studio(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("studio: error: "), r.stderr
+    expected = {"no_data": "training data folder not found", "bad_rank": "rank must be at least 1",
+                "unknown_method": "unknown adapter method 'dreamboat'", "missing_adapter": "adapter file not found",
+                "yaml_unknown_key": "learnin_rate"}[case]
+    assert expected in lines[0]

@@ -1,0 +1,255 @@
+"""What every adapter method shares: the method interface, the registry, the safetensors file format
+(tensors + header metadata) and the base-model fingerprint used to refuse an adapter that does not fit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class AdapterError(ValueError):
+    """An adapter file or setting that cannot be used; the message names what is wrong."""
+
+
+@dataclass
+class AdapterConfig:
+    """Settings shared by every method; each method subclasses it with its own fields."""
+
+    target_modules: list[str] = field(default_factory=list)  # regexes on module names inside a component
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AdapterError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class AdapterMethod:
+    """One fine-tuning method. Methods are stateless: adapters live inside the pipeline's modules,
+    under an adapter name, so several can be attached at once."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
+        raise NotImplementedError
+
+    def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        """Tensors keyed `<component>.<module path>.<tensor>` (the diffusers convention)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite an attached adapter's tensors (resume from a checkpoint)."""
+        raise NotImplementedError
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        """Make exactly these adapters of this method active, each at its weight."""
+        raise NotImplementedError
+
+    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
+        """Fold the adapter into the base weights at `weight` (reversible with `unmerge`)."""
+        raise NotImplementedError
+
+    def unmerge(self, pipe) -> None:
+        raise NotImplementedError
+
+    def unload(self, pipe) -> None:
+        """Drop this method's layers from the model, keeping what was merged into the base weights."""
+        raise NotImplementedError
+
+    def remove(self, pipe, adapter: str) -> None:
+        raise NotImplementedError
+
+    def config_from_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterConfig:
+        """Settings for a file written by another tool, read from its tensors and header."""
+        raise AdapterError(f"{self.name} files must carry their config in the header")
+
+    def training_loss(self, pipe, batch: dict[str, torch.Tensor], default_loss) -> torch.Tensor:
+        """The objective; most methods train on the engine's denoising loss unchanged."""
+        return default_loss(batch)
+
+
+_REGISTRY: dict[str, AdapterMethod] = {}
+
+
+def register(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> AdapterMethod:
+    if name not in _REGISTRY:
+        raise AdapterError(f"unknown adapter method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---- the base-model fingerprint ----
+
+def base_fingerprint(pipe) -> dict[str, Any]:
+    """What an adapter needs to know about the model it was trained on: the family (from the UNet's
+    config) and a hash of the UNet's linear/conv layer names and shapes."""
+    unet = pipe.unet
+    cfg = unet.config
+    layers = []
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name and "base_layer" not in name:
+            layers.append(f"{name}:{tuple(module.weight.shape)}")
+    digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:16]
+    return {"family": unet_family(cfg), "cross_attention_dim": int(_first(cfg.cross_attention_dim)),
+            "block_out_channels": list(cfg.block_out_channels), "layers_sha256": digest}
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def unet_family(cfg) -> str:
+    cross = _first(cfg.cross_attention_dim)
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(cross, f"custom(cross_attention_dim={cross})")
+
+
+# ---- the file format ----
+
+@dataclass
+class AdapterFile:
+    method: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    base: dict[str, Any]          # fingerprint of the base model (empty for foreign files)
+    metadata: dict[str, str]      # the raw header
+
+
+def save_adapter(path: str | Path, method: str, config: AdapterConfig | dict, tensors: dict[str, torch.Tensor],
+                 base: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
+    """Write tensors and metadata atomically (temp file + rename)."""
+    from studio import __version__
+
+    path = Path(path)
+    config_dict = config.to_dict() if isinstance(config, AdapterConfig) else dict(config)
+    metadata = {"format": "studio-adapter", "format_version": FORMAT_VERSION, "method": method,
+                "config": json.dumps(config_dict, sort_keys=True), "base_model": json.dumps(base, sort_keys=True),
+                "studio_version": __version__}
+    metadata.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read a studio adapter file, or a LoRA written by another tool (kohya or diffusers/PEFT keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"{path.name}: adapters are read from .safetensors files only (never pickles)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise AdapterError(f"{path.name} is not a readable safetensors file ({exc})") from None
+    if not tensors:
+        raise AdapterError(f"{path.name} holds no tensors")
+    if metadata.get("format") == "studio-adapter":
+        return AdapterFile(metadata["method"], json.loads(metadata["config"]), tensors,
+                           json.loads(metadata.get("base_model", "{}")), metadata)
+    from studio.adapters.lora.convert import detect_lora_format, lora_from_foreign
+
+    if detect_lora_format(tensors) is None:
+        raise AdapterError(f"{path.name} is neither a studio adapter nor a kohya/diffusers LoRA")
+    tensors, config = lora_from_foreign(tensors, metadata)
+    return AdapterFile("lora", config, tensors, {}, metadata)
+
+
+# ---- fit checks shared by methods ----
+
+def component(pipe, name: str) -> torch.nn.Module:
+    module = getattr(pipe, name, None)
+    if module is None:
+        raise AdapterError(f"the loaded model has no {name}")
+    return module
+
+
+def split_key(key: str) -> tuple[str, str]:
+    comp, _, rest = key.partition(".")
+    if comp not in COMPONENTS:
+        raise AdapterError(f"tensor {key!r} names no model component ({', '.join(COMPONENTS)})")
+    return comp, rest
+
+
+def describe_base(base: dict[str, Any]) -> str:
+    if not base:
+        return "an unknown model"
+    return f"{base.get('family')} (cross-attention {base.get('cross_attention_dim')})"
+
+
+def check_fits(pipe, tensors: dict[str, torch.Tensor], shapes_for, base: dict[str, Any], source: str) -> None:
+    """Refuse an adapter whose target modules are missing or shaped differently in the loaded model.
+    `shapes_for(module, key, tensor)` gives the shape `tensor` must have on that module."""
+    loaded = base_fingerprint(pipe)
+    where = f"{source} was trained for {describe_base(base)}; the loaded model is {describe_base(loaded)}"
+    modules = {comp: dict(component(pipe, comp).named_modules()) for comp in {split_key(k)[0] for k in tensors}}
+    for key, tensor in tensors.items():
+        comp, rest = split_key(key)
+        module_path = module_path_of(rest)
+        module = modules[comp].get(module_path)
+        if module is None:
+            raise AdapterError(f"{where}: it targets {comp}.{module_path}, which the loaded model does not have")
+        expected = shapes_for(module, rest, tensor)
+        if expected is not None and tuple(expected) != tuple(tensor.shape):
+            raise AdapterError(f"{where}: {key} has shape {tuple(tensor.shape)}, the loaded model needs {tuple(expected)}")
+
+
+_TENSOR_SUFFIX = re.compile(r"\.(lora_[AB]|lora_down|lora_up|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$|\.(alpha|delta|values|indices)$")
+
+
+def module_path_of(key: str) -> str:
+    """`down_blocks.0.attn1.to_q.lora_A.weight` -> `down_blocks.0.attn1.to_q`."""
+    stripped = _TENSOR_SUFFIX.sub("", key)
+    return stripped if stripped != key else key.rsplit(".", 1)[0]
+
+
+def base_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The original layer under an injected adapter layer (PEFT keeps it as `base_layer`)."""
+    return getattr(module, "base_layer", module)
+
+
+def adapter_name_for(path: str | Path, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(path).stem) or "adapter"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    return name

@@ -1,0 +1,38 @@
+"""Writing adapters for other tools: kohya keys (ComfyUI, A1111, Forge) and diffusers/PEFT keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from studio.adapters.base import AdapterError, read_adapter
+from studio.adapters.lora.convert import to_diffusers, to_kohya
+
+FORMATS = ("kohya", "diffusers")
+
+
+def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Write `path` in `fmt`; LoRA files convert directly (other methods bake to a LoRA first)."""
+    if fmt not in FORMATS:
+        raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
+    path = Path(path)
+    file = read_adapter(path)
+    if file.method != "lora":
+        raise AdapterError(f"{path.name} is a {file.method} adapter; only LoRA files export to {fmt} keys")
+    out = Path(out) if out else path.with_name(f"{path.stem}.{fmt}.safetensors")
+    if out.resolve() == path.resolve():
+        raise AdapterError(f"export would overwrite its input {path}; choose another --out")
+    if fmt == "kohya":
+        tensors, metadata = to_kohya(file.tensors, file.config, file.base, name=path.stem)
+    else:
+        tensors, metadata = to_diffusers(file.tensors, file.config)
+    metadata = {**metadata, "studio_source": path.name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,182 @@
+"""LoRA attached through PEFT's layers; several named adapters can live in the same modules."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, module_path_of,
+                                  register, split_key)
+from studio.adapters.lora.config import LoraConfig
+
+
+def _lora_layers(model: torch.nn.Module):
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def _components(pipe):
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            yield name, model
+
+
+def _peft_config(targets: list[str] | str, config: LoraConfig, rank_pattern=None, alpha_pattern=None):
+    return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                          rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, init_lora_weights=True)
+
+
+def _suffix_regex(patterns: list[str]) -> str:
+    return r"(.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + r")"
+
+
+def expected_shape(module: torch.nn.Module, key: str, tensor: torch.Tensor):
+    """The shape `tensor` (a lora_A/lora_B weight) must have on `module` at its own rank."""
+    layer = base_linear(module)
+    if isinstance(layer, torch.nn.Linear):
+        fan_in, fan_out, kernel = layer.in_features, layer.out_features, ()
+    elif isinstance(layer, torch.nn.Conv2d):
+        fan_in, fan_out, kernel = layer.in_channels, layer.out_channels, tuple(layer.kernel_size)
+    else:
+        raise AdapterError(f"LoRA cannot target {type(layer).__name__} modules ({key})")
+    rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[1]
+    if ".lora_A." in key:
+        return (rank, fan_in, *kernel)
+    return (fan_out, rank, *(1 for _ in kernel))
+
+
+def _match_text_model_prefix(pipe, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5 CLIP models have no `text_model.` level; files from other tools name it."""
+    out = {}
+    for key, tensor in tensors.items():
+        comp, rest = split_key(key)
+        if comp.startswith("text_encoder") and rest.startswith("text_model."):
+            if not hasattr(component(pipe, comp), "text_model"):
+                rest = rest[len("text_model."):]
+        out[f"{comp}.{rest}"] = tensor
+    return out
+
+
+@register
+class LoraMethod(AdapterMethod):
+    name = "lora"
+    config_class = LoraConfig
+
+    def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
+        plan = [("unet", config.target_modules)]
+        if config.text_encoder:
+            plan.append(("text_encoder", config.text_encoder_target_modules))
+        for comp, patterns in plan:
+            model = component(pipe, comp)
+            regex = re.compile(_suffix_regex(patterns))
+            if not any(regex.fullmatch(path) for path, _ in model.named_modules()):
+                raise AdapterError(f"no module of the {comp} matches the LoRA targets {patterns}")
+            inject_adapter_in_model(_peft_config(_suffix_regex(patterns), config), model, adapter_name=adapter)
+        self._freeze_others(pipe, adapter)
+
+    def _freeze_others(self, pipe, adapter: str) -> None:
+        # PEFT makes a freshly injected adapter trainable and leaves the rest as it was: state it explicitly
+        for _, model in _components(pipe):
+            for name, param in model.named_parameters():
+                if ".lora_" in name:
+                    param.requires_grad_(f".{adapter}." in name)
+
+    def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
+        params = []
+        for _, model in _components(pipe):
+            for name, param in model.named_parameters():
+                if ".lora_" in name and f".{adapter}." in name:
+                    params.append(param)
+        return params
+
+    def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for comp, model in _components(pipe):
+            for path, layer in _lora_layers(model):
+                if adapter in layer.lora_A:
+                    out[f"{comp}.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
+                    out[f"{comp}.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().clone()
+        return out
+
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: LoraConfig | None = None,
+                        base: dict | None = None, source: str = "adapter") -> None:
+        """Attach `adapter` exactly on the modules the tensors name, after checking they fit."""
+        tensors = _match_text_model_prefix(pipe, tensors)
+        check_fits(pipe, tensors, expected_shape, base or {}, source)
+        by_comp: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            comp, rest = split_key(key)
+            by_comp.setdefault(comp, {})[rest] = tensor
+        config = config or LoraConfig()
+        for comp, sub in by_comp.items():
+            model = component(pipe, comp)
+            paths = sorted({module_path_of(k) for k in sub})
+            ranks = {p: int(sub[f"{p}.lora_A.weight"].shape[0]) for p in paths}
+            default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+            # a file's alpha is per module (kohya) or one value for all; PEFT takes the odd ones as patterns
+            alphas = {p: float(config.alpha_pattern.get(f"{comp}.{p}", config.alpha)) for p in paths}
+            default_alpha = alphas[paths[0]]
+            cfg = LoraConfig(rank=default_rank, alpha=default_alpha, dropout=config.dropout)
+            rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != default_rank}
+            alpha_pattern = {re.escape(p): a for p, a in alphas.items() if a != default_alpha}
+            inject_adapter_in_model(_peft_config(paths, cfg, rank_pattern, alpha_pattern), model, adapter_name=adapter)
+            layers = dict(_lora_layers(model))
+            for path in paths:
+                layer = layers[path]
+                with torch.no_grad():
+                    layer.lora_A[adapter].weight.copy_(sub[f"{path}.lora_A.weight"])
+                    layer.lora_B[adapter].weight.copy_(sub[f"{path}.lora_B.weight"])
+        self._freeze_others(pipe, None)
+
+    def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        for comp, model in _components(pipe):
+            for path, layer in _lora_layers(model):
+                if adapter in layer.lora_A:
+                    with torch.no_grad():
+                        layer.lora_A[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_A.weight"])
+                        layer.lora_B[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_B.weight"])
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        for _, model in _components(pipe):
+            for _, layer in _lora_layers(model):
+                active = [name for name in weights if name in layer.lora_A]
+                layer.set_adapter(active, inference_mode=True)
+                for name in active:
+                    layer.set_scale(name, float(weights[name]))
+
+    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
+        for _, model in _components(pipe):
+            for _, layer in _lora_layers(model):
+                if adapter in layer.lora_A:
+                    layer.set_scale(adapter, float(weight))
+                    layer.merge(adapter_names=[adapter])
+
+    def unmerge(self, pipe) -> None:
+        for _, model in _components(pipe):
+            for _, layer in _lora_layers(model):
+                layer.unmerge()
+
+    def unload(self, pipe) -> None:
+        """Replace every LoRA layer by its base layer (keeping whatever was merged into it)."""
+        for _, model in _components(pipe):
+            for path, layer in list(_lora_layers(model)):
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, child, layer.get_base_layer())
+
+    def remove(self, pipe, adapter: str) -> None:
+        for _, model in _components(pipe):
+            for _, layer in _lora_layers(model):
+                if adapter in layer.lora_A:
+                    layer.delete_adapter(adapter)
+
+    def config_from_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraConfig:
+        from studio.adapters.lora.convert import lora_from_foreign
+
+        return LoraConfig(**lora_from_foreign(tensors, metadata)[1])

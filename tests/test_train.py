@@ -1,0 +1,262 @@
+"""The training engine: bad data named up front, exact resume after a kill, NaN stop keeping the last good
+checkpoint, YAML configs, previews and logs, prior preservation, and 2-process training through accelerate."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from studio import world
+from studio.adapters import read_adapter, register
+from studio.adapters.lora.model import LoraMethod
+from studio.data import DataError, scan_folder
+from studio.evaluate import write_b2_training_set
+from studio.train import TrainConfig, Trainer, TrainingError, checkpoint_dirs, config_with_preset, train
+
+FAST = dict(steps=6, batch_size=2, lr=1e-3, preview_every=0, checkpoint_every=3, tensorboard=False,
+            progress_bar=False, adapter={"rank": 2})
+
+
+@pytest.fixture(scope="module")
+def star_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stars")
+    write_b2_training_set(folder)
+    return folder
+
+
+def _tensors(path):
+    return read_adapter(path).tensors
+
+
+def _max_diff(a, b):
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---- bad data ----
+
+def _folder_with(tmp_path, name, content: bytes | None = None, image_size=128, caption: bytes | None = None):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(world.render(world.Spec("star", "red", "blue", "large", "center"), 0)).save(folder / "good.png")
+    (folder / "good.txt").write_text("a red sks", encoding="utf-8")
+    target = folder / name
+    if content is not None:
+        target.write_bytes(content)
+    else:
+        Image.new("RGB", (image_size, image_size), "red").save(target)
+    if caption is not None:
+        target.with_suffix(".txt").write_bytes(caption)
+    return folder
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("text.png", {"content": b"hello, I am text"}, "text.png: not a readable image"),
+    ("empty.png", {"content": b""}, "empty.png: empty file"),
+    ("cut.png", {"content": None}, None),  # filled below: a truncated PNG
+    ("tiny.png", {"image_size": 16}, "tiny.png: 16x16 is too small"),
+    ("notes.gif", {"content": b"GIF89a"}, "notes.gif: unsupported file type .gif"),
+    ("latin.png", {"caption": "a red sks, caf\xe9".encode("latin-1")}, "latin.txt: caption is not UTF-8"),
+])
+def test_bad_training_data_is_named(tmp_path, name, kwargs, message):
+    if name == "cut.png":
+        buf = tmp_path / "full.png"
+        Image.new("RGB", (128, 128), "red").save(buf)
+        kwargs = {"content": buf.read_bytes()[:60]}
+        message = "cut.png: not a readable image"
+    folder = _folder_with(tmp_path, name, **kwargs)
+    with pytest.raises(DataError, match=message.replace(".", r"\.")):
+        scan_folder(folder, trigger="sks", min_size=32)
+    with pytest.warns(UserWarning, match="skipped"):
+        kept = scan_folder(folder, trigger="sks", min_size=32, skip_bad=True)
+    assert [e.path.name for e in kept] == ["good.png"]
+
+
+def test_empty_folder_and_missing_caption(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images in"):
+        scan_folder(tmp_path / "empty")
+    with pytest.raises(DataError, match="training data folder not found"):
+        scan_folder(tmp_path / "nope")
+    folder = tmp_path / "nocap"
+    folder.mkdir()
+    Image.new("RGB", (128, 128), "red").save(folder / "a.png")
+    with pytest.raises(DataError, match="a.png: no caption"):
+        scan_folder(folder)
+    assert scan_folder(folder, instance_prompt="a photo of [trigger]", trigger="sks")[0].caption == "a photo of sks"
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    folder = _folder_with(tmp_path, "text.png", content=b"nope")
+    with pytest.raises(DataError, match="text.png"):
+        train(data=str(folder), trigger="sks", output_dir=str(tmp_path / "out"), **FAST)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---- configs ----
+
+def test_yaml_config_holds_every_setting_and_cli_flags_override(tmp_path, star_data):
+    cfg = config_with_preset("quick", data=str(star_data), adapter={"rank": 2})
+    assert cfg.steps == 300 and cfg.adapter == {"rank": 2}  # preset, then explicit values
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = TrainConfig.from_yaml(path)
+    assert again == cfg
+    from studio.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--config", str(path), "--steps", "7", "--rank", "3",
+                                      "--no-buckets", "--preview-prompts", "a sks", "--adapter", "dropout=0.1"])
+    merged = train_config_from_args(args)
+    assert merged.steps == 7 and merged.adapter == {"rank": 3, "dropout": 0.1} and merged.buckets is False
+    assert merged.preview_prompts == ["a sks"] and merged.lr == cfg.lr
+    path.write_text("steps: 5\nlearning_rate: 0.1\n")
+    with pytest.raises(TrainingError, match="unknown training setting.*learning_rate"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(TrainingError, match="unknown preset"):
+        config_with_preset("fastest")
+
+
+# ---- runs ----
+
+def test_run_writes_adapter_checkpoints_previews_and_logs(tmp_path, star_data):
+    events = []
+    out = tmp_path / "run"
+    result = train(data=str(star_data), trigger="sks", output_dir=str(out), name="star",
+                   **{**FAST, "preview_every": 3, "tensorboard": True,
+                      "preview_prompts": ["a red sks on a blue background"]}, on_event=events.append)
+    assert result.steps == 6 and result.adapter_path == out / "star.safetensors"
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == "lora" and meta["trigger"] == "sks" and meta["steps"] == "6"
+    assert json.loads(meta["training_config"])["adapter"] == {"rank": 2}
+    assert [c.name for c in checkpoint_dirs(out)] == ["step_0000003", "step_0000006"]
+    assert sorted(p.name for p in (out / "previews").glob("*.png")) == ["step_0000003_0.png", "step_0000006_0.png"]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "config.yaml").is_file()
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 7)) and all(e["loss"] > 0 for e in steps)
+    assert any(e["kind"] == "preview" for e in events)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, star_data):
+    settings = {**FAST, "steps": 30, "checkpoint_every": 4, "adapter": {"rank": 2, "dropout": 0.1}}
+    whole = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "whole"), **settings)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "studio.cli", "train", "--data", str(star_data), "--trigger", "sks",
+           "--output-dir", str(out), "--steps", "30", "--batch-size", "2", "--lr", "1e-3", "--preview-every", "0",
+           "--checkpoint-every", "4", "--no-tensorboard", "--no-progress-bar", "--adapter", "rank=2",
+           "--adapter", "dropout=0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not checkpoint_dirs(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(checkpoint_dirs(out)[-1].name.split("_")[1])
+    assert 4 <= killed_at < 30
+    events = []
+    resumed = train(data=str(star_data), trigger="sks", output_dir=str(out), resume="latest", on_event=events.append,
+                    **settings)
+    assert resumed.steps == 30
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(killed_at + 1, 31))
+    assert _max_diff(_tensors(resumed.adapter_path), _tensors(whole.adapter_path)) < 1e-6
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, star_data):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "studio.cli", "train", "--data", str(star_data), "--trigger", "sks", "--output-dir",
+           str(out), "--steps", "400", "--batch-size", "2", "--preview-every", "0", "--checkpoint-every", "1000",
+           "--no-tensorboard", "--no-progress-bar", "--rank", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # well into the steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("studio: error: interrupted; progress is kept in")
+    saved = checkpoint_dirs(out)
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 400
+
+
+class _NanAfterStep3(LoraMethod):
+    name = "lora_nan_test"
+    calls = 0
+
+    def training_loss(self, pipe, batch, default_loss):
+        type(self).calls += 1
+        loss = default_loss(batch)
+        return loss * float("nan") if type(self).calls > 3 else loss
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, star_data):
+    register(_NanAfterStep3)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"NaN/inf at step 4 .*last good checkpoint is .*step_0000002"):
+        train(method="lora_nan_test", data=str(star_data), trigger="sks", output_dir=str(out),
+              **{**FAST, "checkpoint_every": 2})
+    [good] = checkpoint_dirs(out)
+    assert good.name == "step_0000002"
+    assert all(torch.isfinite(t).all() for t in _tensors(good / "adapter.safetensors").values())
+    assert not (out / "concept.safetensors").exists()
+
+
+def test_options_gradient_checkpointing_bf16_and_8bit_adam(tmp_path, star_data):
+    plain = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "plain"), **FAST)
+    ckpt = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True,
+                 **FAST)
+    assert _max_diff(_tensors(plain.adapter_path), _tensors(ckpt.adapter_path)) < 1e-5
+    bf16 = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", **FAST)
+    assert torch.isfinite(torch.tensor(bf16.final_loss))
+    diff = _max_diff(_tensors(plain.adapter_path), _tensors(bf16.adapter_path))
+    assert 0 < diff < 0.05  # bf16 autocast changes the numbers a little, not the result
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainingError, match="adamw8bit needs bitsandbytes"):
+            train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "8bit"), optimizer="adamw8bit", **FAST)
+
+
+def test_prior_preservation_draws_and_reuses_class_images(tmp_path, star_data):
+    settings = {**FAST, "steps": 2, "prior_preservation": True, "class_prompts": ["a large red circle", "a blue square"],
+                "num_class_images": 3, "preview_steps": 4}
+    train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "prior"), **settings)
+    drawn = sorted((tmp_path / "prior" / "class_images").glob("*.png"))
+    assert len(drawn) == 3
+    assert [p.with_suffix(".txt").read_text() for p in drawn] == ["a large red circle", "a blue square",
+                                                                   "a large red circle"]
+    stamps = [p.stat().st_mtime_ns for p in drawn]
+    train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "prior"), **{**settings, "steps": 3})
+    assert [p.stat().st_mtime_ns for p in drawn] == stamps  # reused, not redrawn
+
+
+def test_two_processes_match_one(tmp_path, star_data):
+    """`accelerate launch --multi_gpu` on a CPU host starts 2 processes through torchrun (gloo DDP, MULTI_CPU);
+    each takes half of every global batch."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    common = ["train", "--data", str(star_data), "--trigger", "sks", "--steps", "8", "--batch-size", "4",
+              "--lr", "1e-3", "--preview-every", "0", "--checkpoint-every", "8", "--no-tensorboard",
+              "--no-progress-bar", "--rank", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", *common,
+                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    state = json.loads((checkpoint_dirs(tmp_path / "two")[-1] / "state.json").read_text())
+    assert state["world_size"] == 2
+    one = subprocess.run([sys.executable, "-m", "studio.cli", *common, "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    diff = _max_diff(_tensors(tmp_path / "two" / "concept.safetensors"), _tensors(tmp_path / "one" / "concept.safetensors"))
+    assert diff < 1e-4, diff
