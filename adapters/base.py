@@ -64,6 +64,11 @@ class AdapterMethod:
         """Overwrite an attached adapter's tensors (resume from a checkpoint)."""
         raise NotImplementedError
 
+    def disabled(self, pipe):
+        """A context in which the model runs as if no adapter of this method were attached (the base model's
+        prediction, e.g. as a preservation target), without touching which parameters are trainable."""
+        raise NotImplementedError
+
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         """Make exactly these adapters of this method active, each at its weight."""
         raise NotImplementedError

@@ -43,17 +43,20 @@ def read_caption(path: Path) -> str:
 def open_image(path: Path, min_size: int) -> Image.Image:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    too_large = f"{path}: the image is too large (more than {MAX_PIXELS // 1_000_000} megapixels)"
     try:
         with Image.open(path) as probe:
             width, height = probe.size
             if width * height > MAX_PIXELS:
-                raise DataError(f"{path}: {width}x{height} is too large (more than {MAX_PIXELS // 1_000_000} megapixels)")
+                raise DataError(f"{too_large[:-1]}: {width}x{height})")
             probe.verify()
         with Image.open(path) as im:
             image = im.convert("RGB")
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise DataError(too_large) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
     if min(image.size) < min_size:
         raise DataError(f"{path}: {image.size[0]}x{image.size[1]} is too small (the shorter side must be at least {min_size} px)")

@@ -53,6 +53,7 @@ class TrainConfig:
     class_data_dir: str | None = None
     num_class_images: int = 32
     prior_loss_weight: float = 1.0
+    prior_target: str = "noise"     # noise (DreamBooth) | base: match the base model's own prediction
     # optimisation
     steps: int = 400
     batch_size: int = 4
@@ -113,6 +114,8 @@ class TrainConfig:
             raise TrainingError(f"lr must be a positive number, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise TrainingError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.prior_target not in ("noise", "base"):
+            raise TrainingError(f"prior_target must be noise or base, got {self.prior_target!r}")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise TrainingError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if not self.data and not self.images:
@@ -171,10 +174,15 @@ def global_batch(buckets: list[int], batch: int, seed: int, step: int) -> list[i
 # ---- the denoising objective ----
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None) -> torch.Tensor:
+    """MSE to the noise (or velocity) target; with `teacher` (a callable like the UNet's forward), to the
+    teacher's prediction at the same noisy latents instead."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
-    if scheduler.config.prediction_type == "v_prediction":
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(noisy, timesteps, text)
+    elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
@@ -390,7 +398,11 @@ class Trainer:
                 return text_encoder(tok.input_ids.to(device))[0]
             return torch.stack([text_cache[c] for c in captions])
 
-        def batch_loss(source: dict, indices: list[int], gen: torch.Generator) -> torch.Tensor:
+        def base_prediction(noisy, timesteps, text):
+            with method.disabled(pipe):
+                return unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+        def batch_loss(source: dict, indices: list[int], gen: torch.Generator, teacher=None) -> torch.Tensor:
             mean = torch.stack([source["mean"][i] for i in indices])
             std = torch.stack([source["std"][i] for i in indices])
             eps = torch.randn(mean.shape, generator=gen)
@@ -406,9 +418,9 @@ class Trainer:
 
             def default(b):
                 return denoising_loss(unet, noise_scheduler, b["latents"], encode_text(b["captions"]), b["noise"],
-                                      b["timesteps"], cfg.snr_gamma)
+                                      b["timesteps"], cfg.snr_gamma, teacher)
 
-            return method.training_loss(pipe, batch, default)
+            return default(batch) if teacher else method.training_loss(pipe, batch, default)
 
         progress = tqdm(total=cfg.steps, initial=start_step, desc=f"training {cfg.name}", unit="step",
                         disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
@@ -433,7 +445,8 @@ class Trainer:
                         if class_indices is not None:
                             class_gen = step_generator(cfg.seed, step, 1000 + k)
                             loss = loss + cfg.prior_loss_weight * batch_loss(
-                                class_cache, class_indices[chunk_start:chunk_start + micro], class_gen)
+                                class_cache, class_indices[chunk_start:chunk_start + micro], class_gen,
+                                base_prediction if cfg.prior_target == "base" else None)
                         loss = loss * len(chunk) / cfg.batch_size
                         if not torch.isfinite(acc.reduce(loss.detach(), "sum")):
                             raise TrainingError(self._nan_message(step, last_good))

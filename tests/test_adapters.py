@@ -90,6 +90,9 @@ def test_weights_scale_and_several_adapters_mix(adapter_file, tmp_path):
     names = load_adapters(pipe, {path: 1.0, second: 0.0})
     assert names == ["rand", "second"]
     assert np.abs(_image(pipe) - with_adapter).max() == 0.0  # weight 0 is off
+    with get_method("lora").disabled(pipe):  # the base model's prediction, as a preservation target
+        assert np.abs(_image(pipe) - without).max() == 0.0
+    assert np.abs(_image(pipe) - with_adapter).max() == 0.0
     set_adapter_weights(pipe, {})
     assert np.abs(_image(pipe) - without).max() == 0.0
     # at weight w the LoRA term is w times the weight-1 term, and two adapters add up

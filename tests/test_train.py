@@ -237,8 +237,11 @@ def test_prior_preservation_draws_and_reuses_class_images(tmp_path, star_data):
     assert [p.with_suffix(".txt").read_text() for p in drawn] == ["a large red circle", "a blue square",
                                                                    "a large red circle"]
     stamps = [p.stat().st_mtime_ns for p in drawn]
-    train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "prior"), **{**settings, "steps": 3})
+    events = []
+    train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "prior"), on_event=events.append,
+          **{**settings, "steps": 3, "prior_target": "base"})
     assert [p.stat().st_mtime_ns for p in drawn] == stamps  # reused, not redrawn
+    assert all(e["loss"] > 0 for e in events if e["kind"] == "step")
 
 
 def test_two_processes_match_one(tmp_path, star_data):

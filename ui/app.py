@@ -1,11 +1,24 @@
-"""The web UI (`studio ui`): for now a page that generates images with the embedded model or any other."""
+"""The web UI (`studio ui`): train a concept from uploaded pictures, generate with it, and manage the
+library of trained adapters. Trainings run one at a time on a server-side queue, so closing or reloading
+the page does not stop them; the page polls the queue and reconnects to the running job."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import threading
+import time
+from pathlib import Path
 
 from studio.generate import GenerationSettings, generate
 from studio.loading import StudioError, load_pipeline
+from studio.ui.jobs import JobQueue, library_entries
+
+DEFAULT_WORKSPACE = Path(os.environ.get("STUDIO_WORKSPACE", "studio-workspace"))
+MAX_UPLOADS = 50
+MIN_UPLOADS = 3
 
 
 class PipelineCache:
@@ -13,37 +26,279 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._pipes: dict[str, object] = {}
+        self._adapters: dict[tuple[str, str, float], str] = {}  # (model, file, mtime) -> adapter name
         self.lock = threading.Lock()
 
-    def get(self, model: str):
+    def get(self, model: str, adapters: dict[str, float] | None = None):
+        from studio.adapters import load_adapters, set_adapter_weights
+
         if model not in self._pipes:
             self._pipes[model] = load_pipeline(model)
-        return self._pipes[model]
+        pipe = self._pipes[model]
+        weights = {}
+        for path, weight in (adapters or {}).items():
+            key = (model, str(Path(path).resolve()), Path(path).stat().st_mtime)
+            if key not in self._adapters:
+                self._adapters[key] = load_adapters(pipe, {path: 0.0})[0]
+            weights[self._adapters[key]] = weight
+        if self._adapters or adapters:
+            set_adapter_weights(pipe, weights)
+        return pipe
 
 
-def build_app(model: str = "shapes"):
+class Workspace:
+    """Where the UI keeps uploads, runs and the adapter library; folder paths typed into the page must lie
+    inside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.library = self.root / "adapters"
+        self.runs = self.root / "runs"
+        self.uploads = self.root / "uploads"
+        for folder in (self.library, self.runs, self.uploads):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def inside(self, folder: str) -> Path:
+        path = (self.root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StudioError(f"{folder}: folders must be inside the workspace {self.root}")
+        if not path.is_dir():
+            raise StudioError(f"{folder}: no such folder in the workspace")
+        return path
+
+    def adapter(self, name: str) -> Path:
+        path = self.library / f"{name}.safetensors"
+        if not name or not path.is_file():
+            raise StudioError(f"no adapter named {name!r} in the library")
+        return path
+
+
+def safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text.strip()).strip("_")
+    if not name:
+        raise StudioError("give the concept a name (letters, digits, - and _)")
+    return name
+
+
+def stage_uploads(files: list[str], dest: Path) -> Path:
+    """Copy uploaded images (and same-name .txt captions) into `dest` and check every image now, so a bad
+    upload is named in the page before any training starts."""
+    from studio.data import IMAGE_SUFFIXES, DataError, load_examples
+
+    images = [Path(f) for f in files if Path(f).suffix.lower() != ".txt"]
+    if not MIN_UPLOADS <= len(images) <= MAX_UPLOADS:
+        raise StudioError(f"upload {MIN_UPLOADS} to {MAX_UPLOADS} images (got {len(images)})")
+    dest.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for src in map(Path, files):
+        target = dest / src.name
+        shutil.copyfile(src, target)
+        if target.suffix.lower() == ".txt":
+            continue
+        try:
+            if target.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{src.name}: unsupported file type {target.suffix or '(none)'}")
+            load_examples([target], instance_prompt="check", min_size=32)
+        except DataError as exc:
+            problems.append(str(exc).replace(str(target), src.name))
+    if problems:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise StudioError("; ".join(problems))
+    return dest
+
+
+def build_app(model: str = "shapes", workspace: str | Path | None = None):
     import gradio as gr
 
+    from studio.adapters import method_names
+    from studio.train import PRESETS, Trainer, config_with_preset
+
+    ws = Workspace(Path(workspace) if workspace else DEFAULT_WORKSPACE)
     cache = PipelineCache()
 
-    def run(model_src, prompt, negative, steps, guidance, seed, batch):
+    def run_training(settings: dict, on_event, should_stop):
+        name = settings["name"]
+        config = config_with_preset(settings.pop("preset"), **settings)
+        result = Trainer(config, on_event, should_stop).run()
+        if result.stopped:
+            return None
+        target = ws.library / f"{name}.safetensors"
+        shutil.copyfile(result.adapter_path, target.with_name(f".{target.name}.tmp"))
+        target.with_name(f".{target.name}.tmp").replace(target)
+        previews = sorted((Path(config.output_dir) / "previews").glob("*.png"))
+        if previews:
+            shutil.copyfile(previews[-1], target.with_suffix(".png"))
+        return target
+
+    jobs = JobQueue(run_training)
+
+    # ---- handlers (every StudioError becomes a message in the page, never a traceback) ----
+
+    def start_training(files, folder, name, trigger, instance_prompt, method, preset, steps, lr, rank, batch,
+                       preview_every, seed, resume):
+        try:
+            name = safe_name(name)
+            if files:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                data = stage_uploads([f if isinstance(f, str) else f.name for f in files],
+                                     ws.uploads / f"{name}-{stamp}")
+            elif folder and folder.strip():
+                data = ws.inside(folder.strip())
+            else:
+                raise StudioError("upload pictures of the concept, or name a folder in the workspace")
+            trigger = (trigger or "").strip() or None
+            instance_prompt = (instance_prompt or "").strip() or None
+            if not trigger and not instance_prompt:
+                raise StudioError("give a trigger word (e.g. sks) or an instance prompt")
+            settings = {"preset": preset, "method": method, "model": model, "name": name, "data": str(data),
+                        "trigger": trigger, "instance_prompt": instance_prompt,
+                        "output_dir": str(ws.runs / name), "progress_bar": False, "seed": int(seed),
+                        "resume": "latest" if resume else None,
+                        "preview_prompts": [instance_prompt or f"a {trigger}"]}
+            if steps:
+                settings["steps"] = int(steps)
+            if lr:
+                settings["lr"] = float(lr)
+            if rank:
+                settings["adapter"] = {"rank": int(rank)}
+            if batch:
+                settings["batch_size"] = int(batch)
+            if preview_every:
+                settings["preview_every"] = int(preview_every)
+            config_with_preset(preset, **{k: v for k, v in settings.items() if k != "preset"}).validate()
+            if not resume and (ws.runs / name).exists():
+                shutil.rmtree(ws.runs / name)
+            job = jobs.submit(name, settings)
+            return f"queued **{name}** (job {job.id})"
+        except (StudioError, ValueError) as exc:
+            gr.Warning(str(exc))
+            return f"⚠️ {exc}"
+
+    def stop_training():
+        job = jobs.stop()
+        return "stopping…" if job else "no training is running"
+
+    def job_status():
+        job = jobs.latest()
+        if job is None:
+            return "no training yet", 0.0, []
+        fraction = job.step / job.steps if job.steps else 0.0
+        return job.summary(), round(100 * fraction, 1), list(job.previews[:8])
+
+    def library_table():
+        rows = [[e["name"], e["method"], e["base"], e["trigger"], e["steps"], e["date"]]
+                for e in library_entries(ws.library)]
+        names = [r[0] for r in rows]
+        return rows, gr.update(choices=names), gr.update(choices=names)
+
+    def run_generate(model_src, prompt, negative, steps, guidance, seed, batch, adapters=None, weight=1.0):
         settings = GenerationSettings(prompt, negative, int(steps), float(guidance), int(seed), int(batch))
         try:
             settings.validate()
+            chosen = {str(ws.adapter(n)): float(weight) for n in (adapters or [])}
             with cache.lock:
-                images = generate(cache.get(model_src.strip() or "shapes"), settings)
-        except StudioError as e:
-            raise gr.Error(str(e))
-        return images, f"{len(images)} image(s), seed {settings.seed}..{settings.seed + settings.batch - 1}"
+                images = generate(cache.get((model_src or "").strip() or "shapes", chosen), settings)
+        except (StudioError, ValueError) as exc:
+            raise gr.Error(str(exc))
+        used = f" with {', '.join(adapters)} at {weight:g}" if adapters else ""
+        return images, f"{len(images)} image(s), seed {settings.seed}..{settings.seed + settings.batch - 1}{used}"
+
+    def show_adapter(name):
+        if not name:
+            return None, ""
+        entry = next((e for e in library_entries(ws.library) if e["name"] == name), None)
+        if entry is None:
+            return None, "not found"
+        details = {k: entry[k] for k in ("method", "base", "trigger", "steps", "date", "config")}
+        return entry["preview"], "```json\n" + json.dumps(details, indent=2) + "\n```"
+
+    def export(name, fmt):
+        from studio.adapters.io import export_adapter
+
+        try:
+            out = export_adapter(ws.adapter(name), fmt, ws.root / "exports" / f"{name}.{fmt}.safetensors")
+        except (StudioError, ValueError) as exc:
+            raise gr.Error(str(exc))
+        return str(out), f"exported {name} in {fmt} keys"
+
+    def rename(name, new_name):
+        try:
+            src, new = ws.adapter(name), safe_name(new_name)
+            dst = ws.library / f"{new}.safetensors"
+            if dst.exists():
+                raise StudioError(f"an adapter named {new} already exists")
+            src.replace(dst)
+            if src.with_suffix(".png").is_file():
+                src.with_suffix(".png").replace(dst.with_suffix(".png"))
+        except StudioError as exc:
+            raise gr.Error(str(exc))
+        return (*library_table(), f"renamed {name} to {new}")
+
+    def delete(name, confirmed):
+        try:
+            path = ws.adapter(name)
+            if not confirmed:
+                raise StudioError("tick 'really delete' first")
+            path.unlink()
+            path.with_suffix(".png").unlink(missing_ok=True)
+        except StudioError as exc:
+            raise gr.Error(str(exc))
+        return (*library_table(), f"deleted {name}")
+
+    # ---- layout ----
 
     with gr.Blocks(title="Studio") as app:
-        gr.Markdown("# Studio\nGenerate with the embedded *shapes* model (or any diffusers model you have).")
+        gr.Markdown("# Studio\nTeach the embedded *shapes* model (or any diffusers model) a concept, generate "
+                    "with it, and keep what you trained.")
+        with gr.Tab("Train"):
+            with gr.Row():
+                with gr.Column():
+                    files = gr.File(label=f"Pictures of the concept ({MIN_UPLOADS}–{MAX_UPLOADS}; same-name .txt "
+                                          "captions optional)", file_count="multiple", type="filepath")
+                    folder = gr.Textbox(label="…or a folder inside the workspace", placeholder="uploads/stars")
+                    name = gr.Textbox(label="Name", value="my_concept")
+                    with gr.Row():
+                        trigger = gr.Textbox(label="Trigger word", value="sks")
+                        instance_prompt = gr.Textbox(label="Instance prompt (for pictures without a caption)",
+                                                     placeholder="a sks")
+                    with gr.Row():
+                        method = gr.Dropdown(method_names(), value="lora", label="Method")
+                        preset = gr.Dropdown(list(PRESETS), value="quick", label="Preset")
+                    with gr.Accordion("Advanced settings", open=False):
+                        with gr.Row():
+                            steps_t = gr.Number(value=0, precision=0, label="Steps (0: preset)")
+                            lr = gr.Number(value=0, label="Learning rate (0: preset)")
+                            rank = gr.Number(value=0, precision=0, label="Rank (0: preset)")
+                        with gr.Row():
+                            batch_t = gr.Number(value=0, precision=0, label="Batch size (0: preset)")
+                            preview_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: preset)")
+                            seed_t = gr.Number(value=0, precision=0, label="Seed")
+                        resume = gr.Checkbox(label="Resume this name's last checkpoint", value=False)
+                    with gr.Row():
+                        start = gr.Button("Start training", variant="primary")
+                        stop = gr.Button("Stop")
+                with gr.Column():
+                    train_status = gr.Markdown("no training yet", elem_id="train-status")
+                    progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False,
+                                         elem_id="train-progress")
+                    previews = gr.Gallery(label="Previews", columns=4, height="auto", elem_id="train-previews")
+            start.click(start_training, [files, folder, name, trigger, instance_prompt, method, preset, steps_t, lr,
+                                         rank, batch_t, preview_every, seed_t, resume], train_status,
+                        api_name="train")
+            stop.click(stop_training, None, train_status, api_name="stop")
+            timer = gr.Timer(1.0)
+            timer.tick(job_status, None, [train_status, progress, previews], api_name="job_status",
+                       show_progress="hidden")
+
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
                     model_box = gr.Textbox(value=model, label="Model")
                     prompt = gr.Textbox(value="a large blue square on a yellow background", label="Prompt")
                     negative = gr.Textbox(value="", label="Negative prompt")
+                    with gr.Row():
+                        adapters = gr.Dropdown([], multiselect=True, label="Adapters from the library")
+                        weight = gr.Slider(-1, 2, value=1.0, step=0.05, label="Adapter weight")
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                         guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
@@ -52,17 +307,53 @@ def build_app(model: str = "shapes"):
                         batch = gr.Slider(1, 8, value=4, step=1, label="Batch")
                     button = gr.Button("Generate", variant="primary")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", columns=4, height="auto")
+                    gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png")
                     status = gr.Markdown()
-            button.click(run, [model_box, prompt, negative, steps, guidance, seed, batch], [gallery, status],
-                         api_name="generate")
+            button.click(run_generate, [model_box, prompt, negative, steps, guidance, seed, batch, adapters, weight],
+                         [gallery, status], api_name="generate")
+
+        with gr.Tab("Library"):
+            table = gr.Dataframe(headers=["name", "method", "base model", "trigger", "steps", "trained"],
+                                 interactive=False, label="Trained adapters")
+            refresh = gr.Button("Refresh")
+            with gr.Row():
+                with gr.Column():
+                    chosen = gr.Dropdown([], label="Adapter")
+                    with gr.Row():
+                        kohya = gr.Button("Export (kohya: ComfyUI / A1111)")
+                        diffusers_btn = gr.Button("Export (diffusers / PEFT)")
+                    download = gr.File(label="Download")
+                    with gr.Row():
+                        new_name = gr.Textbox(label="New name")
+                        rename_btn = gr.Button("Rename")
+                    with gr.Row():
+                        confirm = gr.Checkbox(label="really delete", value=False)
+                        delete_btn = gr.Button("Delete", variant="stop")
+                    library_status = gr.Markdown()
+                with gr.Column():
+                    preview = gr.Image(label="Preview", type="filepath")
+                    metadata = gr.Markdown()
+            refresh.click(library_table, None, [table, chosen, adapters], api_name="library")
+            chosen.change(show_adapter, chosen, [preview, metadata])
+            kohya.click(lambda n: export(n, "kohya"), chosen, [download, library_status], api_name="export_kohya")
+            diffusers_btn.click(lambda n: export(n, "diffusers"), chosen, [download, library_status],
+                                api_name="export_diffusers")
+            rename_btn.click(rename, [chosen, new_name], [table, chosen, adapters, library_status],
+                             api_name="rename")
+            delete_btn.click(delete, [chosen, confirm], [table, chosen, adapters, library_status], api_name="delete")
+        app.load(library_table, None, [table, chosen, adapters])
+    app.studio_jobs = jobs
+    app.studio_workspace = ws
     return app
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, model: str = "shapes") -> None:
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, model: str = "shapes",
+           workspace: str | None = None) -> None:
     credentials = None
     if auth:
         if ":" not in auth:
             raise StudioError("--auth must be user:pass")
         credentials = tuple(auth.split(":", 1))
-    build_app(model).queue().launch(server_name=host, server_port=port, auth=credentials)
+    app = build_app(model, workspace)
+    app.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, auth=credentials,
+                                                 allowed_paths=[str(app.studio_workspace.root)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -141,6 +142,18 @@ class LoraMethod(AdapterMethod):
                     with torch.no_grad():
                         layer.lora_A[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_A.weight"])
                         layer.lora_B[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_B.weight"])
+
+    @contextmanager
+    def disabled(self, pipe):
+        layers = [layer for _, model in _components(pipe) for _, layer in _lora_layers(model)]
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True  # PEFT's own switch; its public toggle also changes requires_grad
+        try:
+            yield
+        finally:
+            for layer, state in zip(layers, before):
+                layer._disable_adapters = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         for _, model in _components(pipe):
