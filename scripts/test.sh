@@ -3,4 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the browser test drives Debian's headless Chromium through Playwright
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "tests/test_browser.py needs Chromium: sudo apt-get install chromium" >&2
+    fi
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -237,10 +237,16 @@ def cmd_bench_train(args) -> None:
                       write=not args.no_write))
 
 
+def cmd_bench_ui(args) -> None:
+    from studio.bench import bench_ui_first_image
+
+    print(bench_ui_first_image(preset=args.preset, write=not args.no_write))
+
+
 def cmd_ui(args) -> None:
     from studio.ui.app import launch  # lazily: the UI sits above the core
 
-    launch(host=args.host, port=args.port, auth=args.auth, model=args.model)
+    launch(host=args.host, port=args.port, auth=args.auth, model=args.model, workspace=args.workspace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--no-write", action="store_true")
     bt.set_defaults(func=cmd_bench_train)
 
+    bu = bsub.add_parser("ui", help="web UI: time from the page to a trained concept's first image")
+    bu.add_argument("--preset", default="quick")
+    bu.add_argument("--no-write", action="store_true")
+    bu.set_defaults(func=cmd_bench_ui)
+
     i = sub.add_parser("info", help="versions, device, attention backend")
     i.set_defaults(func=cmd_info)
 
@@ -336,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--auth", default=None, help="user:pass")
     u.add_argument("--model", default="shapes")
+    u.add_argument("--workspace", default=None, help="where uploads, runs and the adapter library live "
+                                                     "(default: ./studio-workspace or $STUDIO_WORKSPACE)")
     u.set_defaults(func=cmd_ui)
     return ap
 

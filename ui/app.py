@@ -254,7 +254,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             with gr.Row():
                 with gr.Column():
                     files = gr.File(label=f"Pictures of the concept ({MIN_UPLOADS}–{MAX_UPLOADS}; same-name .txt "
-                                          "captions optional)", file_count="multiple", type="filepath")
+                                          "captions optional)", file_count="multiple", type="filepath",
+                                    elem_id="train-files")
                     folder = gr.Textbox(label="…or a folder inside the workspace", placeholder="uploads/stars")
                     name = gr.Textbox(label="Name", value="my_concept")
                     with gr.Row():
@@ -290,7 +291,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             timer.tick(job_status, None, [train_status, progress, previews], api_name="job_status",
                        show_progress="hidden")
 
-        with gr.Tab("Generate"):
+        with gr.Tab("Generate") as generate_tab:
             with gr.Row():
                 with gr.Column():
                     model_box = gr.Textbox(value=model, label="Model")
@@ -307,14 +308,14 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         batch = gr.Slider(1, 8, value=4, step=1, label="Batch")
                     button = gr.Button("Generate", variant="primary")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png")
+                    gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", elem_id="gallery")
                     status = gr.Markdown()
             button.click(run_generate, [model_box, prompt, negative, steps, guidance, seed, batch, adapters, weight],
                          [gallery, status], api_name="generate")
 
-        with gr.Tab("Library"):
+        with gr.Tab("Library") as library_tab:
             table = gr.Dataframe(headers=["name", "method", "base model", "trigger", "steps", "trained"],
-                                 interactive=False, label="Trained adapters")
+                                 interactive=False, label="Trained adapters", elem_id="library-table")
             refresh = gr.Button("Refresh")
             with gr.Row():
                 with gr.Column():
@@ -342,6 +343,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                              api_name="rename")
             delete_btn.click(delete, [chosen, confirm], [table, chosen, adapters, library_status], api_name="delete")
         app.load(library_table, None, [table, chosen, adapters])
+        generate_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
+        library_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
     app.studio_jobs = jobs
     app.studio_workspace = ws
     return app
