@@ -107,7 +107,7 @@ def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:
             t0 = time.perf_counter()
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             client.predict([handle_file(f) for f in files], "", "star", "sks", "", "lora", preset, 0, 0, 0, 0, 0, 0,
-                           False, api_name="/train")
+                           False, {"headers": ["image", "caption"], "data": []}, api_name="/train")
             while True:
                 status = client.predict(api_name="/job_status")[0]
                 if "done" in status or "failed" in status:

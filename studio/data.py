@@ -114,7 +114,7 @@ def scan_folder(folder: str | Path, **kwargs) -> list[Example]:
 
 def bucket_size(width: int, height: int, resolution: int, step: int = 64, max_ratio: float = 2.0) -> tuple[int, int]:
     """The (width, height) of the bucket for an image: about resolution² pixels, sides multiples of `step`,
-    aspect ratio kept within `max_ratio`, never upscaled beyond the image."""
+    aspect ratio kept within `max_ratio`, never more pixels than the image has."""
     ratio = min(max(width / height, 1 / max_ratio), max_ratio)
     area = min(resolution * resolution, width * height)
     w = max(step, int(math.sqrt(area * ratio) // step * step))

@@ -4,31 +4,19 @@ saved to test-artifacts/ (or $STUDIO_TEST_ARTIFACTS)."""
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import serve_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("STUDIO_TEST_ARTIFACTS", "test-artifacts"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    from studio.ui.app import build_app
-
-    workspace = tmp_path_factory.mktemp("browser_workspace")
-    app = build_app("shapes", workspace).queue(default_concurrency_limit=2)
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(workspace)])
-    yield f"http://127.0.0.1:{port}/"
+    url, app = serve_app(tmp_path_factory.mktemp("browser_workspace"))
+    yield url
     app.close()
 
 

@@ -20,7 +20,7 @@ from studio.adapters import read_adapter, register
 from studio.adapters.lora.model import LoraMethod
 from studio.data import DataError, scan_folder
 from studio.evaluate import write_b2_training_set
-from studio.train import TrainConfig, Trainer, TrainingError, checkpoint_dirs, config_with_preset, train
+from studio.train import TrainConfig, TrainingError, checkpoint_dirs, config_with_preset, train
 
 FAST = dict(steps=6, batch_size=2, lr=1e-3, preview_every=0, checkpoint_every=3, tensorboard=False,
             progress_bar=False, adapter={"rank": 2})
@@ -263,3 +263,22 @@ def test_two_processes_match_one(tmp_path, star_data):
     assert one.returncode == 0, one.stderr[-2000:]
     diff = _max_diff(_tensors(tmp_path / "two" / "concept.safetensors"), _tensors(tmp_path / "one" / "concept.safetensors"))
     assert diff < 1e-4, diff
+
+
+def test_aspect_ratio_buckets():
+    from studio.data import batch_plan, batches_per_epoch, bucket_size, to_bucket
+
+    assert bucket_size(512, 512, 512) == (512, 512)
+    assert bucket_size(1024, 512, 512) == (704, 320)        # wide: about 512² pixels, sides multiples of 64
+    assert bucket_size(300, 900, 512) == (320, 704)         # tall: the ratio is clamped near 1:2
+    assert bucket_size(200, 200, 512) == (192, 192)         # never upscaled past the picture
+    w, h = bucket_size(1024, 512, 512)
+    assert abs(w * h - 512 * 512) / (512 * 512) < 0.15 and w % 64 == 0 and h % 64 == 0
+    tensor = to_bucket(Image.new("RGB", (1024, 512), "red"), (w, h))
+    assert tensor.shape == (3, h, w) and float(tensor.min()) >= -1 and float(tensor.max()) <= 1
+    buckets = [0, 0, 0, 1, 1, 0, 1]
+    plan = batch_plan(buckets, 2, seed=3, epoch=0)
+    assert len(plan) == batches_per_epoch(buckets, 2) == 4
+    assert all(len(b) == 2 and len({buckets[i] for i in b}) == 1 for b in plan)  # one bucket per batch
+    assert sorted({i for b in plan for i in b}) == list(range(7))                # every picture each epoch
+    assert plan == batch_plan(buckets, 2, seed=3, epoch=0) != batch_plan(buckets, 2, seed=3, epoch=1)

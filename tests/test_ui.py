@@ -1,30 +1,19 @@
 """The web UI, driven through gradio_client against a running app on loopback: generate, train the quick
 preset from uploaded pictures and generate with the result, bad uploads answered in the page."""
 
-import socket
 import struct
 import time
 import zlib
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import serve_app
 
 
 @pytest.fixture(scope="module")
 def running_app(tmp_path_factory):
-    from studio.ui.app import build_app
-
     workspace = tmp_path_factory.mktemp("workspace")
-    app = build_app("shapes", workspace).queue(default_concurrency_limit=2)
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(workspace)])
-    yield f"http://127.0.0.1:{port}/", workspace
+    url, app = serve_app(workspace)
+    yield url, workspace
     app.close()
 
 
@@ -44,11 +33,22 @@ def _generate(client, prompt, steps=6, batch=1, adapters=(), weight=1.0, model="
     return client.predict(model, prompt, "", steps, 5.0, 1, batch, list(adapters), weight, api_name="/generate")
 
 
-def _train(client, files, name, folder="", trigger="sks", steps=0):
+def _train(client, files, name, folder="", trigger="sks", steps=0, captions=None):
     from gradio_client import handle_file
 
     return client.predict([handle_file(str(f)) for f in files], folder, name, trigger, "", "lora", "quick", steps, 0,
-                          0, 0, 0, 0, False, api_name="/train")
+                          0, 0, 0, 0, False, {"headers": ["image", "caption"], "data": captions or []},
+                          api_name="/train")
+
+
+def _wait_for_job(client, until=("done", "failed"), timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, percent, previews = client.predict(api_name="/job_status")
+        if any(word in status for word in until):
+            return status, percent, previews
+        time.sleep(1)
+    raise AssertionError(f"job status stuck at {status!r}")
 
 
 def test_generate_through_the_page_api(client):
@@ -116,19 +116,47 @@ def test_bad_uploads_are_answered_in_the_page(client, star_files, tmp_path, case
     assert len(gallery) == 1
 
 
+def test_captions_from_files_and_from_the_page(tmp_path, star_files):
+    from studio.ui.app import stage_uploads, upload_captions
+
+    files = [str(f) for f in star_files[:3]] + [str(star_files[8])]  # 3 images, the first one's caption file
+    rows = upload_captions(files)
+    assert rows[0] == ["star_0.png", star_files[8].read_text()] and rows[1] == ["star_1.png", ""]
+    rows[1][1] = "a tiny sks typed in the page"
+    staged = stage_uploads(files, tmp_path / "staged", rows)
+    assert (staged / "star_1.txt").read_text() == "a tiny sks typed in the page"
+    assert (staged / "star_0.txt").read_text() == star_files[8].read_text()
+    assert not (staged / "star_2.txt").exists()  # the trigger word / instance prompt is used
+
+
+def test_a_job_that_fails_shows_its_reason(client, running_app):
+    bad = running_app[1] / "uploads" / "broken"
+    bad.mkdir(parents=True)
+    for i in range(3):
+        (bad / f"{i}.png").write_text("not an image")
+    assert "queued" in _train(client, [], "broken", folder="uploads/broken")
+    status, _, _ = _wait_for_job(client, timeout=120)
+    assert "failed" in status and "0.png: not a readable image" in status
+
+
 def test_train_the_quick_preset_then_generate_with_it(client, star_files, running_app):
+    from gradio_client import Client
+
     reply = _train(client, star_files, "star")
     assert "queued **star**" in reply
-    deadline = time.time() + 600
-    seen_progress = False
-    while time.time() < deadline:
-        status, percent, previews = client.predict(api_name="/job_status")
-        seen_progress |= "step" in status and 0 < percent < 100
-        if "done" in status or "failed" in status:
-            break
-        time.sleep(2)
+    status, percent, _ = _wait_for_job(client, until=("step",), timeout=300)
+    assert 0 < percent < 100
+    # a page opened (or reloaded) later reconnects to the running job
+    other = Client(running_app[0], verbose=False)
+    assert "**star**: step" in other.predict(api_name="/job_status")[0]
+    # generation stays responsive while the training runs
+    started = time.time()
+    gallery, _ = _generate(other, "a red circle", steps=4)
+    assert len(gallery) == 1 and time.time() - started < 60
+    assert "step" in client.predict(api_name="/job_status")[0]  # (still training)
+    status, percent, previews = _wait_for_job(client)
     assert "done" in status, status
-    assert seen_progress and previews
+    assert percent == 100 and previews
     table, _, _ = client.predict(api_name="/library")
     rows = table["data"] if isinstance(table, dict) else table
     assert rows[0][:3] == ["star", "lora", "shapes"]
@@ -136,3 +164,10 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     assert len(gallery) == 1 and "with star at 1" in note
     path, _ = client.predict("star", api_name="/export_kohya")
     assert str(path).endswith(".safetensors")
+    table, _, _, note = client.predict("star", "star_v2", api_name="/rename")
+    assert "renamed star to star_v2" in note
+    with pytest.raises(Exception, match="tick 'really delete' first"):
+        client.predict("star_v2", False, api_name="/delete")
+    table, _, _, note = client.predict("star_v2", True, api_name="/delete")
+    rows = table["data"] if isinstance(table, dict) else table
+    assert "deleted star_v2" in note and not any(r and r[0] == "star_v2" for r in rows)

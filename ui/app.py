@@ -80,9 +80,28 @@ def safe_name(text: str) -> str:
     return name
 
 
-def stage_uploads(files: list[str], dest: Path) -> Path:
+def upload_captions(files: list[str] | None) -> list[list[str]]:
+    """[image name, caption] for every uploaded image: the caption from its same-name .txt if one was
+    uploaded, else empty (the instance prompt or trigger word is used)."""
+    paths = [Path(f) for f in files or []]
+    texts = {p.stem: p for p in paths if p.suffix.lower() == ".txt"}
+    rows = []
+    for p in paths:
+        if p.suffix.lower() == ".txt":
+            continue
+        caption = ""
+        if p.stem in texts:
+            try:
+                caption = " ".join(texts[p.stem].read_text(encoding="utf-8-sig").split())
+            except (OSError, UnicodeDecodeError):
+                caption = ""  # named when training starts
+        rows.append([p.name, caption])
+    return rows
+
+
+def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None = None) -> Path:
     """Copy uploaded images (and same-name .txt captions) into `dest` and check every image now, so a bad
-    upload is named in the page before any training starts."""
+    upload is named in the page before any training starts. Captions typed in the page win over files."""
     from studio.data import IMAGE_SUFFIXES, DataError, load_examples
 
     images = [Path(f) for f in files if Path(f).suffix.lower() != ".txt"]
@@ -104,6 +123,9 @@ def stage_uploads(files: list[str], dest: Path) -> Path:
     if problems:
         shutil.rmtree(dest, ignore_errors=True)
         raise StudioError("; ".join(problems))
+    for row in captions or []:
+        if len(row) >= 2 and str(row[0]).strip() and str(row[1]).strip() and (dest / str(row[0])).is_file():
+            (dest / str(row[0])).with_suffix(".txt").write_text(str(row[1]).strip(), encoding="utf-8")
     return dest
 
 
@@ -135,13 +157,14 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     # ---- handlers (every StudioError becomes a message in the page, never a traceback) ----
 
     def start_training(files, folder, name, trigger, instance_prompt, method, preset, steps, lr, rank, batch,
-                       preview_every, seed, resume):
+                       preview_every, seed, resume, captions=None):
         try:
             name = safe_name(name)
             if files:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
+                rows = captions.get("data") if isinstance(captions, dict) else captions
                 data = stage_uploads([f if isinstance(f, str) else f.name for f in files],
-                                     ws.uploads / f"{name}-{stamp}")
+                                     ws.uploads / f"{name}-{stamp}", rows)
             elif folder and folder.strip():
                 data = ws.inside(folder.strip())
             else:
@@ -256,6 +279,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     files = gr.File(label=f"Pictures of the concept ({MIN_UPLOADS}–{MAX_UPLOADS}; same-name .txt "
                                           "captions optional)", file_count="multiple", type="filepath",
                                     elem_id="train-files")
+                    captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
+                                            interactive=True, label="Captions (edit; empty: the instance prompt or "
+                                                                    "trigger word is used)", elem_id="train-captions")
                     folder = gr.Textbox(label="…or a folder inside the workspace", placeholder="uploads/stars")
                     name = gr.Textbox(label="Name", value="my_concept")
                     with gr.Row():
@@ -283,8 +309,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False,
                                          elem_id="train-progress")
                     previews = gr.Gallery(label="Previews", columns=4, height="auto", elem_id="train-previews")
+            files.change(upload_captions, files, captions, show_progress="hidden")
             start.click(start_training, [files, folder, name, trigger, instance_prompt, method, preset, steps_t, lr,
-                                         rank, batch_t, preview_every, seed_t, resume], train_status,
+                                         rank, batch_t, preview_every, seed_t, resume, captions], train_status,
                         api_name="train")
             stop.click(stop_training, None, train_status, api_name="stop")
             timer = gr.Timer(1.0)
