@@ -39,7 +39,8 @@ def cmd_generate(args) -> None:
     paths = output_paths(args.out, args.batch)  # refuse an unwritable path before the model loads
     pipe = _load(args)
     images = generate(pipe, settings)
-    save_images(images, paths, settings, str(args.model))
+    adapters = {Path(f).name: w for f, w in parse_adapter_args(args.adapter).items()}
+    save_images(images, paths, settings, str(args.model), {"adapters": adapters} if adapters else None)
     for p in paths:
         print(p)
 

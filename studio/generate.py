@@ -56,9 +56,10 @@ def generate(pipe, settings: GenerationSettings) -> list[Image.Image]:
     return out.images
 
 
-def png_info(settings: GenerationSettings, model: str, index: int = 0) -> PngImagePlugin.PngInfo:
+def png_info(settings: GenerationSettings, model: str, index: int = 0,
+             extra: dict | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    meta = {**asdict(settings), "seed": settings.seed + index, "batch": 1, "model": model}
+    meta = {**asdict(settings), "seed": settings.seed + index, "batch": 1, "model": model, **(extra or {})}
     info.add_text("parameters", json.dumps(meta))
     return info
 
@@ -82,10 +83,12 @@ def output_paths(out: str | Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def save_images(images: list[Image.Image], paths: list[Path], settings: GenerationSettings, model: str) -> None:
+def save_images(images: list[Image.Image], paths: list[Path], settings: GenerationSettings, model: str,
+                extra: dict | None = None) -> None:
+    """Write PNGs carrying their settings (and `extra`, e.g. the adapters used) in a `parameters` chunk."""
     for i, (img, path) in enumerate(zip(images, paths)):
         try:
             with atomic_path(path) as tmp:
-                img.save(tmp, format="PNG", pnginfo=png_info(settings, model, i))
+                img.save(tmp, format="PNG", pnginfo=png_info(settings, model, i, extra))
         except OSError as e:
             raise StudioError(f"{path}: cannot write ({e.strerror or e})") from None

@@ -425,7 +425,7 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=start_step, desc=f"training {cfg.name}", unit="step",
                         disable=not (cfg.progress_bar and acc.is_local_main_process), dynamic_ncols=True)
         unet.train()
-        loss_value, stopped, step = float("nan"), False, start_step
+        loss_value, stopped, step, completed = float("nan"), False, start_step, start_step
         last_good = resume_from
         run_started = time.perf_counter()
         try:
@@ -456,6 +456,7 @@ class Trainer:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
+                completed = step
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = float(acc.reduce(total, "mean"))
                 elapsed = time.perf_counter() - run_started
@@ -474,9 +475,9 @@ class Trainer:
                     stopped = True
                     break
         except KeyboardInterrupt:
-            if step > start_step and (last_good is None or last_good.name != f"{CHECKPOINT_PREFIX}{step:07d}"):
-                done = step - 1 if step > start_step else start_step
-                self._save_checkpoint(done, pipe, method, optimizer, lr_scheduler, base)
+            # keep every finished step: the weights and optimizer now are those after `completed` steps
+            if completed > start_step and (last_good is None or last_good.name != f"{CHECKPOINT_PREFIX}{completed:07d}"):
+                self._save_checkpoint(completed, pipe, method, optimizer, lr_scheduler, base)
             raise TrainingError(f"interrupted; progress is kept in {self.out / 'checkpoints'} "
                                 "(resume with --resume latest)") from None
         finally:

@@ -1,6 +1,7 @@
 """The web UI, driven through gradio_client against a running app on loopback: generate, train the quick
 preset from uploaded pictures and generate with the result, bad uploads answered in the page."""
 
+import json
 import struct
 import time
 import zlib
@@ -56,7 +57,11 @@ def test_generate_through_the_page_api(client):
 
     gallery, status = _generate(client, "a large red circle on a gray background", batch=2)
     assert len(gallery) == 2 and "2 image(s)" in status
-    assert Image.open(_image_path(gallery[0])).size == (128, 128)
+    image = Image.open(_image_path(gallery[1]))
+    assert image.size == (128, 128)
+    settings = json.loads(image.text["parameters"])  # the downloaded PNG says how it was made
+    assert settings["prompt"] == "a large red circle on a gray background" and settings["seed"] == 2
+    assert settings["steps"] == 6 and settings["adapters"] == {}
 
 
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client):
@@ -139,6 +144,15 @@ def test_a_job_that_fails_shows_its_reason(client, running_app):
     assert "failed" in status and "0.png: not a readable image" in status
 
 
+def test_stop_keeps_a_checkpoint(client, star_files, running_app):
+    assert "queued" in _train(client, star_files, "stopme", steps=2000)
+    _wait_for_job(client, until=("step",), timeout=300)
+    assert "stopping" in client.predict(api_name="/stop")
+    status, _, _ = _wait_for_job(client, until=("stopped", "done", "failed"), timeout=120)
+    assert "stopped at step" in status, status
+    assert list((running_app[1] / "runs" / "stopme" / "checkpoints").iterdir())
+
+
 def test_train_the_quick_preset_then_generate_with_it(client, star_files, running_app):
     from gradio_client import Client
 
@@ -162,6 +176,9 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     assert rows[0][:3] == ["star", "lora", "shapes"]
     gallery, note = _generate(client, "a red sks on a blue background", steps=10, adapters=["star"])
     assert len(gallery) == 1 and "with star at 1" in note
+    from PIL import Image
+
+    assert json.loads(Image.open(_image_path(gallery[0])).text["parameters"])["adapters"] == {"star": 1.0}
     path, _ = client.predict("star", api_name="/export_kohya")
     assert str(path).endswith(".safetensors")
     table, _, _, note = client.predict("star", "star_v2", api_name="/rename")

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from studio.generate import GenerationSettings, generate
+from studio.generate import GenerationSettings, generate, output_paths, save_images
 from studio.loading import StudioError, load_pipeline
 from studio.ui.jobs import JobQueue, library_entries
 
@@ -55,7 +55,8 @@ class Workspace:
         self.library = self.root / "adapters"
         self.runs = self.root / "runs"
         self.uploads = self.root / "uploads"
-        for folder in (self.library, self.runs, self.uploads):
+        self.outputs = self.root / "outputs"
+        for folder in (self.library, self.runs, self.uploads, self.outputs):
             folder.mkdir(parents=True, exist_ok=True)
 
     def inside(self, folder: str) -> Path:
@@ -219,12 +220,18 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         try:
             settings.validate()
             chosen = {str(ws.adapter(n)): float(weight) for n in (adapters or [])}
+            source = (model_src or "").strip() or "shapes"
             with cache.lock:
-                images = generate(cache.get((model_src or "").strip() or "shapes", chosen), settings)
+                images = generate(cache.get(source, chosen), settings)
+            # saved with their settings in the PNG, so a downloaded image says how it was made
+            paths = output_paths(ws.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.png",
+                                 len(images))
+            save_images(images, paths, settings, source, {"adapters": {n: float(weight) for n in adapters or []}})
         except (StudioError, ValueError) as exc:
             raise gr.Error(str(exc))
         used = f" with {', '.join(adapters)} at {weight:g}" if adapters else ""
-        return images, f"{len(images)} image(s), seed {settings.seed}..{settings.seed + settings.batch - 1}{used}"
+        return [str(p) for p in paths], (f"{len(images)} image(s), seed {settings.seed}.."
+                                         f"{settings.seed + settings.batch - 1}{used}")
 
     def show_adapter(name):
         if not name:
