@@ -316,11 +316,6 @@ class Trainer:
         return {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
                 "captions": [ex.caption for ex in examples]}
 
-    def _text_embeddings(self, pipe, captions: list[str], device) -> torch.Tensor:
-        tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        return pipe.text_encoder(tok.input_ids.to(device))[0]
-
     # -- the run --
 
     def run(self) -> TrainResult:
@@ -352,6 +347,7 @@ class Trainer:
         class_examples = self._class_examples(pipe, resolution, device) if cfg.prior_preservation else []
 
         cache = self._encode(pipe, examples, resolution, device)
+        self.first_caption = cache["captions"][0]
         class_cache = self._encode(pipe, class_examples, resolution, device) if class_examples else None
 
         base = base_fingerprint(pipe)
@@ -494,14 +490,15 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         result = TrainResult(adapter_path, step, loss_value, time.perf_counter() - started, n_trainable, stopped)
-        self.pipe = pipe
         self.on_event({"kind": "done", "step": step, "adapter": str(adapter_path), "stopped": stopped})
         return result
 
     def _embed_all(self, pipe, captions: list[str], device) -> list[torch.Tensor]:
         out = []
         for i in range(0, len(captions), 64):
-            out.extend(self._text_embeddings(pipe, captions[i:i + 64], device))
+            tok = pipe.tokenizer(captions[i:i + 64], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+            out.extend(pipe.text_encoder(tok.input_ids.to(device))[0])
         return out
 
     def _optimizer(self, params):
@@ -526,7 +523,7 @@ class Trainer:
         cfg = self.config
         if not self.accelerator.is_main_process:
             return
-        prompts = cfg.preview_prompts or [cfg.instance_prompt or (self._examples_caption_hint())]
+        prompts = cfg.preview_prompts or [cfg.instance_prompt or self.first_caption]
         was_training = pipe.unet.training
         pipe.unet.eval()
         images = pipe(prompts, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
@@ -542,9 +539,6 @@ class Trainer:
                 image.save(tmp, format="PNG")
             paths.append(str(path))
         self.on_event({"kind": "preview", "step": step, "paths": paths, "prompts": prompts})
-
-    def _examples_caption_hint(self) -> str:
-        return self.config.trigger or "a picture"
 
     # -- checkpoints --
 
