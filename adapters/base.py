@@ -87,10 +87,6 @@ class AdapterMethod:
     def remove(self, pipe, adapter: str) -> None:
         raise NotImplementedError
 
-    def config_from_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterConfig:
-        """Settings for a file written by another tool, read from its tensors and header."""
-        raise AdapterError(f"{self.name} files must carry their config in the header")
-
     def training_loss(self, pipe, batch: dict[str, torch.Tensor], default_loss) -> torch.Tensor:
         """The objective; most methods train on the engine's denoising loss unchanged."""
         return default_loss(batch)
@@ -154,15 +150,20 @@ class AdapterFile:
 
 def save_adapter(path: str | Path, method: str, config: AdapterConfig | dict, tensors: dict[str, torch.Tensor],
                  base: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
-    """Write tensors and metadata atomically (temp file + rename)."""
+    """Write an adapter file: its tensors and the header metadata every studio adapter carries."""
     from studio import __version__
 
-    path = Path(path)
     config_dict = config.to_dict() if isinstance(config, AdapterConfig) else dict(config)
     metadata = {"format": "studio-adapter", "format_version": FORMAT_VERSION, "method": method,
                 "config": json.dumps(config_dict, sort_keys=True), "base_model": json.dumps(base, sort_keys=True),
                 "studio_version": __version__}
     metadata.update(extra or {})
+    return write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (temp file + rename): an interrupted save leaves no half file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -200,6 +201,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
 
 
 # ---- fit checks shared by methods ----
+
+def components(pipe):
+    """(name, module) for each model component the pipeline has (an SD 1.x pipeline has no text_encoder_2)."""
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            yield name, module
+
 
 def component(pipe, name: str) -> torch.nn.Module:
     module = getattr(pipe, name, None)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from studio.adapters.base import AdapterError, read_adapter
+from studio.adapters.base import AdapterError, read_adapter, write_safetensors
 from studio.adapters.lora.convert import to_diffusers, to_kohya
 
 FORMATS = ("kohya", "diffusers")
@@ -27,12 +25,4 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
         tensors, metadata = to_kohya(file.tensors, file.config, file.base, name=path.stem)
     else:
         tensors, metadata = to_diffusers(file.tensors, file.config)
-    metadata = {**metadata, "studio_source": path.name}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_safetensors(out, tensors, {**metadata, "studio_source": path.name})

@@ -53,9 +53,10 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     import os
     from pathlib import Path
 
-    from studio.adapters import set_adapter_weights
+    from studio.adapters import load_adapters, set_adapter_weights
     from studio.evaluate import run_b2, write_b2_training_set
     from studio.judge import load_judge
+    from studio.loading import load_pipeline
     from studio.train import train
 
     data_dir = Path(out) / "data"
@@ -67,9 +68,6 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
                 output_dir=str(Path(out) / method), preview_prompts=["a red sks on a blue background"],
                 progress_bar=log is print, tensorboard=False, **settings)
     log(f"trained {run.steps} steps in {run.seconds:.0f} s")
-    from studio.loading import load_pipeline
-    from studio.adapters import load_adapters
-
     pipe = load_pipeline("shapes")
     pipe.set_progress_bar_config(disable=True)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
@@ -86,26 +84,21 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
 def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:
     """Wall time from connecting to a freshly started web UI to the first image of a concept trained there
     with `preset` on the B2 star set (8 uploads), driven through gradio_client as a page would drive it."""
-    import socket
     import tempfile
     from pathlib import Path
 
     from gradio_client import Client, handle_file
 
     from studio.evaluate import write_b2_training_set
-    from studio.ui.app import build_app  # lazily: the UI sits above the core
+    from studio.ui.app import serve_in_background  # lazily: the UI sits above the core
 
     with tempfile.TemporaryDirectory() as tmp:
         images = write_b2_training_set(Path(tmp) / "stars")
         files = [str(p) for p in images] + [str(p.with_suffix(".txt")) for p in images]
-        app = build_app("shapes", Path(tmp) / "workspace").queue(default_concurrency_limit=2)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        url, app = serve_in_background(Path(tmp) / "workspace")
         try:
             t0 = time.perf_counter()
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            client = Client(url, verbose=False)
             client.predict([handle_file(f) for f in files], "", "star", "sks", "", "lora", preset, 0, 0, 0, 0, 0, 0,
                            False, {"headers": ["image", "caption"], "data": []}, api_name="/train")
             while True:

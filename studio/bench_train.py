@@ -115,5 +115,4 @@ def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bo
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]))))

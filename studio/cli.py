@@ -154,15 +154,10 @@ def train_config_from_args(args):
         adapter[key.replace("-", "_")] = yaml.safe_load(value)
     if hasattr(args, "rank"):
         adapter["rank"] = args.rank
-    values = {}
-    if args.config_file:
-        values = dataclasses.asdict(TrainConfig.from_yaml(args.config_file))
-        file_values = yaml.safe_load(Path(args.config_file).read_text(encoding="utf-8")) or {}
-        values = {k: v for k, v in values.items() if k in file_values}
+    values = TrainConfig.read_yaml(args.config_file) if args.config_file else {}
     values.update(explicit)
     values["adapter"] = {**values.get("adapter", {}), **adapter}
-    preset = args.preset or values.pop("preset", None)
-    return config_with_preset(preset, **values)
+    return config_with_preset(args.preset, **values)
 
 
 def cmd_train(args) -> None:

@@ -166,18 +166,19 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     editability = float(np.mean([preds["colour"][i] == s.colour and preds["background"][i] == s.background
                                  for i, s in enumerate(specs)]))
     leak_rng = random.Random(B2_SEED + 2)
-    leak_colours = [rng_c for rng_c in (leak_rng.choice(list(world.COLOURS)) for _ in range(n))]
+    leak_colours = [leak_rng.choice(list(world.COLOURS)) for _ in range(n)]
     leak_seeds = [leak_rng.randrange(2**31) for _ in range(n)]
     _, leak_preds = judge_images(judge, _generate(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps,
                                                   guidance))
     leak = float(np.mean([p == B2_SHAPE for p in leak_preds["shape"]]))
     base = b1_prompts(n)
     base_specs = [s for s, _ in base]
-    base_prompts = [world.caption(s) for s in base_specs]
-    base_seeds = [sd for _, sd in base]
-    adapted = mean_attribute_accuracy(judge_images(judge, _generate(pipe, base_prompts, base_seeds, steps, guidance))[1],
-                                      base_specs)
+
+    def base_accuracy() -> float:
+        images = _generate(pipe, [world.caption(s) for s in base_specs], [sd for _, sd in base], steps, guidance)
+        return mean_attribute_accuracy(judge_images(judge, images)[1], base_specs)
+
+    adapted = base_accuracy()
     set_adapter(False)
-    original = mean_attribute_accuracy(judge_images(judge, _generate(pipe, base_prompts, base_seeds, steps, guidance))[1],
-                                       base_specs)
+    original = base_accuracy()
     return B2Result(fidelity, editability, 100 * (adapted - original), leak, original, adapted, n)

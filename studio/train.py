@@ -91,7 +91,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+    def read_yaml(cls, path: str | Path) -> dict[str, Any]:
+        """The settings a YAML config names (only those: the rest keep their defaults or the preset's)."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -99,8 +100,12 @@ class TrainConfig:
             raise TrainingError(f"{path}: not a readable YAML config ({exc})") from None
         if not isinstance(values, dict):
             raise TrainingError(f"{path}: a training config is a mapping of setting: value")
-        values.update(overrides)
-        return cls.from_dict(values)
+        cls.from_dict(values)  # unknown or ill-typed settings are named now
+        return values
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        return cls.from_dict({**cls.read_yaml(path), **overrides})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -303,7 +308,7 @@ class Trainer:
 
     @torch.no_grad()
     def _encode(self, pipe, examples: list[data.Example], resolution: int, device) -> dict[str, Any]:
-        """Latent distributions (mean, std) and bucket per example; text embeddings per caption."""
+        """Latent distribution (mean, std), bucket and caption per example."""
         sizes = [data.bucket_size(*ex.image.size, resolution) if self.config.buckets else (resolution, resolution)
                  for ex in examples]
         bucket_ids = {size: i for i, size in enumerate(sorted(set(sizes)))}
@@ -330,6 +335,9 @@ class Trainer:
         started = time.perf_counter()
         self.accelerator = acc = self._accelerator()
         device = acc.device
+        world = acc.num_processes
+        if cfg.batch_size % world:
+            raise TrainingError(f"batch_size {cfg.batch_size} does not split over {world} processes")
         method = get_method(cfg.method)
         adapter_config = method.config_class.from_dict(cfg.adapter)
 
@@ -380,18 +388,13 @@ class Trainer:
         resume_from = self._resume_dir()
         if resume_from is not None:
             start_step = self._load_checkpoint(resume_from, pipe, method, optimizer, lr_scheduler)
-        world = acc.num_processes
-        if cfg.batch_size % world:
-            raise TrainingError(f"batch_size {cfg.batch_size} does not split over {world} processes")
         if cfg.tensorboard and acc.log_with:
             acc.init_trackers("studio", config={k: v for k, v in asdict(cfg).items()
                                                 if isinstance(v, (int, float, str, bool))})
 
         def encode_text(captions: list[str]) -> torch.Tensor:
             if train_text:
-                tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt")
-                return text_encoder(tok.input_ids.to(device))[0]
+                return text_encoder(_token_ids(pipe, captions).to(device))[0]
             return torch.stack([text_cache[c] for c in captions])
 
         def base_prediction(noisy, timesteps, text):
@@ -496,9 +499,7 @@ class Trainer:
     def _embed_all(self, pipe, captions: list[str], device) -> list[torch.Tensor]:
         out = []
         for i in range(0, len(captions), 64):
-            tok = pipe.tokenizer(captions[i:i + 64], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt")
-            out.extend(pipe.text_encoder(tok.input_ids.to(device))[0])
+            out.extend(pipe.text_encoder(_token_ids(pipe, captions[i:i + 64]).to(device))[0])
         return out
 
     def _optimizer(self, params):
@@ -601,6 +602,11 @@ class Trainer:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.on_event({"kind": "log", "message": f"resumed from {path} at step {state['step']}"})
         return int(state["step"])
+
+
+def _token_ids(pipe, captions: list[str]) -> torch.Tensor:
+    return pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
 
 
 def _json_default(value):

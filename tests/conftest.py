@@ -75,16 +75,9 @@ def sdxl_folder(tmp_path_factory):
     return path
 
 
+
 def serve_app(workspace):
     """The web UI on a free loopback port, in this process; returns (url, app)."""
-    import socket
+    from studio.ui.app import serve_in_background
 
-    from studio.ui.app import build_app
-
-    app = build_app("shapes", workspace).queue(default_concurrency_limit=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(workspace)])
-    return f"http://127.0.0.1:{port}/", app
+    return serve_in_background(workspace)

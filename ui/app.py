@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from studio.data import DataError, load_examples, read_caption
+from studio.files import atomic_path
 from studio.generate import GenerationSettings, generate, output_paths, save_images
 from studio.loading import StudioError, load_pipeline
 from studio.ui.jobs import JobQueue, library_entries
@@ -60,7 +62,7 @@ class Workspace:
             folder.mkdir(parents=True, exist_ok=True)
 
     def inside(self, folder: str) -> Path:
-        path = (self.root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
+        path = (self.root / folder).resolve()  # an absolute `folder` replaces the root in the join
         if path != self.root and self.root not in path.parents:
             raise StudioError(f"{folder}: folders must be inside the workspace {self.root}")
         if not path.is_dir():
@@ -93,8 +95,8 @@ def upload_captions(files: list[str] | None) -> list[list[str]]:
         caption = ""
         if p.stem in texts:
             try:
-                caption = " ".join(texts[p.stem].read_text(encoding="utf-8-sig").split())
-            except (OSError, UnicodeDecodeError):
+                caption = read_caption(texts[p.stem])
+            except (OSError, DataError):
                 caption = ""  # named when training starts
         rows.append([p.name, caption])
     return rows
@@ -103,8 +105,6 @@ def upload_captions(files: list[str] | None) -> list[list[str]]:
 def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None = None) -> Path:
     """Copy uploaded images (and same-name .txt captions) into `dest` and check every image now, so a bad
     upload is named in the page before any training starts. Captions typed in the page win over files."""
-    from studio.data import IMAGE_SUFFIXES, DataError, load_examples
-
     images = [Path(f) for f in files if Path(f).suffix.lower() != ".txt"]
     if not MIN_UPLOADS <= len(images) <= MAX_UPLOADS:
         raise StudioError(f"upload {MIN_UPLOADS} to {MAX_UPLOADS} images (got {len(images)})")
@@ -116,8 +116,6 @@ def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None
         if target.suffix.lower() == ".txt":
             continue
         try:
-            if target.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{src.name}: unsupported file type {target.suffix or '(none)'}")
             load_examples([target], instance_prompt="check", min_size=32)
         except DataError as exc:
             problems.append(str(exc).replace(str(target), src.name))
@@ -146,8 +144,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         if result.stopped:
             return None
         target = ws.library / f"{name}.safetensors"
-        shutil.copyfile(result.adapter_path, target.with_name(f".{target.name}.tmp"))
-        target.with_name(f".{target.name}.tmp").replace(target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(result.adapter_path, tmp)
         previews = sorted((Path(config.output_dir) / "previews").glob("*.png"))
         if previews:
             shutil.copyfile(previews[-1], target.with_suffix(".png"))
@@ -382,6 +380,19 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     app.studio_jobs = jobs
     app.studio_workspace = ws
     return app
+
+
+def serve_in_background(workspace: str | Path, model: str = "shapes"):
+    """Start the app on a free loopback port without blocking (tests, benchmarks); returns (url, app)."""
+    import socket
+
+    app = build_app(model, workspace).queue(default_concurrency_limit=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=[str(app.studio_workspace.root)])
+    return f"http://127.0.0.1:{port}/", app
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, model: str = "shapes",

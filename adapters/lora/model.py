@@ -10,8 +10,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, module_path_of,
-                                  register, split_key)
+from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
+                                  module_path_of, register, split_key)
 from studio.adapters.lora.config import LoraConfig
 
 
@@ -19,13 +19,6 @@ def _lora_layers(model: torch.nn.Module):
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield path, module
-
-
-def _components(pipe):
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            yield name, model
 
 
 def _peft_config(targets: list[str] | str, config: LoraConfig, rank_pattern=None, alpha_pattern=None):
@@ -81,16 +74,17 @@ class LoraMethod(AdapterMethod):
             inject_adapter_in_model(_peft_config(_suffix_regex(patterns), config), model, adapter_name=adapter)
         self._freeze_others(pipe, adapter)
 
-    def _freeze_others(self, pipe, adapter: str) -> None:
+    def _freeze_others(self, pipe, adapter: str | None) -> None:
         # PEFT makes a freshly injected adapter trainable and leaves the rest as it was: state it explicitly
-        for _, model in _components(pipe):
+        # (adapter None: a loaded adapter, nothing trains)
+        for _, model in components(pipe):
             for name, param in model.named_parameters():
                 if ".lora_" in name:
                     param.requires_grad_(f".{adapter}." in name)
 
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
         params = []
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for name, param in model.named_parameters():
                 if ".lora_" in name and f".{adapter}." in name:
                     params.append(param)
@@ -98,7 +92,7 @@ class LoraMethod(AdapterMethod):
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         out = {}
-        for comp, model in _components(pipe):
+        for comp, model in components(pipe):
             for path, layer in _lora_layers(model):
                 if adapter in layer.lora_A:
                     out[f"{comp}.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
@@ -127,16 +121,11 @@ class LoraMethod(AdapterMethod):
             rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != default_rank}
             alpha_pattern = {re.escape(p): a for p, a in alphas.items() if a != default_alpha}
             inject_adapter_in_model(_peft_config(paths, cfg, rank_pattern, alpha_pattern), model, adapter_name=adapter)
-            layers = dict(_lora_layers(model))
-            for path in paths:
-                layer = layers[path]
-                with torch.no_grad():
-                    layer.lora_A[adapter].weight.copy_(sub[f"{path}.lora_A.weight"])
-                    layer.lora_B[adapter].weight.copy_(sub[f"{path}.lora_B.weight"])
+        self.set_state(pipe, adapter, tensors)
         self._freeze_others(pipe, None)
 
     def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        for comp, model in _components(pipe):
+        for comp, model in components(pipe):
             for path, layer in _lora_layers(model):
                 if adapter in layer.lora_A:
                     with torch.no_grad():
@@ -145,7 +134,7 @@ class LoraMethod(AdapterMethod):
 
     @contextmanager
     def disabled(self, pipe):
-        layers = [layer for _, model in _components(pipe) for _, layer in _lora_layers(model)]
+        layers = [layer for _, model in components(pipe) for _, layer in _lora_layers(model)]
         before = [layer._disable_adapters for layer in layers]
         for layer in layers:
             layer._disable_adapters = True  # PEFT's own switch; its public toggle also changes requires_grad
@@ -156,7 +145,7 @@ class LoraMethod(AdapterMethod):
                 layer._disable_adapters = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for _, layer in _lora_layers(model):
                 active = [name for name in weights if name in layer.lora_A]
                 layer.set_adapter(active, inference_mode=True)
@@ -164,32 +153,27 @@ class LoraMethod(AdapterMethod):
                     layer.set_scale(name, float(weights[name]))
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for _, layer in _lora_layers(model):
                 if adapter in layer.lora_A:
                     layer.set_scale(adapter, float(weight))
                     layer.merge(adapter_names=[adapter])
 
     def unmerge(self, pipe) -> None:
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for _, layer in _lora_layers(model):
                 layer.unmerge()
 
     def unload(self, pipe) -> None:
         """Replace every LoRA layer by its base layer (keeping whatever was merged into it)."""
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for path, layer in list(_lora_layers(model)):
                 parent_path, _, child = path.rpartition(".")
                 parent = model.get_submodule(parent_path) if parent_path else model
                 setattr(parent, child, layer.get_base_layer())
 
     def remove(self, pipe, adapter: str) -> None:
-        for _, model in _components(pipe):
+        for _, model in components(pipe):
             for _, layer in _lora_layers(model):
                 if adapter in layer.lora_A:
                     layer.delete_adapter(adapter)
-
-    def config_from_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraConfig:
-        from studio.adapters.lora.convert import lora_from_foreign
-
-        return LoraConfig(**lora_from_foreign(tensors, metadata)[1])
