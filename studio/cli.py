@@ -92,14 +92,13 @@ def cmd_info(args) -> None:
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
     cuda = torch.cuda.is_available()
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} CPU threads)")
-    print("attention backend: " + ("xformers" if _has_xformers() and cuda else "torch SDPA"))
+    from studio.kernels.attention import attention_backend, xformers_available
+    from studio.kernels.paths import describe
+
+    device = "cuda" if cuda else "cpu"
+    print(f"attention backend: {attention_backend(device)} (xformers {'installed' if xformers_available() else 'absent'})")
+    print(f"adapter kernel path: {describe()}")
     print(f"embedded model: {embedded.SHAPES_DIR} ({'present' if embedded.is_shipped() else 'MISSING'})")
-
-
-def _has_xformers() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("xformers") is not None
 
 
 def cmd_bench(args) -> None:
@@ -239,6 +238,48 @@ def cmd_bench_ui(args) -> None:
     print(bench_ui_first_image(preset=args.preset, write=not args.no_write))
 
 
+def cmd_bench_kernels(args) -> None:
+    import os
+
+    # glibc returns big freed blocks to the OS and page-faults them back in later, more or less often from
+    # one process to the next: pin its thresholds so every variant allocates alike (re-exec, they are read
+    # at start-up)
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        pinned = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+        os.execve(sys.executable, [sys.executable, "-m", "studio.cli", *sys.argv[1:]], {**os.environ, **pinned})
+    from studio.bench_kernels import (b7_tables, bench_linears, bench_sparse, bench_unmerged_generation,
+                                      parse_shapes, sparse_table, summary)
+    from studio.benchmarks import record
+
+    try:
+        shapes, tokens, ranks = parse_shapes(args.shapes), _ints(args.tokens), _ints(args.ranks)
+    except ValueError as e:
+        raise StudioError(f"bench kernels: {e}") from None
+    parts = set(args.parts.split(","))
+    if not parts <= {"linears", "sparse", "unet"}:
+        raise StudioError(f"bench kernels: --parts takes linears, sparse, unet (got {args.parts!r})")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    rows = bench_linears(shapes=shapes, tokens_list=tokens, ranks=ranks, repeats=args.repeats,
+                         progress=say) if "linears" in parts else []
+    sparse = bench_sparse(progress=say) if "sparse" in parts else []
+    generation = [bench_unmerged_generation(model, adapters=args.adapters, rank=args.adapter_rank)
+                  for model in args.unet] if "unet" in parts else []
+    header, table, gen_header, gen_table = b7_tables(rows, generation)
+    if rows:
+        print(record("B7 adapter linears: overhead over the bare linear (" + summary(rows) + ")", header, table,
+                     write=not args.no_write))
+    if sparse:
+        print(record("B7 sparse-delta linear: training step over the frozen linear", *sparse_table(sparse),
+                     write=not args.no_write))
+    if gen_table:
+        print(record("B7 UNet forward with unmerged adapters vs merged weights", gen_header, gen_table,
+                     write=not args.no_write))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def cmd_ui(args) -> None:
     from studio.ui.app import launch  # lazily: the UI sits above the core
 
@@ -335,7 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--no-write", action="store_true")
     bu.set_defaults(func=cmd_bench_ui)
 
-    i = sub.add_parser("info", help="versions, device, attention backend")
+    bk = bsub.add_parser("kernels", help="B7: fused adapter linears vs PEFT and the reference; unmerged vs merged")
+    bk.add_argument("--shapes", default="320x320,640x640,1280x1280,768x320,320x2560,1280x320",
+                    help="in x out of the linears (default: SD 1.5's)")
+    bk.add_argument("--tokens", default="256,1024,4096")
+    bk.add_argument("--ranks", default="4,16,64")
+    bk.add_argument("--repeats", type=int, default=31)
+    bk.add_argument("--parts", default="linears,sparse,unet",
+                    help="which tables: linears (LoRA linears), sparse (sparse-delta linear), unet (unmerged vs merged)")
+    bk.add_argument("--unet", nargs="+", default=["shapes", "sd15"], choices=["shapes", "sd15"],
+                    help="UNets for the unmerged-vs-merged forward")
+    bk.add_argument("--adapters", type=int, default=3)
+    bk.add_argument("--adapter-rank", type=int, default=8)
+    bk.add_argument("--no-write", action="store_true")
+    bk.set_defaults(func=cmd_bench_kernels)
+
+    i = sub.add_parser("info", help="versions, device, attention backend, adapter kernel path")
     i.set_defaults(func=cmd_info)
 
     u = sub.add_parser("ui", help="the web UI")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from studio import embedded
+from studio.kernels import apply_attention_backend
 
 
 class StudioError(Exception):
@@ -148,7 +149,9 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
             load_adapters(pipe, adapters)
         except AdapterError as e:
             raise StudioError(str(e)) from None
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    pipe.studio_attention = apply_attention_backend(pipe, device)
+    return pipe
 
 
 def make_scheduler(name: str, config):

@@ -117,7 +117,9 @@ def test_diffusers_export_loads_in_diffusers_with_the_same_image(adapter_file, t
     pipe = load_pipeline("shapes")
     pipe.load_lora_weights(str(out), adapter_name="x")  # diffusers' own loader, alpha from the header
     diff = np.abs(_image(pipe) - with_adapter).max()
-    assert diff < 1e-5, diff
+    # ours runs the fused kernel, diffusers PEFT's layer: the same sums in another order (measured 1.2e-5
+    # after 4 steps, on pixels in [0, 1]; one 8-bit level is 3.9e-3)
+    assert diff < 1e-4, diff
     back = read_adapter(out)  # and our reader takes it back
     assert back.method == "lora" and back.config["alpha"] == 8.0
 
@@ -137,7 +139,7 @@ def test_kohya_export_converts_back_and_loads_in_diffusers(adapter_file, tmp_pat
     assert back.config["alpha"] == 8.0 and back.config["rank"] == 4
     pipe = load_pipeline("shapes")
     pipe.load_lora_weights(str(out), adapter_name="k")  # diffusers' kohya converter, as ComfyUI-style files load
-    assert np.abs(_image(pipe) - with_adapter).max() < 1e-5
+    assert np.abs(_image(pipe) - with_adapter).max() < 1e-4
     ours = load_pipeline("shapes", adapters=[out])
     assert np.abs(_image(ours) - with_adapter).max() == 0.0
 

@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
                                   module_path_of, register, split_key)
 from studio.adapters.lora.config import LoraConfig
+from studio.adapters.lora.layer import use_fused_layers
 
 
 def _lora_layers(model: torch.nn.Module):
@@ -72,6 +73,7 @@ class LoraMethod(AdapterMethod):
             if not any(regex.fullmatch(path) for path, _ in model.named_modules()):
                 raise AdapterError(f"no module of the {comp} matches the LoRA targets {patterns}")
             inject_adapter_in_model(_peft_config(_suffix_regex(patterns), config), model, adapter_name=adapter)
+            use_fused_layers(model)
         self._freeze_others(pipe, adapter)
 
     def _freeze_others(self, pipe, adapter: str | None) -> None:
@@ -121,6 +123,7 @@ class LoraMethod(AdapterMethod):
             rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != default_rank}
             alpha_pattern = {re.escape(p): a for p, a in alphas.items() if a != default_alpha}
             inject_adapter_in_model(_peft_config(paths, cfg, rank_pattern, alpha_pattern), model, adapter_name=adapter)
+            use_fused_layers(model)
         self.set_state(pipe, adapter, tensors)
         self._freeze_others(pipe, None)
 

@@ -1,0 +1,102 @@
+"""The LoRA-family linear y = W x + b + Σ sᵢ·Bᵢ(Aᵢ x), forward and backward, on three paths.
+
+Several adapters on one layer are one adapter of the summed rank: `stack_adapters` concatenates the Aᵢ and
+the sᵢ-scaled Bᵢ, so one pair of thin matmuls serves them all. The fused path writes the low-rank term into
+the base output with `addmm_` (no T×out temporaries); the Triton kernel computes both in one pass over x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from studio.kernels.paths import kernel_path
+
+
+def stack_adapters(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                   scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of summed rank with B·A = Σ sᵢ·Bᵢ·Aᵢ; gradients flow back to every Aᵢ, Bᵢ."""
+    if len(lora_a) == 1:
+        return lora_a[0], lora_b[0] * scales[0]
+    return torch.cat(lora_a, 0), torch.cat([b * s for b, s in zip(lora_b, scales)], 1)
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b)
+
+
+# The thin products are computed with the rank as the leading dimension ((A x)ᵀ = A xᵀ, rank × tokens):
+# measured 1.1-2.7× faster on the CPU's BLAS than tokens × rank, and never slower. The low-rank term (and
+# the bias, as one more column of B against a row of ones) is written first and the big GEMM accumulates
+# onto it, so the output is written as often as by a bare `addmm`.
+
+def _fused_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Tensor) -> torch.Tensor:
+    rank = lora_a.shape[0]
+    if bias is None:
+        h_t = lora_a @ x2.t()
+        torch.mm(h_t.t(), lora_b.t(), out=out)
+    else:
+        h_ext = x2.new_empty(rank + 1, x2.shape[0])
+        h_t = torch.mm(lora_a, x2.t(), out=h_ext[:rank])
+        h_ext[rank].fill_(1.0)
+        torch.mm(h_ext.t(), torch.cat([lora_b, bias[:, None]], 1).t(), out=out)
+    out.addmm_(x2, weight.t())
+    return h_t
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    # results are written into tensors of their final shape: a returned view would be copied by autograd
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, use_triton: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        if use_triton:
+            from studio.kernels.triton_ops import lora_matmul
+            y, h_t = lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0]), None
+        else:
+            y = x.new_empty(*x.shape[:-1], weight.shape[0])
+            h_t = _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        ctx.use_triton = use_triton
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, h_t)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, lora_a, lora_b, h_t = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_bias = grad_a = grad_lb = None
+        gh_t = lora_b.t() @ g2.t() if (need_x or need_a) else None
+        if need_x:
+            if ctx.use_triton:  # dY·W + (dY·B)·A is the forward's shape with transposed operands
+                from studio.kernels.triton_ops import lora_matmul
+                grad_x = lora_matmul(g2, weight.t(), lora_b.t(), lora_a.t(), None)
+                grad_x = grad_x.view(*grad_y.shape[:-1], weight.shape[1])
+            else:
+                grad_x = g2.new_empty(*grad_y.shape[:-1], weight.shape[1])
+                torch.mm(gh_t.t(), lora_a, out=grad_x.view(-1, weight.shape[1])).addmm_(g2, weight)
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_b:
+            grad_bias = g2.sum(0)
+        if need_a:
+            grad_a = gh_t @ x2
+        if need_lb:
+            grad_lb = ((h_t if h_t is not None else lora_a @ x2.t()) @ g2).t()
+        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """W x + b + B(A x) with A (rank × in) and B (out × rank), the scale already in B (see `stack_adapters`)."""
+    path = path or kernel_path(x)
+    if path == "reference":
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b)
+    if path == "triton" and lora_a.shape[0] > 128:  # the kernel keeps A·x for a row block in registers
+        path = "fused"
+    if path == "fused" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))):
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])  # inference: no autograd node to build
+        _fused_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        return y
+    return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path == "triton")

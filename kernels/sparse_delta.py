@@ -1,0 +1,114 @@
+"""The sparse-delta linear y = (W + ΔW) x + b, with ΔW stored as flat indices + values (SaRA-style updates).
+
+Forward scatters the values into a transient copy of W (one matmul, nothing kept). Backward needs the
+values' gradient only at the trained entries, (dYᵀX)[M]: a sampled dense-dense product (SDDMM) over the
+mask. On the CPU that is `torch.sparse.sampled_addmm` below `SAMPLED_BELOW` density and the dense product
+plus a gather above it (measured: the dense GEMM wins once ~5% of the entries are trained); on CUDA a
+Triton SDDMM kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from studio.kernels.paths import kernel_path
+
+SAMPLED_BELOW = 0.05
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Which entries of an (out, in) weight are trained: sorted unique flat indices, and their CSR form."""
+
+    index: torch.Tensor
+    shape: tuple[int, int]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    crow: torch.Tensor
+
+    @classmethod
+    def from_index(cls, index: torch.Tensor, shape: tuple[int, int]) -> "SparsePattern":
+        index = torch.unique(index.reshape(-1).long())  # sorted: CSR order
+        out_features, in_features = shape
+        if index.numel() and (index[0] < 0 or index[-1] >= out_features * in_features):
+            raise ValueError(f"sparse indices fall outside a {out_features}×{in_features} weight")
+        rows = torch.div(index, in_features, rounding_mode="floor")
+        crow = torch._convert_indices_from_coo_to_csr(rows, out_features)
+        return cls(index, (out_features, in_features), rows, index % in_features, crow)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "SparsePattern":
+        return cls.from_index(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
+
+    @property
+    def density(self) -> float:
+        return self.index.numel() / (self.shape[0] * self.shape[1])
+
+    def to(self, device: torch.device) -> "SparsePattern":
+        return SparsePattern(self.index.to(device), self.shape, self.rows.to(device), self.cols.to(device),
+                             self.crow.to(device))
+
+
+def dense_delta(values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    flat = values.new_zeros(pattern.shape[0] * pattern.shape[1]).index_put((pattern.index,), values)
+    return flat.view(pattern.shape)
+
+
+def sparse_delta_linear_reference(x, weight, bias, values, pattern: SparsePattern) -> torch.Tensor:
+    return F.linear(x, weight + dense_delta(values, pattern), bias)
+
+
+def sampled_grad(grad_y: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, use_triton: bool) -> torch.Tensor:
+    """(grad_yᵀ x) at the pattern's entries, for 2-D grad_y (T × out) and x (T × in)."""
+    if use_triton:
+        from studio.kernels.triton_ops import sddmm
+        return sddmm(grad_y, x, pattern.rows, pattern.cols)
+    if pattern.density < SAMPLED_BELOW:
+        with warnings.catch_warnings():  # "CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            mask = torch.sparse_csr_tensor(pattern.crow, pattern.cols, x.new_zeros(pattern.index.numel()),
+                                           pattern.shape, check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, grad_y.t().contiguous(), x, beta=0.0).values()
+    return (grad_y.t() @ x).view(-1)[pattern.index]
+
+
+class _FusedSparseDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, pattern: SparsePattern, use_triton: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = weight.reshape(-1).index_add(0, pattern.index, values).view_as(weight)
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.pattern, ctx.use_triton = pattern, use_triton
+        ctx.save_for_backward(x2, weight, values)  # the merged weight is rebuilt, not kept
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, values = ctx.saved_tensors
+        pattern = ctx.pattern
+        need_x, need_w, need_b, need_v, _, _ = ctx.needs_input_grad
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_bias = grad_v = None
+        if need_x:
+            merged = weight.reshape(-1).index_add(0, pattern.index, values).view_as(weight)
+            grad_x = (g2 @ merged).view(*grad_y.shape[:-1], weight.shape[1])
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_b:
+            grad_bias = g2.sum(0)
+        if need_v:
+            grad_v = sampled_grad(g2, x2, pattern, ctx.use_triton)
+        return grad_x, grad_w, grad_bias, grad_v, None, None
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                        pattern: SparsePattern, path: str | None = None) -> torch.Tensor:
+    """(W + ΔW) x + b where ΔW holds `values` at `pattern`'s entries and zero elsewhere."""
+    path = path or kernel_path(x)
+    if path == "reference":
+        return sparse_delta_linear_reference(x, weight, bias, values, pattern)
+    return _FusedSparseDelta.apply(x, weight, bias, values, pattern, path == "triton")

@@ -1,0 +1,215 @@
+"""Every adapter-linear path against the plain-torch reference, gradients included."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from studio import load_pipeline
+from studio.adapters import get_method
+from studio.adapters.lora import LoraConfig
+from studio.adapters.lora.layer import FusedLoraLinear
+from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear, lora_linear_reference,
+                            sparse_delta_linear, stack_adapters)
+from studio.kernels.sparse_delta import SAMPLED_BELOW
+
+# fp32 sums over a few hundred terms: agreement to a few ulps of the largest value
+TOL = dict(rtol=1e-5, atol=1e-4)
+
+
+def _lora_case(tokens, fan_in, fan_out, ranks, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, tokens, fan_in, generator=g, requires_grad=True)
+    weight = torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
+    b = torch.randn(fan_out, generator=g) if bias else None
+    lora_a = [torch.randn(r, fan_in, generator=g, requires_grad=True) for r in ranks]
+    lora_b = [torch.randn(fan_out, r, generator=g, requires_grad=True) for r in ranks]
+    return x, weight, b, lora_a, lora_b
+
+
+def _run_lora(path, x, weight, b, lora_a, lora_b, scales):
+    for t in (x, *lora_a, *lora_b):
+        t.grad = None
+    a, bb = stack_adapters(lora_a, lora_b, scales)
+    y = lora_linear(x, weight, b, a, bb, path=path)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return [y.detach(), x.grad.clone(), *(t.grad.clone() for t in (*lora_a, *lora_b))]
+
+
+@pytest.mark.parametrize("tokens,fan_in,fan_out,ranks,bias", [
+    (37, 33, 45, [1], True),          # odd sizes, rank 1
+    (1, 64, 17, [3], False),          # one token, no bias
+    (100, 70, 130, [4, 2, 8], True),  # out > in, three adapters at once
+])
+def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_out, ranks, bias):
+    case = _lora_case(tokens, fan_in, fan_out, ranks, bias)
+    scales = [0.5, -1.25, 2.0][:len(ranks)]
+    ref = _run_lora("reference", *case, scales)
+    fused = _run_lora("fused", *case, scales)
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, **TOL)
+    # and the reference is the textbook sum of separate adapters
+    x, weight, b, lora_a, lora_b = case
+    textbook = torch.nn.functional.linear(x, weight, b) + sum(
+        s * (x @ a.t()) @ bb.t() for a, bb, s in zip(lora_a, lora_b, scales))
+    torch.testing.assert_close(ref[0], textbook.detach(), **TOL)
+
+
+def test_fused_lora_trains_the_base_weight_when_asked():
+    x, weight, b, lora_a, lora_b = _lora_case(20, 24, 40, [2])
+    grads = {}
+    for path in ("reference", "fused"):
+        w = weight.clone().requires_grad_(True)
+        bias = b.clone().requires_grad_(True)
+        lora_linear(x, w, bias, lora_a[0], lora_b[0], path=path).square().sum().backward()
+        grads[path] = (w.grad, bias.grad)
+    for got, want in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2])  # sampled (SDDMM) and dense-then-gather gradients
+def test_fused_sparse_delta_equals_reference(density):
+    assert 0.01 < SAMPLED_BELOW < 0.2  # the two cases take the two gradient routes
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 96, generator=g, requires_grad=True)
+    weight = torch.randn(80, 96, generator=g)
+    bias = torch.randn(80, generator=g)
+    pattern = SparsePattern.from_mask(torch.rand(80, 96, generator=g) < density)
+    values = torch.randn(pattern.index.numel(), generator=g, requires_grad=True)
+    outs = {}
+    for path in ("reference", "fused"):
+        x.grad = values.grad = None
+        y = sparse_delta_linear(x, weight, bias, values, pattern, path=path)
+        (y * torch.linspace(-1, 1, 80)).sum().backward()
+        outs[path] = (y.detach(), x.grad.clone(), values.grad.clone())
+    for got, want in zip(outs["fused"], outs["reference"]):
+        torch.testing.assert_close(got, want, **TOL)
+    # the values' gradient is the dense weight gradient read at the trained entries
+    dense = (torch.linspace(-1, 1, 80)[None, :].expand(150, 80).t() @ x.detach().reshape(150, 96)).reshape(-1)
+    torch.testing.assert_close(outs["fused"][2], dense[pattern.index], **TOL)
+
+
+def test_sparse_pattern_from_index_sorts_and_checks_bounds():
+    pattern = SparsePattern.from_index(torch.tensor([7, 2, 2, 5]), (3, 4))
+    assert pattern.index.tolist() == [2, 5, 7]
+    assert pattern.rows.tolist() == [0, 1, 1] and pattern.cols.tolist() == [2, 1, 3]
+    assert pattern.crow.tolist() == [0, 1, 3, 3]
+    with pytest.raises(ValueError, match="outside a 3×4 weight"):
+        SparsePattern.from_index(torch.tensor([12]), (3, 4))
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import torch
+    from studio.kernels import SparsePattern, lora_linear, sparse_delta_linear, stack_adapters, kernel_path
+    assert kernel_path(torch.zeros(1)) == "triton"
+    worst = 0.0
+    # sizes that are not multiples of the 64/32 blocks, rank 1, batch 1, one token, several adapters
+    for batch, tokens, fan_in, fan_out, ranks in [(1, 1, 33, 17, [1]), (1, 70, 65, 130, [1]),
+                                                  (2, 37, 96, 45, [4, 3]), (1, 129, 40, 200, [16])]:
+        g = torch.Generator().manual_seed(tokens)
+        x = torch.randn(batch, tokens, fan_in, generator=g, requires_grad=True)
+        w = torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
+        b = torch.randn(fan_out, generator=g)
+        la = [torch.randn(r, fan_in, generator=g, requires_grad=True) for r in ranks]
+        lb = [torch.randn(fan_out, r, generator=g, requires_grad=True) for r in ranks]
+        outs = {}
+        for path in ("reference", "triton"):
+            for t in (x, *la, *lb):
+                t.grad = None
+            a, bb = stack_adapters(la, lb, [0.7] * len(ranks))
+            y = lora_linear(x, w, b, a, bb, path=path)
+            (y * torch.linspace(-1, 1, fan_out)).sum().backward()
+            outs[path] = [y.detach(), x.grad.clone(), *(t.grad.clone() for t in (*la, *lb))]
+        for got, want in zip(outs["triton"], outs["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            worst = max(worst, (got - want).abs().max().item())
+        pattern = SparsePattern.from_mask(torch.rand(fan_out, fan_in, generator=g) < 0.1)
+        v = torch.randn(pattern.index.numel(), generator=g, requires_grad=True)
+        outs = {}
+        for path in ("reference", "triton"):
+            x.grad = v.grad = None
+            y = sparse_delta_linear(x, w, b, v, pattern, path=path)
+            (y * torch.linspace(-1, 1, fan_out)).sum().backward()
+            outs[path] = [y.detach(), x.grad.clone(), v.grad.clone()]
+        for got, want in zip(outs["triton"], outs["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            worst = max(worst, (got - want).abs().max().item())
+    print(f"triton interpreter matches the reference: worst difference {worst:.1e}")
+""")
+
+
+def test_triton_kernels_in_interpreter_mode_equal_the_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "STUDIO_KERNELS": "triton"}
+    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "matches the reference" in r.stdout
+
+
+def test_kernel_path_is_chosen_and_can_be_forced(monkeypatch):
+    monkeypatch.delenv("STUDIO_KERNELS", raising=False)
+    assert kernel_path(torch.zeros(1)) == "fused"
+    monkeypatch.setenv("STUDIO_KERNELS", "reference")
+    assert kernel_path(torch.zeros(1)) == "reference"
+    monkeypatch.setenv("STUDIO_KERNELS", "fast")
+    with pytest.raises(ValueError, match="STUDIO_KERNELS='fast'"):
+        kernel_path(torch.zeros(1))
+    monkeypatch.setenv("STUDIO_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        kernel_path(torch.zeros(1))
+
+
+def test_attention_backend_is_sdpa_on_the_cpu_and_xformers_is_refused_there(monkeypatch):
+    monkeypatch.delenv("STUDIO_ATTENTION", raising=False)
+    assert attention_backend("cpu") == "sdpa"
+    monkeypatch.setenv("STUDIO_ATTENTION", "xformers")
+    with pytest.raises(RuntimeError, match="needs CUDA and the xformers package"):
+        attention_backend("cpu")
+
+
+def test_lora_adapters_run_on_the_fused_kernel_and_match_peft(monkeypatch):
+    """Two LoRAs active with weights: the UNet's output and the trained adapter's gradients are the same
+    through the fused kernel, the reference path and PEFT's own layer."""
+    pipe = load_pipeline("shapes")
+    lora = get_method("lora")
+    for name, seed in (("one", 1), ("two", 2)):
+        lora.attach(pipe, LoraConfig(rank=4, alpha=8.0), name)
+        g = torch.Generator().manual_seed(seed)
+        for p in lora.trainable_parameters(pipe, name):
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    lora.set_weights(pipe, {"one": 0.8, "two": -0.5})
+    layers = [m for m in pipe.unet.modules() if isinstance(m, PeftLoraLinear)]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    for p in lora.trainable_parameters(pipe, "one"):
+        p.requires_grad_(True)
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    t = torch.tensor([500, 100])
+
+    def run():
+        pipe.unet.zero_grad(set_to_none=True)
+        out = pipe.unet(latents, t, encoder_hidden_states=text).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in lora.trainable_parameters(pipe, "one")]
+
+    import studio.adapters.lora.layer as layer_module
+    paths = []
+    monkeypatch.setattr(layer_module, "lora_linear",
+                        lambda *a, path=None: paths.append(path) or lora_linear(*a, path=path))
+    monkeypatch.delenv("STUDIO_KERNELS", raising=False)
+    fused = run()
+    assert len(paths) == len(layers) and set(paths) == {"fused"}  # every LoRA layer took the kernel
+    monkeypatch.setenv("STUDIO_KERNELS", "reference")
+    reference = run()
+    monkeypatch.setattr(FusedLoraLinear, "forward", PeftLoraLinear.forward)
+    peft = run()
+    for other in (reference, peft):
+        torch.testing.assert_close(fused[0], other[0], **TOL)
+        for got, want in zip(fused[1], other[1]):
+            torch.testing.assert_close(got, want, **TOL)
