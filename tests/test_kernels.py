@@ -213,3 +213,32 @@ def test_lora_adapters_run_on_the_fused_kernel_and_match_peft(monkeypatch):
         torch.testing.assert_close(fused[0], other[0], **TOL)
         for got, want in zip(fused[1], other[1]):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_inference_cache_follows_weights_scales_and_adapters():
+    """The stacked adapters are kept between no-grad calls; any change to what they depend on is seen."""
+    pipe = load_pipeline("shapes")
+    lora = get_method("lora")
+    for name in ("one", "two"):
+        lora.attach(pipe, LoraConfig(rank=2, alpha=2.0), name)
+    layer = next(m for m in pipe.unet.modules() if isinstance(m, FusedLoraLinear))
+    x = torch.randn(1, 5, layer.in_features)
+
+    def expected(weights):
+        out = layer.base_layer(x)
+        for name, w in weights.items():
+            out = out + w * (x @ layer.lora_A[name].weight.t()) @ layer.lora_B[name].weight.t()
+        return out
+
+    with torch.no_grad():
+        lora.set_weights(pipe, {"one": 1.0})
+        torch.testing.assert_close(layer(x), expected({"one": 1.0}), **TOL)  # B is zero at init
+        layer.lora_B["one"].weight.normal_()  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), expected({"one": 1.0}), **TOL)
+        lora.set_weights(pipe, {"one": 0.25})
+        torch.testing.assert_close(layer(x), expected({"one": 0.25}), **TOL)
+        layer.lora_B["two"].weight.normal_()
+        lora.set_weights(pipe, {"one": 0.25, "two": -1.0})
+        torch.testing.assert_close(layer(x), expected({"one": 0.25, "two": -1.0}), **TOL)
+        lora.set_weights(pipe, {"one": 0.0, "two": 0.0})
+        assert torch.equal(layer(x), layer.base_layer(x))  # weight 0 is off, exactly
