@@ -46,6 +46,8 @@ class AdapterMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    # per training preset ("quick", "standard"): this method's learning rate and adapter settings
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         raise NotImplementedError

@@ -8,7 +8,9 @@ forces one.
 from studio.kernels.attention import apply_attention_backend, attention_backend
 from studio.kernels.lora_linear import lora_linear, lora_linear_reference, stack_adapters
 from studio.kernels.paths import kernel_path
-from studio.kernels.sparse_delta import SparsePattern, sparse_delta_linear, sparse_delta_linear_reference
+from studio.kernels.sparse_delta import (SparsePattern, sparse_delta_conv2d, sparse_delta_linear,
+                                        sparse_delta_linear_reference)
 
 __all__ = ["SparsePattern", "apply_attention_backend", "attention_backend", "kernel_path", "lora_linear",
-           "lora_linear_reference", "sparse_delta_linear", "sparse_delta_linear_reference", "stack_adapters"]
+           "lora_linear_reference", "sparse_delta_conv2d", "sparse_delta_linear", "sparse_delta_linear_reference",
+           "stack_adapters"]

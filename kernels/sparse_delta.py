@@ -10,7 +10,6 @@ Triton SDDMM kernel.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +19,12 @@ from studio.kernels.paths import kernel_path
 SAMPLED_BELOW = 0.05
 
 
-@dataclass(frozen=True)
 class SparsePattern:
-    """Which entries of an (out, in) weight are trained: sorted unique flat indices, and their CSR form."""
+    """Which entries of an (out, in) weight are trained: sorted unique flat indices. Row, column and CSR
+    forms are derived when a gradient needs them (kept as int64 they would cost 3× the index)."""
 
-    index: torch.Tensor
-    shape: tuple[int, int]
-    rows: torch.Tensor
-    cols: torch.Tensor
-    crow: torch.Tensor
+    def __init__(self, index: torch.Tensor, shape: tuple[int, int]):
+        self.index, self.shape = index, (int(shape[0]), int(shape[1]))
 
     @classmethod
     def from_index(cls, index: torch.Tensor, shape: tuple[int, int]) -> "SparsePattern":
@@ -36,21 +32,30 @@ class SparsePattern:
         out_features, in_features = shape
         if index.numel() and (index[0] < 0 or index[-1] >= out_features * in_features):
             raise ValueError(f"sparse indices fall outside a {out_features}×{in_features} weight")
-        rows = torch.div(index, in_features, rounding_mode="floor")
-        crow = torch._convert_indices_from_coo_to_csr(rows, out_features)
-        return cls(index, (out_features, in_features), rows, index % in_features, crow)
+        return cls(index, (out_features, in_features))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "SparsePattern":
         return cls.from_index(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
 
     @property
+    def rows(self) -> torch.Tensor:
+        return torch.div(self.index, self.shape[1], rounding_mode="floor")
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return self.index % self.shape[1]
+
+    @property
+    def crow(self) -> torch.Tensor:
+        return torch._convert_indices_from_coo_to_csr(self.rows, self.shape[0])
+
+    @property
     def density(self) -> float:
         return self.index.numel() / (self.shape[0] * self.shape[1])
 
     def to(self, device: torch.device) -> "SparsePattern":
-        return SparsePattern(self.index.to(device), self.shape, self.rows.to(device), self.cols.to(device),
-                             self.crow.to(device))
+        return SparsePattern(self.index.to(device), self.shape)
 
 
 def dense_delta(values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
@@ -62,15 +67,54 @@ def sparse_delta_linear_reference(x, weight, bias, values, pattern: SparsePatter
     return F.linear(x, weight + dense_delta(values, pattern), bias)
 
 
+class _SparseDeltaConv2d(torch.autograd.Function):
+    """conv2d with weight W + ΔW (ΔW at `index`): the merged weight is rebuilt in backward, not kept, and
+    the values' gradient is the weight gradient read at the trained entries."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, index, conv):
+        merged = weight.reshape(-1).index_add(0, index, values).view_as(weight)
+        ctx.conv, ctx.index = conv, index
+        ctx.save_for_backward(x, weight, values)
+        return F.conv2d(x, merged, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, values = ctx.saved_tensors
+        conv, index = ctx.conv, ctx.index
+        need_x, _, need_b, need_v, _, _ = ctx.needs_input_grad
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        grad_x = grad_b = grad_v = None
+        if need_x:
+            merged = weight.reshape(-1).index_add(0, index, values).view_as(weight)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, merged, grad_y, *args)
+        if need_b:
+            grad_b = grad_y.sum((0, 2, 3))
+        if need_v:
+            grad_v = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *args).reshape(-1)[index]
+        return grad_x, None, grad_b, grad_v, None, None
+
+
+def sparse_delta_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, values: torch.Tensor, index: torch.Tensor,
+                        path: str | None = None) -> torch.Tensor:
+    """`conv` with its weight plus `values` at the flat `index` (padding mode "zeros")."""
+    if (path or kernel_path(x)) == "reference":
+        merged = conv.weight.reshape(-1).index_add(0, index, values).view_as(conv.weight)
+        return conv._conv_forward(x, merged, conv.bias)
+    return _SparseDeltaConv2d.apply(x, conv.weight, conv.bias, values, index, conv)
+
+
 def sampled_grad(grad_y: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, use_triton: bool) -> torch.Tensor:
     """(grad_yᵀ x) at the pattern's entries, for 2-D grad_y (T × out) and x (T × in)."""
     if use_triton:
         from studio.kernels.triton_ops import sddmm
         return sddmm(grad_y, x, pattern.rows, pattern.cols)
     if pattern.density < SAMPLED_BELOW:
+        rows = pattern.rows
         with warnings.catch_warnings():  # "CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            mask = torch.sparse_csr_tensor(pattern.crow, pattern.cols, x.new_zeros(pattern.index.numel()),
+            crow = torch._convert_indices_from_coo_to_csr(rows, pattern.shape[0])
+            mask = torch.sparse_csr_tensor(crow, pattern.index - rows * pattern.shape[1], x.new_zeros(pattern.index.numel()),
                                            pattern.shape, check_invariants=False)
         return torch.sparse.sampled_addmm(mask, grad_y.t().contiguous(), x, beta=0.0).values()
     return (grad_y.t() @ x).view(-1)[pattern.index]

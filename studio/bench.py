@@ -47,7 +47,8 @@ def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
 
 
 def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
-                  adapter: dict | None = None, steps: int | None = None, write: bool = True, log=print) -> str:
+                  adapter: dict | None = None, steps: int | None = None, lr: float | None = None, write: bool = True,
+                  log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
     preservation and leak on the embedded model."""
     import os
@@ -64,6 +65,8 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     settings = {"adapter": adapter or {}}
     if steps:
         settings["steps"] = steps
+    if lr:
+        settings["lr"] = lr
     run = train(preset=preset, method=method, data=str(data_dir), trigger="sks", name=f"star_{method}",
                 output_dir=str(Path(out) / method), preview_prompts=["a red sks on a blue background"],
                 progress_bar=log is print, tensorboard=False, **settings)
@@ -72,9 +75,10 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     pipe.set_progress_bar_config(disable=True)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
     r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
+    setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **({"lr": lr} if lr else {})}.items())
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
-    row = [method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",
+    row = [f"{method} ({setting})" if setting else method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",
            f"{os.path.getsize(run.adapter_path) / 1024:.0f}", f"{100 * r.fidelity:.1f}%", f"{100 * r.editability:.1f}%",
            f"{r.preservation:+.1f}", f"{100 * r.leak:.1f}%", f"{100 * r.base_accuracy:.1f}%",
            f"{100 * r.adapted_accuracy:.1f}%"]

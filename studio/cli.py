@@ -139,18 +139,26 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="shortcut for --adapter rank=N")
 
 
-def train_config_from_args(args):
+def parse_settings(items: list[str] | None) -> dict:
+    """--adapter KEY=VALUE items → {key: YAML-parsed value}."""
     import yaml
 
-    from studio.train import TrainConfig, TrainingError, config_with_preset
+    from studio.train import TrainingError
 
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    adapter = {}
-    for item in explicit.pop("adapter", []):
+    settings = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise TrainingError(f"--adapter takes KEY=VALUE, got {item!r}")
-        adapter[key.replace("-", "_")] = yaml.safe_load(value)
+        settings[key.replace("-", "_")] = yaml.safe_load(value)
+    return settings
+
+
+def train_config_from_args(args):
+    from studio.train import TrainConfig, config_with_preset
+
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    adapter = parse_settings(explicit.pop("adapter", []))
     if hasattr(args, "rank"):
         adapter["rank"] = args.rank
     values = TrainConfig.read_yaml(args.config_file) if args.config_file else {}
@@ -188,6 +196,13 @@ def cmd_export(args) -> None:
     print(export_adapter(args.adapter, args.format, args.out))
 
 
+def cmd_bake(args) -> None:
+    from studio.adapters.sara.bake import bake_to_lora
+
+    out, error = bake_to_lora(args.adapter, args.rank, args.out)
+    print(f"{out} (rank {args.rank}: relative error {error:.2%}; `studio export` writes it for ComfyUI/A1111)")
+
+
 def cmd_merge(args) -> None:
     from studio.adapters import merge_adapters
 
@@ -222,7 +237,7 @@ def cmd_bench_concept(args) -> None:
     from studio.bench import bench_concept
 
     print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
-                        write=not args.no_write))
+                        adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write))
 
 
 def cmd_bench_train(args) -> None:
@@ -349,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output .safetensors (default: next to the adapter)")
     x.set_defaults(func=cmd_export)
 
+    bk_ = sub.add_parser("bake", help="approximate a SaRA adapter by a LoRA of a chosen rank (error reported)")
+    bk_.add_argument("adapter")
+    bk_.add_argument("--rank", type=int, default=16)
+    bk_.add_argument("--out", default=None, help="output .safetensors (default: <name>_lora<rank> beside it)")
+    bk_.set_defaults(func=cmd_bake)
+
     m = sub.add_parser("merge", help="fold adapters into the base model and save it (folder or .safetensors)")
     _add_model_args(m)
     m.add_argument("--adapter", action="append", required=True, help="FILE[:WEIGHT] (repeatable)")
@@ -359,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--method", default="lora")
     bc.add_argument("--preset", default="quick")
     bc.add_argument("--steps", type=int, default=None)
+    bc.add_argument("--adapter", action="append", metavar="KEY=VALUE", help="method setting (repeatable)")
+    bc.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     bc.add_argument("--n", type=int, default=64)
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")

@@ -132,20 +132,27 @@ class TrainConfig:
 
 # Presets hold what a newcomer should not have to choose. Tuned on the embedded model with `studio bench concept`.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 300, "batch_size": 4, "lr": 5e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 20,
-              "adapter": {"rank": 8}, "preview_every": 100, "checkpoint_every": 100},
-    "standard": {"steps": 1000, "batch_size": 4, "lr": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 50,
-                 "adapter": {"rank": 16}, "preview_every": 250, "checkpoint_every": 250},
-}
+    "quick": {"steps": 300, "batch_size": 4, "lr_scheduler": "cosine", "lr_warmup_steps": 20,
+              "preview_every": 100, "checkpoint_every": 100},
+    "standard": {"steps": 1000, "batch_size": 4, "lr_scheduler": "cosine", "lr_warmup_steps": 50,
+                 "preview_every": 250, "checkpoint_every": 250},
+}  # each method adds its own part (learning rate, adapter size): AdapterMethod.presets
 
 
 def config_with_preset(preset: str | None, **values) -> TrainConfig:
-    """Preset values first, then every explicitly given value on top."""
+    """Preset values first (the engine's, then the method's), then every explicitly given value on top."""
+    from studio.adapters import AdapterError, get_method
+
     merged: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
             raise TrainingError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-        merged.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset].items()})
+        try:
+            method = get_method(values.get("method") or TrainConfig.method)
+        except AdapterError as e:
+            raise TrainingError(str(e)) from None
+        for part in (PRESETS[preset], method.presets.get(preset, {})):
+            merged.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in part.items()})
     for key, value in values.items():
         if key == "adapter" and isinstance(value, dict):
             merged["adapter"] = {**merged.get("adapter", {}), **value}
@@ -401,7 +408,10 @@ class Trainer:
             with method.disabled(pipe):
                 return unet(noisy, timesteps, encoder_hidden_states=text).sample
 
-        def batch_loss(source: dict, indices: list[int], gen: torch.Generator, teacher=None) -> torch.Tensor:
+        def batch_loss(source: dict, indices: list[int], gen: torch.Generator, teacher=None,
+                       part: slice = slice(None)) -> torch.Tensor:
+            # the step's randomness is drawn for the whole batch and `part` (a micro-batch) sliced from it:
+            # accumulating micro-batches trains exactly as the whole batch at once
             mean = torch.stack([source["mean"][i] for i in indices])
             std = torch.stack([source["std"][i] for i in indices])
             eps = torch.randn(mean.shape, generator=gen)
@@ -409,11 +419,13 @@ class Trainer:
                 eps.zero_()
             noise = torch.randn(mean.shape, generator=gen)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=gen)
+            mean, std, eps, noise, timesteps = mean[part], std[part], eps[part], noise[part], timesteps[part]
+            indices = indices[part]
             lo, hi = acc.process_index * len(indices) // world, (acc.process_index + 1) * len(indices) // world
             latents = ((mean + std * eps) * pipe.vae.config.scaling_factor)[lo:hi].to(device)
             captions = [source["captions"][i] for i in indices[lo:hi]]
             batch = {"latents": latents, "noise": noise[lo:hi].to(device), "timesteps": timesteps[lo:hi].to(device),
-                     "captions": captions}
+                     "captions": captions, "step": step}
 
             def default(b):
                 return denoising_loss(unet, noise_scheduler, b["latents"], encode_text(b["captions"]), b["noise"],
@@ -435,17 +447,16 @@ class Trainer:
                                  if class_cache else None)
                 micro = max(1, cfg.batch_size // cfg.grad_accum)
                 total = torch.zeros((), device=device)
-                for k, chunk_start in enumerate(range(0, cfg.batch_size, micro)):
-                    gen = step_generator(cfg.seed, step, k)
+                for chunk_start in range(0, cfg.batch_size, micro):
                     last = chunk_start + micro >= cfg.batch_size
-                    chunk = indices[chunk_start:chunk_start + micro]
+                    part = slice(chunk_start, chunk_start + micro)
+                    chunk = indices[part]
                     with acc.autocast(), (acc.no_sync(unet) if not last else nullcontext()):
-                        loss = batch_loss(cache, chunk, gen)
+                        loss = batch_loss(cache, indices, step_generator(cfg.seed, step, 0), part=part)
                         if class_indices is not None:
-                            class_gen = step_generator(cfg.seed, step, 1000 + k)
                             loss = loss + cfg.prior_loss_weight * batch_loss(
-                                class_cache, class_indices[chunk_start:chunk_start + micro], class_gen,
-                                base_prediction if cfg.prior_target == "base" else None)
+                                class_cache, class_indices, step_generator(cfg.seed, step, 1000),
+                                base_prediction if cfg.prior_target == "base" else None, part=part)
                         loss = loss * len(chunk) / cfg.batch_size
                         if not torch.isfinite(acc.reduce(loss.detach(), "sum")):
                             raise TrainingError(self._nan_message(step, last_good))

@@ -242,3 +242,22 @@ def test_inference_cache_follows_weights_scales_and_adapters():
         torch.testing.assert_close(layer(x), expected({"one": 0.25, "two": -1.0}), **TOL)
         lora.set_weights(pipe, {"one": 0.0, "two": 0.0})
         assert torch.equal(layer(x), layer.base_layer(x))  # weight 0 is off, exactly
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_sparse_delta_conv_equals_reference(kernel, stride, padding):
+    from studio.kernels import sparse_delta_conv2d
+
+    g = torch.Generator().manual_seed(kernel + stride)
+    conv = torch.nn.Conv2d(6, 10, kernel, stride=stride, padding=padding).requires_grad_(False)
+    x = torch.randn(2, 6, 9, 9, generator=g, requires_grad=True)
+    index = torch.randperm(conv.weight.numel(), generator=g)[:40].sort().values
+    values = torch.randn(40, generator=g, requires_grad=True)
+    outs = {}
+    for path in ("reference", "fused"):
+        x.grad = values.grad = None
+        y = sparse_delta_conv2d(x, conv, values, index, path=path)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs[path] = (y.detach(), x.grad.clone(), values.grad.clone())
+    for got, want in zip(outs["fused"], outs["reference"]):
+        torch.testing.assert_close(got, want, **TOL)

@@ -156,7 +156,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     # ---- handlers (every StudioError becomes a message in the page, never a traceback) ----
 
     def start_training(files, folder, name, trigger, instance_prompt, method, preset, steps, lr, rank, batch,
-                       preview_every, seed, resume, captions=None):
+                       preview_every, seed, resume, captions=None, sara_budget=""):
         try:
             name = safe_name(name)
             if files:
@@ -182,7 +182,13 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             if lr:
                 settings["lr"] = float(lr)
             if rank:
+                if method != "lora":
+                    raise StudioError(f"rank is a LoRA setting; {method} does not take it")
                 settings["adapter"] = {"rank": int(rank)}
+            if (sara_budget or "").strip():
+                if method != "sara":
+                    raise StudioError("the budget is a SaRA setting; pick the sara method or clear it")
+                settings["adapter"] = {"budget": sara_budget.strip()}
             if batch:
                 settings["batch_size"] = int(batch)
             if preview_every:
@@ -305,6 +311,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                             batch_t = gr.Number(value=0, precision=0, label="Batch size (0: preset)")
                             preview_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: preset)")
                             seed_t = gr.Number(value=0, precision=0, label="Seed")
+                        with gr.Row():
+                            sara_budget = gr.Textbox(value="", label="SaRA budget: weights to train (150k, 20M "
+                                                     "or a fraction such as 3%; empty: preset)")
                         resume = gr.Checkbox(label="Resume this name's last checkpoint", value=False)
                     with gr.Row():
                         start = gr.Button("Start training", variant="primary")
@@ -316,7 +325,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     previews = gr.Gallery(label="Previews", columns=4, height="auto", elem_id="train-previews")
             files.change(upload_captions, files, captions, show_progress="hidden")
             start.click(start_training, [files, folder, name, trigger, instance_prompt, method, preset, steps_t, lr,
-                                         rank, batch_t, preview_every, seed_t, resume, captions], train_status,
+                                         rank, batch_t, preview_every, seed_t, resume, captions, sara_budget],
+                        train_status,
                         api_name="train")
             stop.click(stop_training, None, train_status, api_name="stop")
             timer = gr.Timer(1.0)

@@ -62,6 +62,7 @@ def _match_text_model_prefix(pipe, tensors: dict[str, torch.Tensor]) -> dict[str
 class LoraMethod(AdapterMethod):
     name = "lora"
     config_class = LoraConfig
+    presets = {"quick": {"lr": 5e-3, "adapter": {"rank": 8}}, "standard": {"lr": 1e-3, "adapter": {"rank": 16}}}
 
     def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
         plan = [("unet", config.target_modules)]

@@ -1,0 +1,57 @@
+"""SaRA settings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from studio.adapters.base import AdapterConfig, AdapterError
+
+
+@dataclass
+class SaraConfig(AdapterConfig):
+    """Train the smallest-magnitude weights of the targeted linears and convolutions (Hu et al. 2024).
+
+    Exactly one of `threshold` (train |w| < threshold) and `budget` (how many weights: "150k", "20M", a
+    fraction "0.05" or "5%") picks them; with a budget the threshold is the one global θ that selects
+    that many. Their update is penalised by `nuclear_weight`·‖ΔW‖_* on `nuclear_layers` layers per step
+    (0: every eligible layer), chosen at random per step."""
+
+    target_modules: list[str] = field(default_factory=lambda: [r".*"])  # every Linear / Conv2d of the UNet
+    threshold: float | None = None
+    budget: str | None = "3%"
+    nuclear_weight: float = 5e-4
+    nuclear_layers: int = 1
+    nuclear_min_dim: int = 32          # layers with min(out, in) below this are not penalised
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.budget is None):
+            raise AdapterError("SaRA takes one of threshold (e.g. 2e-3) or budget (e.g. '20M', '5%'), not both")
+        if self.threshold is not None and not float(self.threshold) > 0:
+            raise AdapterError(f"SaRA threshold must be positive, got {self.threshold}")
+        if self.budget is not None:
+            parse_budget(self.budget, None)  # a bad string fails here, before any work
+        if self.nuclear_weight < 0 or self.nuclear_layers < 0:
+            raise AdapterError("SaRA nuclear_weight and nuclear_layers must not be negative")
+
+
+def parse_budget(budget: str | float | int, total: int | None) -> int:
+    """'150k' / '20M' / '1.5G' → a count; '0.05' / '5%' → that fraction of `total` (None: syntax check only)."""
+    text = str(budget).strip().lower().replace("_", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg%]?)", text)
+    if not m:
+        raise AdapterError(f"SaRA budget {budget!r} is not a count ('150k', '20M') or a fraction ('0.05', '5%')")
+    value, unit = float(m.group(1)), m.group(2)
+    if total is None:
+        return 0
+    if unit == "%":
+        count = value / 100 * total
+    elif unit:
+        count = value * {"k": 1e3, "m": 1e6, "g": 1e9}[unit]
+    elif value < 1:
+        count = value * total
+    else:
+        count = value
+    if not 0 < count <= total:
+        raise AdapterError(f"SaRA budget {budget!r} asks for {int(count)} weights; the targets hold {total}")
+    return int(count)
