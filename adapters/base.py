@@ -258,6 +258,12 @@ def module_path_of(key: str) -> str:
     return stripped if stripped != key else key.rsplit(".", 1)[0]
 
 
+def replace_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put `module` at `path` inside `model` (how adapter layers are installed and taken out)."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def base_linear(module: torch.nn.Module) -> torch.nn.Module:
     """The original layer under an injected adapter layer (PEFT keeps it as `base_layer`)."""
     return getattr(module, "base_layer", module)

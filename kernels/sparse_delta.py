@@ -54,9 +54,6 @@ class SparsePattern:
     def density(self) -> float:
         return self.index.numel() / (self.shape[0] * self.shape[1])
 
-    def to(self, device: torch.device) -> "SparsePattern":
-        return SparsePattern(self.index.to(device), self.shape)
-
 
 def dense_delta(values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
     flat = values.new_zeros(pattern.shape[0] * pattern.shape[1]).index_put((pattern.index,), values)

@@ -11,7 +11,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
-                                  module_path_of, register, split_key)
+                                  module_path_of, register, replace_module, split_key)
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
@@ -172,9 +172,7 @@ class LoraMethod(AdapterMethod):
         """Replace every LoRA layer by its base layer (keeping whatever was merged into it)."""
         for _, model in components(pipe):
             for path, layer in list(_lora_layers(model)):
-                parent_path, _, child = path.rpartition(".")
-                parent = model.get_submodule(parent_path) if parent_path else model
-                setattr(parent, child, layer.get_base_layer())
+                replace_module(model, path, layer.get_base_layer())
 
     def remove(self, pipe, adapter: str) -> None:
         for _, model in components(pipe):

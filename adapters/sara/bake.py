@@ -9,6 +9,7 @@ import torch
 
 from studio.adapters.base import AdapterError, read_adapter, save_adapter
 from studio.adapters.lora.config import LoraConfig
+from studio.kernels.sparse_delta import SparsePattern, dense_delta
 
 
 def bake_to_lora(path: str | Path, rank: int, out: str | Path | None = None) -> tuple[Path, float]:
@@ -27,8 +28,7 @@ def bake_to_lora(path: str | Path, rank: int, out: str | Path | None = None) -> 
             raise AdapterError(f"{path.name} does not record the shape of {layer}")
         shape = tuple(file.tensors[f"{layer}.shape"].tolist())
         rows, cols = shape[0], math.prod(shape[1:])
-        delta = torch.zeros(rows * cols).index_put((file.tensors[key].long(),), file.tensors[f"{layer}.values"].float())
-        delta = delta.view(rows, cols)
+        delta = dense_delta(file.tensors[f"{layer}.values"].float(), SparsePattern(file.tensors[key].long(), (rows, cols)))
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.kernels import SparsePattern, sparse_delta_conv2d, sparse_delta_linear
+from studio.kernels.sparse_delta import dense_delta
 
 
 class SaraLayer(torch.nn.Module):
@@ -46,9 +47,7 @@ class SaraLayer(torch.nn.Module):
 
     def dense_delta(self, name: str) -> torch.Tensor:
         """ΔW of one adapter as a dense tensor of the weight's shape."""
-        w = self.base_layer.weight
-        flat = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
-        return flat.index_put((self.patterns[name].index,), self.values[name].detach()).view_as(w)
+        return dense_delta(self.values[name].detach(), self.patterns[name]).view(self.weight_shape)
 
     def _active(self) -> list[tuple[str, float]]:
         if self.disabled:

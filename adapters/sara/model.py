@@ -17,9 +17,10 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, component, register, split_key
+from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module, split_key
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
+from studio.kernels.sparse_delta import dense_delta
 
 log = logging.getLogger(__name__)
 DIGEST_KEY = "unet.sara_base_digest"
@@ -105,8 +106,7 @@ class SaraMethod(AdapterMethod):
         for path in paths:
             module = unet.get_submodule(path)
             if not isinstance(module, SaraLayer):
-                parent, _, child = path.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, SaraLayer(module))
+                replace_module(unet, path, SaraLayer(module))
 
     @staticmethod
     def _freeze_others(unet, adapter: str | None) -> None:
@@ -194,8 +194,7 @@ class SaraMethod(AdapterMethod):
     def unload(self, pipe) -> None:
         unet = pipe.unet
         for path, layer in list(_sara_layers(unet)):
-            parent, _, child = path.rpartition(".")
-            setattr(unet.get_submodule(parent) if parent else unet, child, layer.base_layer)
+            replace_module(unet, path, layer.base_layer)
 
     def remove(self, pipe, adapter: str) -> None:
         unet = pipe.unet
@@ -203,8 +202,7 @@ class SaraMethod(AdapterMethod):
             if adapter in layer.values:
                 layer.delete_adapter(adapter)
             if not layer.values:
-                parent, _, child = path.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, layer.base_layer)
+                replace_module(unet, path, layer.base_layer)
 
     def training_loss(self, pipe, batch: dict, default_loss) -> torch.Tensor:
         loss = default_loss(batch)
@@ -221,9 +219,7 @@ def nuclear_penalty(training: list, config: SaraConfig, step: int) -> torch.Tens
     depends on the step only, so every micro-batch of a step penalises the same layers."""
     eligible = []
     for path, layer, name in training:
-        shape = layer.base_layer.weight.shape
-        rows, cols = shape[0], layer.base_layer.weight[0].numel()
-        if min(rows, cols) >= config.nuclear_min_dim:
+        if min(layer.patterns[name].shape) >= config.nuclear_min_dim:
             eligible.append((path, layer, name))
     if not eligible or config.nuclear_weight == 0:
         return torch.zeros((), device=training[0][1].base_layer.weight.device)
@@ -233,10 +229,7 @@ def nuclear_penalty(training: list, config: SaraConfig, step: int) -> torch.Tens
         picks = torch.randperm(len(eligible), generator=gen)[:config.nuclear_layers].tolist()
         eligible = [eligible[i] for i in sorted(picks)]
     total = 0.0
-    for _, layer, name in eligible:
-        w = layer.base_layer.weight
-        rows = w.shape[0]
-        delta = torch.zeros(w.numel(), dtype=w.dtype, device=w.device).index_put(
-            (layer.patterns[name].index,), layer.values[name]).view(rows, -1)
+    for _, layer, name in eligible:  # ΔW as (out, in·kernel), with its gradient path to the values
+        delta = dense_delta(layer.values[name], layer.patterns[name])
         total = total + torch.linalg.matrix_norm(delta, ord="nuc")
     return config.nuclear_weight * total
