@@ -89,6 +89,11 @@ class AdapterMethod:
     def remove(self, pipe, adapter: str) -> None:
         raise NotImplementedError
 
+    def after_step(self, pipe, adapter: str, step: int, optimizer) -> str | None:
+        """Called by the engine after each optimizer step (a method that changes what it trains mid-run,
+        e.g. SaRA's re-selection, does it here); returns a line for the log, or None."""
+        return None
+
     def training_loss(self, pipe, batch: dict[str, torch.Tensor], default_loss) -> torch.Tensor:
         """The objective; most methods train on the engine's denoising loss unchanged."""
         return default_loss(batch)

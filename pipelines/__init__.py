@@ -1,5 +1,3 @@
-"""diffusers pipelines extended by studio (adapters per call, per-prompt membranes, one-step, control).
-
-Generation today uses diffusers' own pipelines through `studio.load_pipeline`; the extended
-pipelines land here with the methods that need them.
+"""diffusers pipelines extended by studio: `membranes` (each SPM membrane at its per-prompt permeability,
+inside the pipeline's own call). Plain generation uses diffusers' pipelines through `studio.load_pipeline`.
 """

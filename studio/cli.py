@@ -22,12 +22,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="never reach the network")
 
 
+def _add_membrane_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--membrane", action="append", help="FILE[:WEIGHT] a concept-erasing membrane (repeatable); "
+                                                       "its strength is set per prompt")
+    p.add_argument("--no-transport", action="store_true",
+                   help="membranes at their weight on every prompt (no per-prompt strength)")
+
+
 def _load(args):
     from studio.loading import load_pipeline
 
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config, offline=args.offline or None, progress=sys.stderr.isatty(),
-                         adapters=parse_adapter_args(getattr(args, "adapter", None)))
+                         adapters=parse_adapter_args(getattr(args, "adapter", None)),
+                         membranes=parse_adapter_args(getattr(args, "membrane", None)),
+                         transport=None if getattr(args, "no_transport", False) else "tokenuni")
 
 
 def cmd_generate(args) -> None:
@@ -39,8 +48,12 @@ def cmd_generate(args) -> None:
     paths = output_paths(args.out, args.batch)  # refuse an unwritable path before the model loads
     pipe = _load(args)
     images = generate(pipe, settings)
-    adapters = {Path(f).name: w for f, w in parse_adapter_args(args.adapter).items()}
-    save_images(images, paths, settings, str(args.model), {"adapters": adapters} if adapters else None)
+    extra = {kind: {Path(f).name: w for f, w in parse_adapter_args(getattr(args, kind)).items()}
+             for kind in ("adapter", "membrane")}
+    extra = {f"{kind}s": files for kind, files in extra.items() if files}
+    if getattr(pipe, "studio_last_permeability", None):
+        extra["permeability"] = pipe.studio_last_permeability
+    save_images(images, paths, settings, str(args.model), extra or None)
     for p in paths:
         print(p)
 
@@ -190,6 +203,39 @@ def tqdm_write(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def cmd_erase(args) -> None:
+    from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
+
+    settings = {k: getattr(args, k) for k in ("steps", "lr", "batch", "denoise_steps", "seed")
+                if getattr(args, k) is not None}
+    adapter = parse_settings(args.setting)
+    if args.prompt:
+        adapter["prompts"] = list(args.prompt)
+    config, run = erase_config(args.concepts, args.preset, settings=settings, adapter=adapter)
+    out = Path(args.out or f"{'_'.join(args.concepts)}.safetensors".replace(" ", "-"))
+    if out.suffix != ".safetensors":
+        raise StudioError(f"{out}: a membrane is written as a .safetensors file")
+    pipe = _load(args)
+    if not config.prompts:
+        config.prompts = default_prompts(pipe, config.concepts, seed=run.seed)
+    result = train_membrane(pipe, config, run, out, progress=sys.stderr.isatty())
+    print(result.path)
+    print(f"{result.steps} steps, final loss {result.last_loss:.4f}, {result.seconds:.0f} s, "
+          f"{result.trainable_parameters:,} trainable parameters, {out.stat().st_size / 1024:.0f} KB", file=sys.stderr)
+
+
+def cmd_bench_erase(args) -> None:
+    from studio.bench_erase import bench_erase, bench_permeability
+
+    parts = set(args.parts.split(","))
+    if not parts <= {"permeability", "erase"}:
+        raise StudioError(f"bench erase: --parts takes permeability, erase (got {args.parts!r})")
+    if "permeability" in parts:
+        print(bench_permeability(n=args.n, write=not args.no_write))
+    if "erase" in parts:
+        print(bench_erase(n=args.n, out=args.out, settings=parse_settings(args.setting), write=not args.no_write))
+
+
 def cmd_export(args) -> None:
     from studio.adapters.io import export_adapter
 
@@ -316,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
+    _add_membrane_args(g)
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -326,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
+    _add_membrane_args(e)
     e.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     e.add_argument("--no-write", action="store_true", help="print only; do not add a row to BENCHMARKS.md")
     e.set_defaults(func=cmd_eval)
@@ -358,6 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
+    er = sub.add_parser("erase", help="train a membrane that erases concepts (SPM), data-free")
+    er.add_argument("concepts", nargs="+", help="what to erase, e.g. circle (they also set per-prompt strength)")
+    er.add_argument("--out", default=None, help="the membrane .safetensors (default: <concepts>.safetensors)")
+    er.add_argument("--prompt", action="append", help="a prompt to erase from (repeatable; default: on the "
+                                                      "embedded model, captions naming the concept; else the concepts)")
+    er.add_argument("--preset", default="shapes", help="shapes (embedded model) or sd15 (the paper's SD 1.x settings)")
+    er.add_argument("--steps", type=int, default=None)
+    er.add_argument("--lr", type=float, default=None)
+    er.add_argument("--batch", type=int, default=None)
+    er.add_argument("--denoise-steps", type=int, default=None, help="DDIM steps the training latents come from")
+    er.add_argument("--seed", type=int, default=None)
+    er.add_argument("--setting", action="append", metavar="KEY=VALUE",
+                    help="membrane setting: surrogate, eta, anchor_weight, anchors, rank (repeatable)")
+    _add_model_args(er)
+    er.set_defaults(func=cmd_erase)
+
     x = sub.add_parser("export", help="write an adapter in kohya (ComfyUI/A1111) or diffusers/PEFT keys")
     x.add_argument("adapter")
     x.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
@@ -386,6 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")
     bc.set_defaults(func=cmd_bench_concept)
+
+    be = bsub.add_parser("erase", help="B3: erase circle (and red), with and without Facilitated Transport, "
+                                       "beside the ESD baseline; stacking and transfer")
+    be.add_argument("--n", type=int, default=64)
+    be.add_argument("--parts", default="permeability,erase")
+    be.add_argument("--out", default="runs/bench_erase")
+    be.add_argument("--setting", action="append", metavar="KEY=VALUE", help="erase setting override (repeatable)")
+    be.add_argument("--no-write", action="store_true")
+    be.set_defaults(func=cmd_bench_erase)
 
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")

@@ -182,3 +182,49 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     set_adapter(False)
     original = base_accuracy()
     return B2Result(fidelity, editability, 100 * (adapted - original), leak, original, adapted, n)
+
+
+# ---- B3: erasing a concept ----
+
+B3_SEED = 20_261_124
+
+
+def b3_prompts(keep, n: int = 64, seed: int = B3_SEED) -> list[tuple[world.Spec, int]]:
+    """n (spec, seed) pairs of base shapes, any attribute combination, for which keep(spec) holds."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        spec = world.random_spec(rng, world.BASE_SHAPES, heldout=None)
+        seed_ = rng.randrange(2**31)
+        if keep(spec):
+            out.append((spec, seed_))
+    return out
+
+
+@dataclass
+class B3Result:
+    residual: dict[str, float]     # "attribute=value" -> share of its prompts' images still judged so
+    accuracy: float                # mean per-attribute accuracy on prompts naming none of the erased values
+    shape_accuracy: float
+    fd: float                      # judge-feature FD of those images to renders of their specs
+    n: int
+
+
+def run_b3(pipe, judge: Judge, erased: dict[str, str], *, n: int = 64, steps: int = 25, guidance: float = 5.0
+           ) -> B3Result:
+    """`erased`: attribute -> value, e.g. {"shape": "circle", "colour": "red"}."""
+    residual = {}
+    for i, (attr, value) in enumerate(erased.items()):
+        pairs = b3_prompts(lambda s: getattr(s, attr) == value, n, B3_SEED + i)
+        images = _generate(pipe, [world.caption(s) for s, _ in pairs], [sd for _, sd in pairs], steps, guidance)
+        preds = judge_images(judge, images)[1][attr]
+        residual[f"{attr}={value}"] = float(np.mean([p == value for p in preds]))
+    # prompts that name none of the erased values anywhere ("on a red background" names red)
+    others = b3_prompts(lambda s: not set(erased.values()) & set(world.caption(s).split()), n, B3_SEED + 100)
+    specs = [s for s, _ in others]
+    images = _generate(pipe, [world.caption(s) for s in specs], [sd for _, sd in others], steps, guidance)
+    feats, preds = judge_images(judge, images)
+    rng = random.Random(B3_SEED + 101)
+    ref = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
+    return B3Result(residual, mean_attribute_accuracy(preds, specs), accuracy(preds, specs)["shape"],
+                    frechet_distance(feats, ref), n)

@@ -95,10 +95,13 @@ def _embedded_config_for(path: Path) -> str | None:
 
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
-                  progress: bool = False, adapters: dict[str | Path, float] | list | None = None):
+                  progress: bool = False, adapters: dict[str | Path, float] | list | None = None,
+                  membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokenuni"):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
-    configs). `adapters` ({file: weight}) attaches trained adapters. Raises StudioError with a one-line
+    configs). `adapters` ({file: weight}) attaches trained adapters; `membranes` ({file: weight}) attaches
+    concept-erasing membranes, each applied per prompt at its permeability (`transport`: the similarity
+    metric, None for a fixed strength). Raises StudioError with a one-line
     reason on bad input."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -142,11 +145,15 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress)
     pipe.studio_architecture = architecture(pipe)
-    if adapters:
+    if adapters or membranes:
         from studio.adapters import AdapterError, load_adapters
+        from studio.pipelines.membranes import load_membranes
 
         try:
-            load_adapters(pipe, adapters)
+            if adapters:
+                load_adapters(pipe, adapters)
+            if membranes:
+                load_membranes(pipe, membranes, transport)
         except AdapterError as e:
             raise StudioError(str(e)) from None
     pipe = pipe.to(device)

@@ -465,6 +465,9 @@ class Trainer:
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                note = method.after_step(pipe, cfg.name, step, optimizer)
+                if note:
+                    self.on_event({"kind": "log", "message": note})
                 lr_scheduler.step()
                 completed = step
                 optimizer.zero_grad(set_to_none=True)

@@ -257,3 +257,23 @@ def render_mask(spec: Spec, seed: int = 0) -> np.ndarray:
 
 def with_shape(spec: Spec, shape: str) -> Spec:
     return replace(spec, shape=shape)
+
+
+def prompts_naming(word: str, n: int = 64, seed: int = 0) -> list[str]:
+    """n captions of random specs that name `word` (a shape or a colour), partial captions included: the
+    prompts a membrane erasing `word` is trained on with the embedded model. Empty for other words."""
+    if word not in SHAPES and word not in COLOURS:
+        return []
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        spec = random_spec(rng, BASE_SHAPES, heldout=None)
+        if word in SHAPES:
+            spec = with_shape(spec, word)
+        elif spec.background != word:
+            spec = Spec(spec.shape, word, spec.background, spec.size, spec.position)
+        else:
+            continue
+        out.append(caption(spec, size=rng.random() < 0.5, position=rng.random() < 0.5,
+                           background=rng.random() < 0.5))
+    return out

@@ -124,3 +124,17 @@ def test_train_and_adapter_bad_input_gives_one_line(tmp_path, case):
                 "unknown_method": "unknown adapter method 'dreamboat'", "missing_adapter": "adapter file not found",
                 "yaml_unknown_key": "learnin_rate"}[case]
     assert expected in lines[0]
+
+
+def test_erase_then_generate_with_the_membrane(tmp_path):
+    out = tmp_path / "circle.safetensors"
+    r = studio("erase", "circle", "--out", str(out), "--steps", "3", "--batch", "1", "--denoise-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out) and "3 steps" in r.stderr
+    img = tmp_path / "c.png"
+    r = studio("generate", "a red circle", "--membrane", str(out), "--steps", "3", "--out", str(img))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(Image.open(img).text["parameters"])
+    assert meta["membranes"] == {"circle.safetensors": 1.0} and meta["permeability"] == {"circle": [1.0]}
+    r = studio("erase", "circle", "--setting", "etaa=2", "--out", str(tmp_path / "x.safetensors"))
+    assert r.returncode == 2 and "etaa" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -64,12 +64,7 @@ def test_only_the_selected_entries_change_and_exactly():
     opt = torch.optim.AdamW(params, lr=1e-2)
     pipe.unet.train()
     for seed in range(2):
-        opt.zero_grad()
-        g = torch.Generator().manual_seed(seed)
-        out = pipe.unet(torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 50]),
-                        encoder_hidden_states=torch.randn(2, 77, 128, generator=g)).sample
-        out.square().mean().backward()
-        opt.step()
+        _step(pipe, opt, seed)
     pipe.unet.eval()
     for layer in _layers(pipe).values():
         before = layer.base_layer.weight.detach().reshape(-1).clone()
@@ -203,3 +198,82 @@ def test_gradient_clipping_sees_the_dense_gradient_at_the_trained_entries():
         gathered.append(want)
     norm = torch.nn.utils.clip_grad_norm_(sara.trainable_parameters(pipe, "s"), 1e-3)
     torch.testing.assert_close(norm, torch.cat(gathered).norm(), rtol=1e-4, atol=0)
+
+
+def _step(pipe, opt, seed):
+    opt.zero_grad()
+    g = torch.Generator().manual_seed(seed)
+    out = pipe.unet(torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 50]),
+                    encoder_hidden_states=torch.randn(2, 77, 128, generator=g)).sample
+    out.square().mean().backward()
+    opt.step()
+
+
+def test_reselection_freezes_grown_entries_and_carries_the_others_optimizer_state():
+    pipe = load_pipeline("shapes")
+    sara = get_method("sara")
+    config = SaraConfig(budget="1%", reselect_at=2)
+    sara.attach(pipe, config, "s")
+    theta = sara.selection["threshold"]
+    params = sara.trainable_parameters(pipe, "s")
+    opt = torch.optim.AdamW(params, lr=theta / 4, weight_decay=0.5)  # weight decay must not move frozen entries
+    pipe.unet.train()
+    for step in (1, 2):
+        _step(pipe, opt, step)
+        assert sara.after_step(pipe, "s", step, opt) is None or step == 2
+    layers = list(_layers(pipe).values())
+    frozen = torch.cat([layer.frozen["s"] for layer in layers])
+    assert 0.05 < frozen.float().mean() < 0.95  # some grew past θ, some did not
+    for layer in layers:  # frozen = exactly the entries with |W + ΔW| >= θ after step 2
+        w = layer.base_layer.weight.detach().reshape(-1)[layer.patterns["s"].index] + layer.values["s"].detach()
+        assert torch.equal(layer.frozen["s"], w.abs() >= theta)
+    moments = {id(p): opt.state[p]["exp_avg"].clone() for p in params}
+    at_reselection = [p.detach().clone() for p in params]
+    for step in (3, 4):
+        _step(pipe, opt, step)
+        sara.after_step(pipe, "s", step, opt)
+        if step == 3:  # the survivors' moments went on from where they were (not reset)
+            for p, layer in zip(params, layers):
+                keep = ~layer.frozen["s"]
+                beta1 = 0.9
+                expected = beta1 * moments[id(p)][keep] + (1 - beta1) * p.grad[keep]
+                torch.testing.assert_close(opt.state[p]["exp_avg"][keep], expected)
+    after = [p.detach() for p in params]
+    for before, now, layer in zip(at_reselection, after, layers):
+        mask = layer.frozen["s"]
+        assert torch.equal(now[mask], before[mask])
+    assert any(bool((now[~layer.frozen["s"]] != before[~layer.frozen["s"]]).any())
+               for before, now, layer in zip(at_reselection, after, layers))
+
+
+def test_resume_after_reselection_equals_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from studio.evaluate import write_b2_training_set
+    from studio.train import train
+
+    data = tmp_path / "stars"
+    write_b2_training_set(data)
+    probe = load_pipeline("shapes")
+    get_method("sara").attach(probe, SaraConfig(budget="1%"), "p")
+    lr = get_method("sara").selection["threshold"] / 4
+    events = []
+
+    def run(name, steps, **kw):
+        return train(data=str(data), trigger="sks", method="sara", output_dir=str(tmp_path / name), name=name,
+                     adapter={"budget": "1%", "reselect_at": 2}, steps=steps, batch_size=2, lr=lr,
+                     lr_warmup_steps=0, preview_every=0, checkpoint_every=1, keep_checkpoints=10, tensorboard=False,
+                     progress_bar=False, on_event=events.append, **kw)
+
+    whole = load_file(run("whole", 4).adapter_path)
+    assert any("re-selection at step 2" in e.get("message", "") for e in events)
+    frozen = [k for k in whole if k.endswith(".frozen")]
+    assert frozen and 0 < sum(int(whole[k].sum()) for k in frozen) < sum(whole[k].numel() for k in frozen)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_0000003",
+                    tmp_path / "resumed" / "checkpoints" / "step_0000003")
+    resumed = load_file(run("resumed", 4, resume="latest").adapter_path)
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)

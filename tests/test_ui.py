@@ -188,3 +188,18 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     table, _, _, note = client.predict("star_v2", True, api_name="/delete")
     rows = table["data"] if isinstance(table, dict) else table
     assert "deleted star_v2" in note and not any(r and r[0] == "star_v2" for r in rows)
+
+
+def test_erase_tab_trains_a_membrane_and_compares_before_and_after(client, running_app):
+    for nothing in ("", " , "):
+        assert "name what to erase" in client.predict(nothing, "x", 0, 0, 0, api_name="/erase")
+    reply = client.predict("circle", "no_circle", 4, 0, 0, api_name="/erase")
+    assert "queued membrane **no_circle**" in reply, reply
+    status, _, _ = _wait_for_job(client, timeout=300)
+    assert "done" in status, status
+    assert (running_app[1] / "adapters" / "no_circle.safetensors").is_file()
+    client.predict(api_name="/membranes")  # what opening the Erase tab does: the new membrane is listed
+    gallery, strengths = client.predict("shapes", ["no_circle"], "a red circle\na blue square", 4, 5.0, 0,
+                                        api_name="/compare_erase")
+    assert len(gallery) == 4 and [g["caption"].split(":")[0] for g in gallery] == ["before"] * 2 + ["after"] * 2
+    assert "a red circle: no_circle 1.00" in strengths and "a blue square: no_circle 0.00" in strengths

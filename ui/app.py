@@ -45,6 +45,10 @@ class PipelineCache:
             weights[self._adapters[key]] = weight
         if self._adapters or adapters:
             set_adapter_weights(pipe, weights)
+        if any(info["method"] == "spm" for info in getattr(pipe, "_studio_adapters", {}).values()):
+            from studio.pipelines.membranes import use_membranes
+
+            use_membranes(pipe)  # membranes act per prompt (Facilitated Transport)
         return pipe
 
 
@@ -138,6 +142,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     cache = PipelineCache()
 
     def run_training(settings: dict, on_event, should_stop):
+        if settings.get("kind") == "erase":
+            return run_erase(settings, on_event, should_stop)
         name = settings["name"]
         config = config_with_preset(settings.pop("preset"), **settings)
         result = Trainer(config, on_event, should_stop).run()
@@ -149,6 +155,27 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         previews = sorted((Path(config.output_dir) / "previews").glob("*.png"))
         if previews:
             shutil.copyfile(previews[-1], target.with_suffix(".png"))
+        return target
+
+    def run_erase(settings: dict, on_event, should_stop):
+        from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
+
+        config, run = erase_config(settings["concepts"], "shapes", settings=settings["settings"])
+        pipe = load_pipeline(model)
+        config.prompts = default_prompts(pipe, config.concepts, seed=run.seed)
+        started = time.time()
+
+        def on_step(step: int, loss: float) -> None:
+            eta = (time.time() - started) / step * (run.steps - step)
+            on_event({"kind": "step", "step": step, "steps": run.steps, "loss": loss, "eta_seconds": eta})
+
+        target = ws.library / f"{settings['name']}.safetensors"
+        result = train_membrane(pipe, config, run, ws.runs / f"{settings['name']}.safetensors", on_step=on_step,
+                                should_stop=should_stop)
+        if result.steps < run.steps:
+            return None
+        with atomic_path(target) as tmp:
+            shutil.copyfile(result.path, tmp)
         return target
 
     jobs = JobQueue(run_training)
@@ -201,6 +228,54 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         except (StudioError, ValueError) as exc:
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
+
+    def start_erase(concepts, name, steps, lr, seed):
+        try:
+            words = [c.strip() for c in (concepts or "").split(",") if c.strip()]
+            if not words:
+                raise StudioError("name what to erase, e.g. circle (several: circle, red)")
+            name = safe_name(name or "erase_" + "_".join(words))
+            settings = {"seed": int(seed)}
+            if steps:
+                settings["steps"] = int(steps)
+            if lr:
+                settings["lr"] = float(lr)
+            from studio.adapters.spm.erase import erase_config
+
+            erase_config(words, "shapes", settings=settings)  # refuse bad settings now, not in the queue
+            job = jobs.submit(name, {"kind": "erase", "name": name, "concepts": words, "settings": settings})
+            return f"queued membrane **{name}** erasing {', '.join(words)} (job {job.id})"
+        except (StudioError, ValueError) as exc:
+            gr.Warning(str(exc))
+            return f"⚠️ {exc}"
+
+    def compare_erase(model_src, membranes, prompts_text, steps, guidance, seed):
+        """The test prompts without and with the chosen membranes (same seeds), and each prompt's strength."""
+        prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+        try:
+            if not membranes:
+                raise StudioError("pick one or more membranes from the library")
+            if not prompts:
+                raise StudioError("write one or more test prompts, one per line")
+            source = (model_src or "").strip() or "shapes"
+            paths = {str(ws.adapter(n)): 1.0 for n in membranes}
+            images, strengths = [], []
+            with cache.lock:
+                for chosen in ({}, paths):
+                    pipe = cache.get(source, chosen)
+                    for i, prompt in enumerate(prompts):
+                        settings = GenerationSettings(prompt, "", int(steps), float(guidance), int(seed) + i, 1)
+                        images.append((generate(pipe, settings)[0], ("after: " if chosen else "before: ") + prompt))
+                        if chosen:
+                            strengths.append(f"- {prompt}: " + ", ".join(
+                                f"{n} {g[0]:.2f}" for n, g in (pipe.studio_last_permeability or {}).items()))
+        except (StudioError, ValueError) as exc:
+            raise gr.Error(str(exc))
+        return images, "Membrane strength per prompt:\n" + "\n".join(strengths)
+
+    def membrane_choices():
+        names = [e["name"] for e in library_entries(ws.library) if e["method"] == "spm"]
+        return gr.update(choices=names)
 
     def stop_training():
         job = jobs.stop()
@@ -355,6 +430,39 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             button.click(run_generate, [model_box, prompt, negative, steps, guidance, seed, batch, adapters, weight],
                          [gallery, status], api_name="generate")
 
+        with gr.Tab("Erase") as erase_tab:
+            gr.Markdown("Train a membrane that makes the model unable to draw a concept (SPM). It acts only on "
+                        "prompts that name the concept: others pass through unchanged.")
+            with gr.Row():
+                with gr.Column():
+                    concepts = gr.Textbox(value="circle", label="Concepts to erase (comma-separated)")
+                    erase_name = gr.Textbox(value="no_circle", label="Name")
+                    with gr.Row():
+                        erase_steps = gr.Number(value=0, precision=0, label="Steps (0: preset)")
+                        erase_lr = gr.Number(value=0, label="Learning rate (0: preset)")
+                        erase_seed = gr.Number(value=0, precision=0, label="Seed")
+                    with gr.Row():
+                        erase_start = gr.Button("Train membrane", variant="primary")
+                        erase_stop = gr.Button("Stop")
+                    erase_status = gr.Markdown("", elem_id="erase-status")
+                    membrane_pick = gr.Dropdown([], multiselect=True, label="Membranes (from the library)")
+                    test_prompts = gr.Textbox(value="a large red circle on a blue background\n"
+                                                    "a large red square on a blue background",
+                                              lines=4, label="Test prompts (one per line)")
+                    with gr.Row():
+                        erase_steps_g = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                        erase_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+                    compare = gr.Button("Compare before / after")
+                with gr.Column():
+                    erase_gallery = gr.Gallery(label="Before / after", columns=2, height="auto", format="png",
+                                               elem_id="erase-gallery")
+                    erase_strengths = gr.Markdown()
+            erase_start.click(start_erase, [concepts, erase_name, erase_steps, erase_lr, erase_seed], erase_status,
+                              api_name="erase")
+            erase_stop.click(stop_training, None, erase_status, api_name="erase_stop")
+            compare.click(compare_erase, [model_box, membrane_pick, test_prompts, erase_steps_g, erase_guidance,
+                                          erase_seed], [erase_gallery, erase_strengths], api_name="compare_erase")
+
         with gr.Tab("Library") as library_tab:
             table = gr.Dataframe(headers=["name", "method", "base model", "trigger", "steps", "trained"],
                                  interactive=False, label="Trained adapters", elem_id="library-table")
@@ -386,6 +494,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             delete_btn.click(delete, [chosen, confirm], [table, chosen, adapters, library_status], api_name="delete")
         app.load(library_table, None, [table, chosen, adapters])
         generate_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
+        erase_tab.select(membrane_choices, None, membrane_pick, show_progress="hidden")
+        timer.tick(lambda: job_status()[0], None, erase_status, show_progress="hidden")
+        refresh.click(membrane_choices, None, membrane_pick, show_progress="hidden", api_name="membranes")
         library_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
     app.studio_jobs = jobs
     app.studio_workspace = ws

@@ -149,9 +149,13 @@ class LoraMethod(AdapterMethod):
                 layer._disable_adapters = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        # PEFT layers are shared with other methods built on them (SPM's membranes): leave theirs as they are
+        others = {name for name, info in getattr(pipe, "_studio_adapters", {}).items()
+                  if info["method"] != self.name and name not in weights}
         for _, model in components(pipe):
             for _, layer in _lora_layers(model):
-                active = [name for name in weights if name in layer.lora_A]
+                kept = [name for name in layer.active_adapters if name in others]
+                active = kept + [name for name in weights if name in layer.lora_A]
                 layer.set_adapter(active, inference_mode=True)
                 for name in active:
                     layer.set_scale(name, float(weights[name]))

@@ -15,7 +15,9 @@ class SaraConfig(AdapterConfig):
     Exactly one of `threshold` (train |w| < threshold) and `budget` (how many weights: "150k", "20M", a
     fraction "0.05" or "5%") picks them; with a budget the threshold is the one global θ that selects
     that many. Their update is penalised by `nuclear_weight`·‖ΔW‖_* on `nuclear_layers` layers per step
-    (0: every eligible layer), chosen at random per step."""
+    (0: every eligible layer), chosen at random per step. With `reselect_at`, after that step the entries
+    whose weight W + ΔW has grown past the threshold are frozen at their learned values; the others train
+    on with their optimizer state."""
 
     target_modules: list[str] = field(default_factory=lambda: [r".*"])  # every Linear / Conv2d of the UNet
     threshold: float | None = None
@@ -23,6 +25,7 @@ class SaraConfig(AdapterConfig):
     nuclear_weight: float = 5e-4
     nuclear_layers: int = 1
     nuclear_min_dim: int = 32          # layers with min(out, in) below this are not penalised
+    reselect_at: int | None = None     # progressive re-selection after this step (the paper: half the steps)
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.budget is None):
@@ -31,6 +34,8 @@ class SaraConfig(AdapterConfig):
             raise AdapterError(f"SaRA threshold must be positive, got {self.threshold}")
         if self.budget is not None:
             parse_budget(self.budget, None)  # a bad string fails here, before any work
+        if self.reselect_at is not None and int(self.reselect_at) < 1:
+            raise AdapterError(f"SaRA reselect_at must be a step >= 1, got {self.reselect_at}")
         if self.nuclear_weight < 0 or self.nuclear_layers < 0:
             raise AdapterError("SaRA nuclear_weight and nuclear_layers must not be negative")
 

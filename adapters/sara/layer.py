@@ -22,6 +22,11 @@ class SaraLayer(torch.nn.Module):
         self.base_layer = base_layer
         self.values = torch.nn.ParameterDict()
         self.patterns: dict[str, SparsePattern] = {}
+        # progressive re-selection: entries frozen at their learned value (a mask over the values), and
+        # those values, which gradients and the optimizer no longer move
+        self.frozen: dict[str, torch.Tensor] = {}
+        self._frozen_values: dict[str, torch.Tensor] = {}
+        self.thresholds: dict[str, float] = {}  # θ each training adapter was selected with
         self.weights: dict[str, float] = {}   # active adapters and their weights
         self.merged: dict[str, float] = {}    # adapters folded into base_layer.weight, at these weights
         self.disabled = False
@@ -35,14 +40,34 @@ class SaraLayer(torch.nn.Module):
         w = self.base_layer.weight
         pattern = SparsePattern.from_index(index.to(w.device), (w.shape[0], w[0].numel()))
         self.patterns[name] = pattern
-        self.values[name] = torch.nn.Parameter(torch.zeros(pattern.index.numel(), dtype=w.dtype, device=w.device))
+        values = torch.nn.Parameter(torch.zeros(pattern.index.numel(), dtype=w.dtype, device=w.device))
+        self.values[name] = values
+        self.frozen[name] = torch.zeros(values.shape, dtype=torch.bool, device=w.device)
+        # the gradient of frozen entries is zeroed before it reaches .grad: clipping, DDP's all-reduce and
+        # the optimizer's moments see only the entries still trained
+        values.register_hook(lambda grad, name=name: grad.masked_fill(self.frozen[name], 0)
+                             if name in self._frozen_values else grad)
         self.weights[name] = 1.0  # a new adapter is active (as PEFT does); set_weights decides afterwards
+
+    def freeze(self, name: str, mask: torch.Tensor) -> None:
+        """Freeze the entries under `mask` (added to those already frozen) at their current values."""
+        self.frozen[name] = self.frozen[name] | mask.to(self.frozen[name].device)
+        self._frozen_values[name] = self.values[name].detach()[self.frozen[name]].clone()
+
+    def hold_frozen(self, name: str) -> None:
+        """Put frozen entries back to their values (an optimizer with weight decay would shrink them)."""
+        if name in self._frozen_values:
+            with torch.no_grad():
+                self.values[name][self.frozen[name]] = self._frozen_values[name]
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge()
         del self.values[name]
         del self.patterns[name]
+        self.frozen.pop(name, None)
+        self._frozen_values.pop(name, None)
+        self.thresholds.pop(name, None)
         self.weights.pop(name, None)
 
     def dense_delta(self, name: str) -> torch.Tensor:

@@ -91,7 +91,9 @@ class SaraMethod(AdapterMethod):
             raise AdapterError(f"no weight of the targets is below the SaRA threshold {theta:g}")
         self._install(unet, selected)
         for path, idx in selected.items():
-            unet.get_submodule(path).add_adapter(adapter, idx)
+            layer = unet.get_submodule(path)
+            layer.add_adapter(adapter, idx)
+            layer.thresholds[adapter] = theta
         self._freeze_others(unet, adapter)
         pipe._studio_sara_config = config  # the penalty's settings, for training_loss
         count = sum(i.numel() for i in selected.values())
@@ -125,6 +127,8 @@ class SaraMethod(AdapterMethod):
                 out[f"unet.{path}.indices"] = index.int() if layer.base_layer.weight.numel() < 2**31 else index
                 out[f"unet.{path}.values"] = layer.values[adapter].detach().cpu().clone()
                 out[f"unet.{path}.shape"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
+                if _reselects(pipe):  # (a checkpoint must say what re-selection froze, to resume after it)
+                    out[f"unet.{path}.frozen"] = layer.frozen[adapter].cpu().to(torch.uint8)
         out[DIGEST_KEY] = base_digest(pipe.unet, adapter)
         return out
 
@@ -165,6 +169,32 @@ class SaraMethod(AdapterMethod):
             if adapter in layer.values:
                 with torch.no_grad():
                     layer.values[adapter].copy_(tensors[f"unet.{path}.values"])
+                frozen = tensors.get(f"unet.{path}.frozen")
+                if frozen is not None and bool(frozen.any()):
+                    layer.freeze(adapter, frozen.bool())
+
+    def after_step(self, pipe, adapter: str, step: int, optimizer) -> str | None:
+        """Keep frozen entries where they were and, at `reselect_at`, freeze the trained entries whose
+        weight has grown past the threshold (their optimizer moments zeroed; the rest keep theirs)."""
+        layers = [layer for _, layer in _sara_layers(pipe.unet) if adapter in layer.thresholds]
+        for layer in layers:
+            layer.hold_frozen(adapter)
+        config = getattr(pipe, "_studio_sara_config", None)
+        if config is None or config.reselect_at != step:
+            return None
+        grown_total = trained = 0
+        for layer in layers:
+            values = layer.values[adapter]
+            weight = layer.base_layer.weight.detach().reshape(-1)[layer.patterns[adapter].index] + values.detach()
+            grown = weight.abs() >= layer.thresholds[adapter]
+            layer.freeze(adapter, grown)
+            for moment in optimizer.state.get(values, {}).values():
+                if torch.is_tensor(moment) and moment.shape == values.shape:
+                    moment[layer.frozen[adapter]] = 0
+            grown_total += int(layer.frozen[adapter].sum())
+            trained += values.numel()
+        return (f"SaRA re-selection at step {step}: {grown_total} of {trained} trained weights grew past the "
+                f"threshold and are frozen; {trained - grown_total} train on")
 
     @contextmanager
     def disabled(self, pipe):
@@ -212,6 +242,11 @@ class SaraMethod(AdapterMethod):
             return loss
         config = getattr(pipe, "_studio_sara_config", None) or SaraConfig()
         return loss + nuclear_penalty(training, config, int(batch.get("step", 0)))
+
+
+def _reselects(pipe) -> bool:
+    config = getattr(pipe, "_studio_sara_config", None)
+    return config is not None and config.reselect_at is not None
 
 
 def nuclear_penalty(training: list, config: SaraConfig, step: int) -> torch.Tensor:
