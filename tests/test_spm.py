@@ -162,3 +162,19 @@ def test_the_same_seed_trains_the_same_membrane(tmp_path):
                                     tmp_path / f"{i}.safetensors").path)
     one, two = (read_adapter(f).tensors for f in files)
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_membranes_and_loras_share_layers_without_switching_each_other_off(membrane_files, tmp_path):
+    from studio.adapters import attached_adapters, load_adapters, set_adapter_weights
+    from studio.adapters.lora import LoraConfig
+
+    pipe = load_pipeline("shapes")
+    lora = get_method("lora")
+    lora.attach(pipe, LoraConfig(rank=2), "l")
+    path = save_adapter(tmp_path / "l.safetensors", "lora", LoraConfig(rank=2), lora.state_dict(pipe, "l"),
+                        base_fingerprint(pipe))
+    pipe = load_pipeline("shapes")
+    names = load_adapters(pipe, {path: 1.0}) + load_adapters(pipe, {membrane_files[0]: 0.0})
+    set_adapter_weights(pipe, {names[0]: 0.5, names[1]: 1.0})
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert set(layer.active_adapters) == set(names) and attached_adapters(pipe)[names[1]]["weight"] == 1.0

@@ -158,7 +158,8 @@ class LoraMethod(AdapterMethod):
                 active = kept + [name for name in weights if name in layer.lora_A]
                 layer.set_adapter(active, inference_mode=True)
                 for name in active:
-                    layer.set_scale(name, float(weights[name]))
+                    if name in weights:
+                        layer.set_scale(name, float(weights[name]))
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
         for _, model in components(pipe):
