@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from studio.adapters.base import AdapterError, base_fingerprint, save_adapter
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.model import SpmMethod
+from studio.adapters.spm.transport import token_ids
 
 TRAINING_NAME = "membrane"
 
@@ -33,9 +34,7 @@ class EraseResult:
 
 
 def _embed(pipe, texts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    ids = token_ids(pipe, texts).to(pipe.text_encoder.device)
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
 

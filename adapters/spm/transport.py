@@ -18,12 +18,18 @@ from studio.adapters.base import AdapterError
 METRICS = ("tokenuni", "clipcos_tokenuni", "clipcos")
 
 
+def token_ids(pipe, texts: list[str]) -> torch.Tensor:
+    """The (first) tokenizer's ids, padded to its full length as the pipelines encode prompts."""
+    tok = pipe.tokenizer
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
 def encode_texts(pipe, texts: list[str]) -> tuple[torch.Tensor, list[set[int]]]:
     """Last hidden states of the (first) text encoder and each text's content token ids (BOS/EOS/PAD/UNK
     left out)."""
     tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = token_ids(pipe, texts)
     encoder = pipe.text_encoder
     with torch.no_grad():
         hidden = encoder(ids.to(encoder.device))[0].float().cpu()
