@@ -48,6 +48,8 @@ class AdapterMethod:
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     # per training preset ("quick", "standard"): this method's learning rate and adapter settings
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # None: trained by the concept engine (studio train); else the command with the method's own objective
+    trained_by: ClassVar[str | None] = None
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         raise NotImplementedError
@@ -115,6 +117,18 @@ def get_method(name: str) -> AdapterMethod:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, lr_schedule, *, step: int, what: str, remedy: str) -> float:
+    """One step of a method's own training loop on `loss`; a NaN/inf loss stops it with a message naming the
+    step and what to change (the parameters keep their last finite values)."""
+    if not torch.isfinite(loss):
+        raise AdapterError(f"the {what} loss became {loss.item()} at step {step}; {remedy}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lr_schedule.step()
+    return float(loss.detach())
 
 
 # ---- the base-model fingerprint ----

@@ -36,13 +36,23 @@ def _load(args):
                          config=args.config, offline=args.offline or None, progress=sys.stderr.isatty(),
                          adapters=parse_adapter_args(getattr(args, "adapter", None)),
                          membranes=parse_adapter_args(getattr(args, "membrane", None)),
-                         transport=None if getattr(args, "no_transport", False) else "tokenuni")
+                         transport=None if getattr(args, "no_transport", False) else "tokenuni",
+                         one_step=getattr(args, "one_step", None))
+
+
+def _steps_and_guidance(args) -> tuple[int, float]:
+    """25 steps at guidance 5 by default; with a one-step adaptor, 1 step without guidance."""
+    one_step = getattr(args, "one_step", None)
+    steps = args.steps if args.steps is not None else (1 if one_step else 25)
+    guidance = args.guidance if args.guidance is not None else (0.0 if one_step else 5.0)
+    return steps, guidance
 
 
 def cmd_generate(args) -> None:
     from studio.generate import GenerationSettings, generate, output_paths, save_images
 
-    settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
+    steps, guidance = _steps_and_guidance(args)
+    settings = GenerationSettings(args.prompt, args.negative_prompt, steps, guidance, args.seed,
                                   args.batch, args.height, args.width)
     settings.validate()
     paths = output_paths(args.out, args.batch)  # refuse an unwritable path before the model loads
@@ -51,6 +61,8 @@ def cmd_generate(args) -> None:
     extra = {kind: {Path(f).name: w for f, w in parse_adapter_args(getattr(args, kind)).items()}
              for kind in ("adapter", "membrane")}
     extra = {f"{kind}s": files for kind, files in extra.items() if files}
+    if args.one_step:
+        extra["one_step"] = Path(args.one_step).name
     if getattr(pipe, "studio_last_permeability", None):
         extra["permeability"] = pipe.studio_last_permeability
     save_images(images, paths, settings, str(args.model), extra or None)
@@ -63,14 +75,16 @@ def cmd_eval(args) -> None:
     from studio.evaluate import run_b1
     from studio.judge import load_judge
 
-    if args.n <= 0 or args.steps <= 0:
+    steps, guidance = _steps_and_guidance(args)
+    if args.n <= 0 or steps <= 0:
         raise StudioError("--n and --steps must be at least 1")
     pipe = _load(args)
     judge = load_judge(args.judge)
-    r = run_b1(pipe, judge, n=args.n, steps=args.steps, guidance=args.guidance, batch=args.batch)
+    r = run_b1(pipe, judge, n=args.n, steps=steps, guidance=guidance, batch=args.batch)
     heads = list(r.accuracy)
     header = ["model", "prompts", "steps", "guidance", *heads, "all", "FD", "FD floor", "img/s"]
-    row = [str(args.model), str(r.n), str(r.steps), f"{r.guidance:g}", *(f"{100 * r.accuracy[h]:.1f}%" for h in heads),
+    model = str(args.model) + (f" + one-step {Path(args.one_step).name}" if args.one_step else "")
+    row = [model, str(r.n), str(r.steps), f"{r.guidance:g}", *(f"{100 * r.accuracy[h]:.1f}%" for h in heads),
            f"{100 * r.all_correct:.1f}%", f"{r.fd:.2f}", f"{r.fd_floor:.2f}", f"{r.images_per_second:.2f}"]
     print(record("B1 base quality", header, [row], write=not args.no_write))
 
@@ -224,6 +238,39 @@ def cmd_erase(args) -> None:
           f"{result.trainable_parameters:,} trainable parameters, {out.stat().st_size / 1024:.0f} KB", file=sys.stderr)
 
 
+def cmd_distill(args) -> None:
+    from studio.adapters.hipa.config import DistillSettings
+    from studio.distill import run_distill
+
+    fields = {k: getattr(args, k) for k in ("pairs", "steps", "lr", "batch", "teacher_steps", "teacher_guidance",
+                                            "seed") if getattr(args, k) is not None}
+    fields.update(parse_settings(args.setting))
+    if args.no_high_frequency:
+        fields.update(fourier_weight=0.0, edge_weight=0.0)
+    try:
+        settings = DistillSettings(**fields)
+    except TypeError as e:
+        raise StudioError(f"distill settings: {e}") from None
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise StudioError(f"{out}: a one-step adaptor is written as a .safetensors file")
+    cache = Path(args.cache) if args.cache else out.with_name(f"{out.stem}.teacher.safetensors")
+    pipe = _load(args)
+    result = run_distill(pipe, settings, out, rank=args.rank, prompts_file=args.prompts, cache=cache,
+                         progress=sys.stderr.isatty(), log=tqdm_write)
+    print(result.path)
+    print(f"{result.steps} steps, final loss {result.last_loss:.4f}, {result.seconds:.0f} s, "
+          f"{result.trainable_parameters:,} trainable parameters, {out.stat().st_size / 1024:.0f} KB; generate with "
+          f"`studio generate --one-step {out} PROMPT`", file=sys.stderr)
+
+
+def cmd_bench_onestep(args) -> None:
+    from studio.bench_onestep import bench_onestep
+
+    print(bench_onestep(n=args.n, out=args.out, settings=parse_settings(args.setting), write=not args.no_write,
+                        concept=not args.no_concept))
+
+
 def cmd_bench_erase(args) -> None:
     from studio.bench_erase import bench_erase, bench_permeability
 
@@ -355,25 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--out", default="image.png", help="output .png (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--steps", type=int, default=None, help="default 25 (1 with --one-step)")
+    g.add_argument("--guidance", type=float, default=None, help="default 5 (0 with --one-step)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
     _add_membrane_args(g)
+    g.add_argument("--one-step", default=None, metavar="FILE", help="a HiPA one-step adaptor (studio distill)")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="B1: prompt accuracy and FD of a model, judged on the shapes world")
     _add_model_args(e)
     e.add_argument("--n", type=int, default=256)
-    e.add_argument("--steps", type=int, default=25)
-    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--steps", type=int, default=None, help="default 25 (1 with --one-step)")
+    e.add_argument("--guidance", type=float, default=None, help="default 5 (0 with --one-step)")
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
     _add_membrane_args(e)
+    e.add_argument("--one-step", default=None, metavar="FILE", help="a HiPA one-step adaptor (studio distill)")
     e.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     e.add_argument("--no-write", action="store_true", help="print only; do not add a row to BENCHMARKS.md")
     e.set_defaults(func=cmd_eval)
@@ -422,6 +471,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(er)
     er.set_defaults(func=cmd_erase)
 
+    d = sub.add_parser("distill", help="train a one-step adaptor (HiPA) against the multi-step teacher")
+    d.add_argument("--out", default="one_step.safetensors", help="the adaptor .safetensors")
+    d.add_argument("--prompts", default=None, help="a UTF-8 file, one prompt per line (default on the embedded "
+                                                   "model: captions of its world)")
+    d.add_argument("--cache", default=None, help="teacher pairs file (default: <out>.teacher.safetensors; reused "
+                                                 "when it fits)")
+    d.add_argument("--pairs", type=int, default=None, help="teacher (noise, prompt, image) pairs (default 1024)")
+    d.add_argument("--teacher-steps", type=int, default=None, help="default 25")
+    d.add_argument("--teacher-guidance", type=float, default=None, help="default 5")
+    d.add_argument("--steps", type=int, default=None, help="student training steps (default 800)")
+    d.add_argument("--lr", type=float, default=None)
+    d.add_argument("--batch", type=int, default=None)
+    d.add_argument("--rank", type=int, default=4, help="adaptor rank (default 4)")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--no-high-frequency", action="store_true", help="spatial loss only (the ablation)")
+    d.add_argument("--setting", action="append", metavar="KEY=VALUE",
+                   help="pixel_weight, perceptual_weight, fourier_weight, edge_weight, radius, warmup (repeatable)")
+    _add_model_args(d)
+    d.set_defaults(func=cmd_distill)
+
     x = sub.add_parser("export", help="write an adapter in kohya (ComfyUI/A1111) or diffusers/PEFT keys")
     x.add_argument("adapter")
     x.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
@@ -459,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--setting", action="append", metavar="KEY=VALUE", help="erase setting override (repeatable)")
     be.add_argument("--no-write", action="store_true")
     be.set_defaults(func=cmd_bench_erase)
+
+    bo = bsub.add_parser("onestep", help="B4: the one-step adaptor against the 25-step teacher and the base "
+                                          "model at 1 and 4 steps, with the no-high-frequency ablation")
+    bo.add_argument("--n", type=int, default=256)
+    bo.add_argument("--out", default="runs/bench_onestep")
+    bo.add_argument("--setting", action="append", metavar="KEY=VALUE", help="distill setting (repeatable)")
+    bo.add_argument("--no-concept", action="store_true", help="skip the rows with a B2 concept adapter")
+    bo.add_argument("--no-write", action="store_true")
+    bo.set_defaults(func=cmd_bench_onestep)
 
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")

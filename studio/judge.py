@@ -43,6 +43,25 @@ class Judge(nn.Module):
         return feats, {name: head(feats) for name, head in self.heads.items()}
 
 
+def perceptual_distance(judge: Judge):
+    """An LPIPS-style distance on the judge's stages: per stage, channel-normalised activations, squared
+    difference averaged; the mean over stages. Differentiable in both images (Bx3xHxW in [0, 1])."""
+    stages = [judge.body[i:i + 6] for i in range(0, len(judge.body), 6)]
+
+    def activations(images: torch.Tensor) -> list[torch.Tensor]:
+        x, out = images * 2 - 1, []
+        for stage in stages:
+            x = stage(x)
+            out.append(x / (x.norm(dim=1, keepdim=True) + 1e-8))
+        return out
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb = activations(a), activations(b)
+        return torch.stack([((x - y) ** 2).sum(1).mean() for x, y in zip(fa, fb)]).mean()
+
+    return distance
+
+
 def spec_labels(specs: list[world.Spec]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([classes.index(getattr(s, name)) for s in specs]) for name, classes in HEADS.items()}
 

@@ -96,13 +96,15 @@ def _embedded_config_for(path: Path) -> str | None:
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
                   progress: bool = False, adapters: dict[str | Path, float] | list | None = None,
-                  membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokenuni"):
+                  membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokenuni",
+                  one_step: str | Path | None = None):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
     configs). `adapters` ({file: weight}) attaches trained adapters; `membranes` ({file: weight}) attaches
     concept-erasing membranes, each applied per prompt at its permeability (`transport`: the similarity
-    metric, None for a fixed strength). Raises StudioError with a one-line
-    reason on bad input."""
+    metric, None for a fixed strength). `one_step` attaches a HiPA adaptor and the one-step scheduler: call
+    the pipeline with num_inference_steps=1 (or timesteps=[999]) and guidance_scale=0. Raises StudioError with
+    a one-line reason on bad input."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch_dtype = _resolve_dtype(dtype, device)
@@ -145,15 +147,18 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress)
     pipe.studio_architecture = architecture(pipe)
-    if adapters or membranes:
+    if adapters or membranes or one_step:
         from studio.adapters import AdapterError, load_adapters
         from studio.pipelines.membranes import load_membranes
+        from studio.pipelines.one_step import load_one_step
 
         try:
             if adapters:
                 load_adapters(pipe, adapters)
             if membranes:
                 load_membranes(pipe, membranes, transport)
+            if one_step:
+                load_one_step(pipe, one_step)
         except AdapterError as e:
             raise StudioError(str(e)) from None
     pipe = pipe.to(device)

@@ -123,6 +123,14 @@ class TrainConfig:
             raise TrainingError(f"prior_target must be noise or base, got {self.prior_target!r}")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise TrainingError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        from studio.adapters import AdapterError, get_method
+
+        try:
+            trainer = get_method(self.method).trained_by
+        except AdapterError as e:
+            raise TrainingError(str(e)) from None
+        if trainer:
+            raise TrainingError(f"{self.method} adapters are not concept adapters: train them with `{trainer}`")
         if not self.data and not self.images:
             raise TrainingError("no training data: give a folder (--data) or image files")
         if self.prior_preservation and not self.class_prompts and not self.class_data_dir:

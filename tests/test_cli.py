@@ -138,3 +138,21 @@ def test_erase_then_generate_with_the_membrane(tmp_path):
     assert meta["membranes"] == {"circle.safetensors": 1.0} and meta["permeability"] == {"circle": [1.0]}
     r = studio("erase", "circle", "--setting", "etaa=2", "--out", str(tmp_path / "x.safetensors"))
     assert r.returncode == 2 and "etaa" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_distill_then_generate_in_one_step(tmp_path):
+    out = tmp_path / "fast.safetensors"
+    r = studio("distill", "--out", str(out), "--pairs", "2", "--teacher-steps", "2", "--steps", "2", "--batch", "2",
+               "--rank", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out) and "2 steps" in r.stderr
+    assert (tmp_path / "fast.teacher.safetensors").is_file()  # the teacher pairs, cached for the next run
+    img = tmp_path / "f.png"
+    r = studio("generate", "a red circle", "--one-step", str(out), "--out", str(img))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(Image.open(img).text["parameters"])
+    assert meta["steps"] == 1 and meta["guidance"] == 0.0 and meta["one_step"] == "fast.safetensors"
+    r = studio("generate", "a red circle", "--one-step", str(tmp_path / "f.png"), "--out", str(img))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = studio("distill", "--setting", "radius=0.9", "--out", str(tmp_path / "x.safetensors"))
+    assert r.returncode == 2 and "radius" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

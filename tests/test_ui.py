@@ -203,3 +203,20 @@ def test_erase_tab_trains_a_membrane_and_compares_before_and_after(client, runni
                                         api_name="/compare_erase")
     assert len(gallery) == 4 and [g["caption"].split(":")[0] for g in gallery] == ["before"] * 2 + ["after"] * 2
     assert "a red circle: no_circle 1.00" in strengths and "a blue square: no_circle 0.00" in strengths
+
+
+def test_one_step_tab_distils_an_adaptor_and_generate_uses_it(client, running_app):
+    from PIL import Image
+
+    assert "rank" in client.predict("fast", 2, 2, 0, True, 0, api_name="/distill")
+    reply = client.predict("fast", 2, 2, 2, True, 0, api_name="/distill")
+    assert "queued one-step adaptor **fast**" in reply, reply
+    status, _, _ = _wait_for_job(client, timeout=300)
+    assert "done" in status, status
+    assert (running_app[1] / "adapters" / "fast.safetensors").is_file()
+    client.predict(api_name="/one_step_adaptors")  # what opening the Generate tab does
+    gallery, status = client.predict("shapes", "a red circle", "", 25, 5.0, 3, 1, [], 1.0, "fast",
+                                     api_name="/generate")
+    assert len(gallery) == 1 and "one step with fast" in status
+    settings = json.loads(Image.open(_image_path(gallery[0])).text["parameters"])
+    assert settings["steps"] == 1 and settings["guidance"] == 0.0 and settings["one_step"] == "fast"

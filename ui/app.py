@@ -28,21 +28,26 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._pipes: dict[str, object] = {}
-        self._adapters: dict[tuple[str, str, float], str] = {}  # (model, file, mtime) -> adapter name
+        self._adapters: dict[tuple[str, str, float], str] = {}  # (pipeline, file, mtime) -> adapter name
         self.lock = threading.Lock()
 
-    def get(self, model: str, adapters: dict[str, float] | None = None):
+    def get(self, model: str, adapters: dict[str, float] | None = None, one_step: str | None = None):
+        """The pipeline for `model` with these adapters active; with `one_step` (a HiPA file), a separate
+        pipeline with that adaptor and the one-step scheduler."""
         from studio.adapters import load_adapters, set_adapter_weights
 
-        if model not in self._pipes:
-            self._pipes[model] = load_pipeline(model)
-        pipe = self._pipes[model]
+        pipe_key = model if not one_step else f"{model}|{Path(one_step).resolve()}|{Path(one_step).stat().st_mtime}"
+        if pipe_key not in self._pipes:
+            self._pipes[pipe_key] = load_pipeline(model, one_step=one_step)
+        pipe = self._pipes[pipe_key]
         weights = {}
         for path, weight in (adapters or {}).items():
-            key = (model, str(Path(path).resolve()), Path(path).stat().st_mtime)
+            key = (pipe_key, str(Path(path).resolve()), Path(path).stat().st_mtime)
             if key not in self._adapters:
                 self._adapters[key] = load_adapters(pipe, {path: 0.0})[0]
             weights[self._adapters[key]] = weight
+        if one_step:  # the one-step adaptor stays on beside whatever concept adapters are chosen
+            weights.update({n: 1.0 for n, info in pipe._studio_adapters.items() if info["method"] == "hipa"})
         if self._adapters or adapters:
             set_adapter_weights(pipe, weights)
         if any(info["method"] == "spm" for info in getattr(pipe, "_studio_adapters", {}).values()):
@@ -135,15 +140,18 @@ def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None
 def build_app(model: str = "shapes", workspace: str | Path | None = None):
     import gradio as gr
 
-    from studio.adapters import method_names
+    from studio.adapters import get_method, method_names
     from studio.train import PRESETS, Trainer, config_with_preset
 
     ws = Workspace(Path(workspace) if workspace else DEFAULT_WORKSPACE)
     cache = PipelineCache()
+    concept_methods = [m for m in method_names() if not get_method(m).trained_by]  # membranes etc. have tabs
 
     def run_training(settings: dict, on_event, should_stop):
         if settings.get("kind") == "erase":
             return run_erase(settings, on_event, should_stop)
+        if settings.get("kind") == "distill":
+            return run_distill_job(settings, on_event, should_stop)
         name = settings["name"]
         config = config_with_preset(settings.pop("preset"), **settings)
         result = Trainer(config, on_event, should_stop).run()
@@ -174,6 +182,32 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                                 should_stop=should_stop)
         if result.steps < run.steps:
             return None
+        with atomic_path(target) as tmp:
+            shutil.copyfile(result.path, tmp)
+        return target
+
+    def run_distill_job(settings: dict, on_event, should_stop):
+        from studio.adapters.hipa.config import DistillSettings
+        from studio.distill import run_distill
+
+        run = DistillSettings(**settings["settings"])
+        name = settings["name"]
+        started = []
+
+        def on_teacher(done: int, total: int) -> None:
+            on_event({"kind": "phase", "message": f"teacher images {done}/{total}"})
+
+        def on_step(step: int, loss: float) -> None:
+            started.append(time.time()) if not started else None
+            eta = (time.time() - started[0]) / step * (run.steps - step)
+            on_event({"kind": "step", "step": step, "steps": run.steps, "loss": loss, "eta_seconds": eta})
+
+        result = run_distill(load_pipeline(model), run, ws.runs / f"{name}.safetensors", rank=settings["rank"],
+                             cache=ws.runs / f"{name}.teacher.safetensors", log=lambda m: None,
+                             on_teacher=on_teacher, on_step=on_step, should_stop=should_stop)
+        if result.steps < run.steps:
+            return None
+        target = ws.library / f"{name}.safetensors"
         with atomic_path(target) as tmp:
             shutil.copyfile(result.path, tmp)
         return target
@@ -249,6 +283,30 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
 
+    def start_distill(name, steps, pairs, rank, high_frequency, seed):
+        from studio.adapters.hipa.config import DistillSettings
+
+        try:
+            name = safe_name(name or "one_step")
+            settings = {"seed": int(seed)}
+            if steps:
+                settings["steps"] = int(steps)
+            if pairs:
+                settings["pairs"] = int(pairs)
+            if not high_frequency:
+                settings.update(fourier_weight=0.0, edge_weight=0.0)
+            if int(rank or 0) < 1:
+                raise StudioError("the adaptor's rank must be at least 1")
+            DistillSettings(**settings).validate()  # refuse bad settings now, not in the queue
+            job = jobs.submit(name, {"kind": "distill", "name": name, "settings": settings, "rank": int(rank)})
+            return f"queued one-step adaptor **{name}** (job {job.id})"
+        except (StudioError, ValueError) as exc:
+            gr.Warning(str(exc))
+            return f"⚠️ {exc}"
+
+    def one_step_choices():
+        return gr.update(choices=[e["name"] for e in library_entries(ws.library) if e["method"] == "hipa"])
+
     def compare_erase(model_src, membranes, prompts_text, steps, guidance, seed):
         """The test prompts without and with the chosen membranes (same seeds), and each prompt's strength."""
         prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
@@ -294,21 +352,29 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         names = [r[0] for r in rows]
         return rows, gr.update(choices=names), gr.update(choices=names)
 
-    def run_generate(model_src, prompt, negative, steps, guidance, seed, batch, adapters=None, weight=1.0):
+    def run_generate(model_src, prompt, negative, steps, guidance, seed, batch, adapters=None, weight=1.0,
+                     one_step=None):
+        if one_step:  # a one-step adaptor runs one UNet call without guidance, whatever the sliders say
+            steps, guidance = 1, 0.0
         settings = GenerationSettings(prompt, negative, int(steps), float(guidance), int(seed), int(batch))
         try:
             settings.validate()
             chosen = {str(ws.adapter(n)): float(weight) for n in (adapters or [])}
             source = (model_src or "").strip() or "shapes"
+            fast = str(ws.adapter(one_step)) if one_step else None
             with cache.lock:
-                images = generate(cache.get(source, chosen), settings)
+                images = generate(cache.get(source, chosen, one_step=fast), settings)
             # saved with their settings in the PNG, so a downloaded image says how it was made
             paths = output_paths(ws.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.png",
                                  len(images))
-            save_images(images, paths, settings, source, {"adapters": {n: float(weight) for n in adapters or []}})
+            extra = {"adapters": {n: float(weight) for n in adapters or []}}
+            if one_step:
+                extra["one_step"] = one_step
+            save_images(images, paths, settings, source, extra)
         except (StudioError, ValueError) as exc:
             raise gr.Error(str(exc))
         used = f" with {', '.join(adapters)} at {weight:g}" if adapters else ""
+        used += f", one step with {one_step}" if one_step else ""
         return [str(p) for p in paths], (f"{len(images)} image(s), seed {settings.seed}.."
                                          f"{settings.seed + settings.batch - 1}{used}")
 
@@ -375,7 +441,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         instance_prompt = gr.Textbox(label="Instance prompt (for pictures without a caption)",
                                                      placeholder="a sks")
                     with gr.Row():
-                        method = gr.Dropdown(method_names(), value="lora", label="Method")
+                        method = gr.Dropdown(concept_methods, value="lora", label="Method")
                         preset = gr.Dropdown(list(PRESETS), value="quick", label="Preset")
                     with gr.Accordion("Advanced settings", open=False):
                         with gr.Row():
@@ -417,6 +483,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     with gr.Row():
                         adapters = gr.Dropdown([], multiselect=True, label="Adapters from the library")
                         weight = gr.Slider(-1, 2, value=1.0, step=0.05, label="Adapter weight")
+                    one_step_pick = gr.Dropdown([], value=None, label="One step (a HiPA adaptor from the library; "
+                                                                      "sets 1 step, guidance 0)")
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                         guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
@@ -427,8 +495,31 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                 with gr.Column():
                     gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", elem_id="gallery")
                     status = gr.Markdown()
-            button.click(run_generate, [model_box, prompt, negative, steps, guidance, seed, batch, adapters, weight],
-                         [gallery, status], api_name="generate")
+            button.click(run_generate, [model_box, prompt, negative, steps, guidance, seed, batch, adapters, weight,
+                                        one_step_pick], [gallery, status], api_name="generate")
+
+        with gr.Tab("One step"):
+            gr.Markdown("Distil the model to one step (HiPA): a small adaptor learns to draw in one UNet call what "
+                        "the model draws in 25 guided steps. It trains on images the model makes itself; pick it "
+                        "in the Generate tab's *One step* box when it is done.")
+            with gr.Row():
+                with gr.Column():
+                    distill_name = gr.Textbox(value="one_step", label="Name")
+                    with gr.Row():
+                        distill_steps = gr.Number(value=0, precision=0, label="Steps (0: default)")
+                        distill_pairs = gr.Number(value=0, precision=0, label="Teacher images (0: default)")
+                    with gr.Row():
+                        distill_rank = gr.Number(value=4, precision=0, label="Rank")
+                        distill_seed = gr.Number(value=0, precision=0, label="Seed")
+                    distill_hf = gr.Checkbox(value=True, label="High-frequency loss (Fourier high-pass + edges)")
+                    with gr.Row():
+                        distill_start = gr.Button("Distil", variant="primary")
+                        distill_stop = gr.Button("Stop")
+                with gr.Column():
+                    distill_status = gr.Markdown("", elem_id="distill-status")
+            distill_start.click(start_distill, [distill_name, distill_steps, distill_pairs, distill_rank, distill_hf,
+                                                distill_seed], distill_status, api_name="distill")
+            distill_stop.click(stop_training, None, distill_status, api_name="distill_stop")
 
         with gr.Tab("Erase") as erase_tab:
             gr.Markdown("Train a membrane that makes the model unable to draw a concept (SPM). It acts only on "
@@ -494,6 +585,10 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             delete_btn.click(delete, [chosen, confirm], [table, chosen, adapters, library_status], api_name="delete")
         app.load(library_table, None, [table, chosen, adapters])
         generate_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
+        generate_tab.select(one_step_choices, None, one_step_pick, show_progress="hidden")
+        app.load(one_step_choices, None, one_step_pick)
+        refresh.click(one_step_choices, None, one_step_pick, show_progress="hidden", api_name="one_step_adaptors")
+        timer.tick(lambda: job_status()[0], None, distill_status, show_progress="hidden")
         erase_tab.select(membrane_choices, None, membrane_pick, show_progress="hidden")
         timer.tick(lambda: job_status()[0], None, erase_status, show_progress="hidden")
         refresh.click(membrane_choices, None, membrane_pick, show_progress="hidden", api_name="membranes")

@@ -36,7 +36,7 @@ class Job:
             return f"**{self.name}**: queued"
         if self.status == "running":
             if not self.steps:
-                return f"**{self.name}**: preparing (checking images, caching latents)…"
+                return f"**{self.name}**: {self.message or 'preparing (checking images, caching latents)'}…"
             left = f", about {self.eta_seconds:.0f} s left" if self.eta_seconds is not None else ""
             loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
             return f"**{self.name}**: step {self.step}/{self.steps}{loss}{left}"
@@ -105,6 +105,8 @@ class JobQueue:
             if event["kind"] == "step":
                 job.step, job.steps, job.loss, job.eta_seconds = (event["step"], event["steps"], event["loss"],
                                                                   event["eta_seconds"])
+            elif event["kind"] == "phase":  # what a job does before its steps start
+                job.message = event["message"]
             elif event["kind"] == "preview":
                 job.previews = event["paths"] + job.previews
 

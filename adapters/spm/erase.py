@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from studio.adapters.base import AdapterError, base_fingerprint, save_adapter
+from studio.adapters.base import AdapterError, base_fingerprint, optimizer_step, save_adapter
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.model import SpmMethod
 from studio.adapters.spm.transport import token_ids
@@ -118,14 +118,9 @@ def _erase_loop(pipe, config: SpmConfig, settings: EraseSettings, student, froze
         loss = F.mse_loss(pred[:b].float(), goal.float())
         if anchor_emb is not None:
             loss = loss + config.anchor_weight * F.mse_loss(pred[b:].float(), base[2 * b:].float())
-        if not torch.isfinite(loss):
-            raise AdapterError(f"the erase loss became {loss.item()} at step {step}; lower the learning rate "
-                               f"(now {settings.lr:g}) or the anchor weight (now {config.anchor_weight:g})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler_lr.step()
-        last = float(loss.detach())
+        last = optimizer_step(loss, optimizer, scheduler_lr, step=step, what="erase",
+                              remedy=f"lower the learning rate (now {settings.lr:g}) or the anchor weight "
+                                     f"(now {config.anchor_weight:g})")
         bar.set_postfix(loss=f"{last:.4f}")
         if on_step is not None:
             on_step(step, last)

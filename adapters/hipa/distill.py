@@ -1,0 +1,216 @@
+"""Training the one-step adaptor: teacher pairs (noise, prompt, the frozen model's multi-step image from that
+noise), then the student (base UNet + adaptor, one call at T) trained so its decoded image matches the
+teacher's under the spatial and high-frequency losses, back-propagated through the frozen VAE decoder."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from studio.adapters.base import (AdapterError, base_fingerprint, optimizer_step, save_adapter,
+                                  write_safetensors)
+from studio.adapters.hipa.config import DistillSettings, HipaConfig
+from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
+from studio.adapters.hipa.model import HipaMethod
+from studio.adapters.hipa.schedule import alpha_bar, last_timestep, predicted_x0
+
+TRAINING_NAME = "one_step"
+Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TeacherPairs:
+    """What the student learns from: noise z (N x C x h x w), prompts, and the teacher's output from z: its
+    final latents (N x C x h x w) and their decoded images (N x 3 x H x W, uint8)."""
+
+    noise: torch.Tensor
+    prompts: list[str]
+    latents: torch.Tensor
+    images: torch.Tensor
+    steps: int
+    guidance: float
+    base: dict
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"format": "studio-teacher-pairs", "prompts": json.dumps(self.prompts), "steps": str(self.steps),
+                "guidance": str(self.guidance), "base_model": json.dumps(self.base, sort_keys=True)}
+        return write_safetensors(path, {"noise": self.noise, "latents": self.latents, "images": self.images}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TeacherPairs":
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "studio-teacher-pairs":
+                    raise AdapterError(f"{path}: not a teacher-pairs file")
+                return cls(f.get_tensor("noise"), json.loads(meta["prompts"]), f.get_tensor("latents"),
+                           f.get_tensor("images"),
+                           int(meta["steps"]), float(meta["guidance"]), json.loads(meta["base_model"]))
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"{path}: cannot read teacher pairs ({type(e).__name__}: {e})") from None
+
+    def fits(self, pipe, settings: DistillSettings) -> bool:
+        return (self.base == base_fingerprint(pipe) and self.steps == settings.teacher_steps
+                and self.guidance == settings.teacher_guidance and len(self.prompts) >= settings.pairs)
+
+
+def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
+    size = (resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    return pipe.unet.config.in_channels, size, size
+
+
+def make_teacher_pairs(pipe, prompts: list[str], settings: DistillSettings, *, batch: int = 16,
+                       progress: bool = False, on_batch: Callable[[int, int], None] | None = None) -> TeacherPairs:
+    """Run the frozen model (its own scheduler, `teacher_steps` steps, CFG `teacher_guidance`) from seeded
+    noise; image i is the teacher's output from noise[i] and prompts[i]."""
+    if not prompts:
+        raise AdapterError("the teacher needs prompts to draw")
+    generator = torch.Generator().manual_seed(settings.seed)
+    noise = torch.randn((len(prompts), *latent_shape(pipe)), generator=generator)
+    latents, images = [], []
+    dtype = pipe.unet.dtype
+    for i in tqdm(range(0, len(prompts), batch), desc="teacher", disable=not progress):
+        out = pipe(prompts[i:i + batch], latents=noise[i:i + batch].to(pipe.device, dtype),
+                   num_inference_steps=settings.teacher_steps, guidance_scale=settings.teacher_guidance,
+                   output_type="latent").images
+        with torch.no_grad():
+            image = decode(pipe, out)
+        latents.append(out.float().cpu())
+        images.append((image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        if on_batch is not None:
+            on_batch(min(i + batch, len(prompts)), len(prompts))
+    return TeacherPairs(noise, list(prompts), torch.cat(latents), torch.cat(images), settings.teacher_steps,
+                        settings.teacher_guidance, base_fingerprint(pipe))
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        embeds, _ = pipe.encode_prompt(prompts[i:i + batch], pipe.device, 1, False)
+        out.append(embeds)
+    return torch.cat(out)
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1] (not clamped, so gradients pass everywhere)."""
+    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5
+
+
+def one_step_latents(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int) -> torch.Tensor:
+    """The student's x0: one UNet call at `timestep` on `noise`."""
+    t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
+    out = pipe.unet(noise, t, encoder_hidden_states=prompt_embeds).sample
+    return predicted_x0(out, noise, alpha_bar(pipe.scheduler.config, timestep),
+                        pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def one_step_images(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int) -> torch.Tensor:
+    """The student's images: its x0, decoded."""
+    return decode(pipe, one_step_latents(pipe, noise, prompt_embeds, timestep))
+
+
+@dataclass
+class DistillResult:
+    path: Path | None
+    steps: int
+    seconds: float
+    trainable_parameters: int
+    last_loss: float
+
+
+def _check_pipeline(pipe, config: HipaConfig) -> None:
+    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+        raise AdapterError("one-step distillation supports SD 1.x/2.x-style UNets (and the embedded model); SDXL "
+                           "needs pooled embeddings and time ids, which this trainer does not build yet")
+    last = last_timestep(pipe.scheduler.config)
+    if config.timestep != last:
+        raise AdapterError(f"the one-step timestep must be the model's last training timestep ({last}), "
+                           f"got {config.timestep}")
+
+
+def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, out: str | Path | None = None,
+            *, perceptual: Perceptual | None = None, progress: bool = False,
+            on_step: Callable[[int, float], None] | None = None, should_stop=None) -> DistillResult:
+    """Train the adaptor on `pipe` (left attached under TRAINING_NAME) and, with `out`, write it (method "hipa")."""
+    settings.validate()
+    _check_pipeline(pipe, config)
+    if pairs.base != base_fingerprint(pipe):
+        raise AdapterError("the teacher pairs were made by another model; make them again for this one")
+    n = min(settings.pairs, len(pairs.prompts))
+    method = HipaMethod()
+    with torch.random.fork_rng():  # the adaptor's initial down-projections come from the seed
+        torch.manual_seed(settings.seed)
+        method.attach(pipe, config, TRAINING_NAME)
+    params = method.trainable_parameters(pipe, TRAINING_NAME)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    embeds = encode_prompts(pipe, pairs.prompts[:n])
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine down to a tenth
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        done = (step - settings.warmup) / max(settings.steps - settings.warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    rng = random.Random(settings.seed)
+    order: list[int] = []
+    pipe.unet.train()
+    start = time.perf_counter()
+    last = float("nan")
+    step = 0
+    try:
+        for step in tqdm(range(1, settings.steps + 1), desc="distill", disable=not progress):
+            if should_stop is not None and should_stop():
+                step -= 1
+                break
+            if len(order) < settings.batch:  # epochs of shuffled pairs
+                more = list(range(n))
+                rng.shuffle(more)
+                order += more
+            idx, order = order[:settings.batch], order[settings.batch:]
+            noise = pairs.noise[idx].to(device, dtype)
+            teacher = pairs.images[idx].to(device, torch.float32) / 255
+            x0 = one_step_latents(pipe, noise, embeds[idx], config.timestep)
+            student = decode(pipe, x0).float()
+            loss = spatial_loss(student, teacher, pixel_weight=settings.pixel_weight, perceptual=perceptual,
+                                perceptual_weight=settings.perceptual_weight)
+            if settings.latent_weight:
+                loss = loss + settings.latent_weight * F.mse_loss(x0.float(), pairs.latents[idx].to(device))
+            if settings.high_frequency:
+                loss = loss + high_frequency_loss(student, teacher, radius=settings.radius,
+                                                  fourier_weight=settings.fourier_weight,
+                                                  edge_weight=settings.edge_weight)
+            last = optimizer_step(loss, optimizer, lr_schedule, step=step, what="distill",
+                                  remedy=f"lower the learning rate (now {settings.lr:g})")
+            if on_step is not None:
+                on_step(step, last)
+    finally:
+        pipe.unet.eval()
+        for p in params:
+            p.requires_grad_(False)
+    seconds = time.perf_counter() - start
+    path = None
+    if out is not None:
+        path = save_adapter(out, "hipa", config, method.state_dict(pipe, TRAINING_NAME), base_fingerprint(pipe),
+                            extra={"steps": str(step), "teacher_steps": str(pairs.steps),
+                                   "teacher_guidance": str(pairs.guidance), "high_frequency_loss":
+                                   str(settings.high_frequency).lower()})
+    return DistillResult(path, step, seconds, sum(p.numel() for p in params), last)

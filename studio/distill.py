@@ -1,0 +1,81 @@
+"""`studio distill`: teacher pairs (cached), then the one-step HiPA adaptor trained on them. The pieces are
+in adapters/hipa; this picks the prompts and the perceptual network for the model at hand."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from studio.adapters.base import AdapterError
+from studio.adapters.hipa.config import DistillSettings, HipaConfig
+from studio.adapters.hipa.distill import DistillResult, TeacherPairs, distill, make_teacher_pairs
+from studio.loading import StudioError
+
+PROMPT_SEED = 20_261_125
+
+
+def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: int = PROMPT_SEED) -> list[str]:
+    """The teacher's prompts: lines of `prompts_file` (cycled to n), or on the embedded model n captions of
+    its world (pretraining attribute combinations; B4 judges held-out ones)."""
+    if prompts_file:
+        path = Path(prompts_file)
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except FileNotFoundError:
+            raise StudioError(f"{path}: no such prompts file") from None
+        except UnicodeDecodeError as e:
+            raise StudioError(f"{path}: not UTF-8 text (byte {e.start}); save the prompts as UTF-8") from None
+        if not lines:
+            raise StudioError(f"{path}: no prompts in the file (one per line)")
+        return [lines[i % len(lines)] for i in range(n)]
+    if getattr(pipe, "studio_architecture", "") != "shapes":
+        raise StudioError("distilling this model needs prompts: pass --prompts FILE (one prompt per line)")
+    from studio import world
+
+    rng = random.Random(seed)
+    return [world.caption(world.random_spec(rng)) for _ in range(n)]
+
+
+def perceptual_for(pipe):
+    """The judge's LPIPS-style distance on the embedded model; None elsewhere (no perceptual network ships
+    that runs offline on real images, so the spatial term is pixels only)."""
+    if getattr(pipe, "studio_architecture", "") != "shapes":
+        return None
+    from studio.judge import load_judge, perceptual_distance
+
+    return perceptual_distance(load_judge())
+
+
+def teacher_pairs(pipe, settings: DistillSettings, prompts: list[str], cache: str | Path | None = None, *,
+                  progress: bool = False, log=print, on_batch=None) -> TeacherPairs:
+    """Load the cached pairs when they were made by this model with these teacher settings, else make them
+    (and cache them)."""
+    if cache and Path(cache).is_file():
+        try:
+            pairs = TeacherPairs.load(cache)
+        except AdapterError as e:
+            log(f"{e}; making them again")
+        else:
+            if pairs.fits(pipe, settings) and pairs.prompts[:settings.pairs] == prompts[:settings.pairs]:
+                log(f"teacher pairs: {settings.pairs} from {cache}")
+                return pairs
+            log(f"{cache}: made by another model, teacher setting or prompt list; making them again")
+    pairs = make_teacher_pairs(pipe, prompts[:settings.pairs], settings, progress=progress, on_batch=on_batch)
+    if cache:
+        pairs.save(cache)
+    return pairs
+
+
+def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int = 4, prompts_file=None,
+                cache: str | Path | None = None, progress: bool = False, log=print, on_teacher=None, on_step=None,
+                should_stop=None) -> DistillResult:
+    """Teacher pairs (from `cache` when they fit), then the adaptor written to `out`. `on_teacher(done, total)`
+    reports the teacher's images, `on_step(step, loss)` the student's steps."""
+    from studio.adapters.hipa.schedule import last_timestep
+
+    settings.validate()
+    prompts = distill_prompts(pipe, settings.pairs, prompts_file)
+    pairs = teacher_pairs(pipe, settings, prompts, cache, progress=progress, log=log, on_batch=on_teacher)
+    config = HipaConfig(rank=rank, timestep=last_timestep(pipe.scheduler.config))
+    return distill(pipe, config, settings, pairs, out, perceptual=perceptual_for(pipe), progress=progress,
+                   on_step=on_step, should_stop=should_stop)
