@@ -22,7 +22,7 @@ from studio.adapters.base import (AdapterError, base_fingerprint, optimizer_step
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
 from studio.adapters.hipa.model import HipaMethod
-from studio.adapters.hipa.schedule import alpha_bar, last_timestep, predicted_x0
+from studio.adapters.hipa.schedule import last_timestep, predicted_x0
 
 TRAINING_NAME = "one_step"
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,7 +113,8 @@ def one_step_latents(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, tim
     """The student's x0: one UNet call at `timestep` on `noise`."""
     t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
     out = pipe.unet(noise, t, encoder_hidden_states=prompt_embeds).sample
-    return predicted_x0(out, noise, alpha_bar(pipe.scheduler.config, timestep),
+    # the pipeline's scheduler holds alpha_bar of the training schedule (DDIM, LCM, Euler: the same betas)
+    return predicted_x0(out, noise, float(pipe.scheduler.alphas_cumprod[timestep]),
                         pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 

@@ -24,13 +24,6 @@ def one_step_scheduler(scheduler_config):
     return LCMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
 
 
-def alpha_bar(scheduler_config, timestep: int) -> float:
-    """alpha_bar(t) of the model's training schedule (the same betas diffusers' schedulers build)."""
-    from diffusers import DDPMScheduler
-
-    return float(DDPMScheduler.from_config(scheduler_config).alphas_cumprod[timestep])
-
-
 def predicted_x0(model_output: torch.Tensor, noisy: torch.Tensor, alpha_bar_t: float,
                  prediction_type: str = "epsilon") -> torch.Tensor:
     """x0 from one model call at a timestep with cumulative alpha `alpha_bar_t`."""
