@@ -104,9 +104,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return lora_linear_reference(x, weight, bias, lora_a, lora_b)
     if path == "triton" and lora_a.shape[0] > 128:  # the kernel keeps A·x for a row block in registers
         path = "fused"
-    if path == "fused" and not (torch.is_grad_enabled() and any(
+    if not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))):
-        y = x.new_empty(*x.shape[:-1], weight.shape[0])  # inference: no autograd node to build
-        _fused_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        x2 = x.reshape(-1, x.shape[-1])  # inference: no autograd node to build
+        if path == "triton":
+            from studio.kernels.triton_ops import lora_matmul
+            return lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
         return y
     return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path == "triton")

@@ -3,8 +3,8 @@
 Forward scatters the values into a transient copy of W (one matmul, nothing kept). Backward needs the
 values' gradient only at the trained entries, (dYᵀX)[M]: a sampled dense-dense product (SDDMM) over the
 mask. On the CPU that is `torch.sparse.sampled_addmm` below `SAMPLED_BELOW` density and the dense product
-plus a gather above it (measured: the dense GEMM wins once ~5% of the entries are trained); on CUDA a
-Triton SDDMM kernel.
+plus a gather above it (measured: the dense GEMM wins once ~5% of the entries are trained). On CUDA the
+plain reference is the default (see `paths.auto_path`); the Triton SDDMM kernel runs when forced.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class _SparseDeltaConv2d(torch.autograd.Function):
 def sparse_delta_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, values: torch.Tensor, index: torch.Tensor,
                         path: str | None = None) -> torch.Tensor:
     """`conv` with its weight plus `values` at the flat `index` (padding mode "zeros")."""
-    if (path or kernel_path(x)) == "reference":
+    if (path or kernel_path(x, op="sparse")) == "reference":
         merged = conv.weight.reshape(-1).index_add(0, index, values).view_as(conv.weight)
         return conv._conv_forward(x, merged, conv.bias)
     return _SparseDeltaConv2d.apply(x, conv.weight, conv.bias, values, index, conv)
@@ -106,7 +106,7 @@ def sampled_grad(grad_y: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, 
     if use_triton:
         from studio.kernels.triton_ops import sddmm
         return sddmm(grad_y, x, pattern.rows, pattern.cols)
-    if pattern.density < SAMPLED_BELOW:
+    if pattern.density < SAMPLED_BELOW and not grad_y.is_cuda:
         rows = pattern.rows
         with warnings.catch_warnings():  # "CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
@@ -149,7 +149,7 @@ class _FusedSparseDelta(torch.autograd.Function):
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                         pattern: SparsePattern, path: str | None = None) -> torch.Tensor:
     """(W + ΔW) x + b where ΔW holds `values` at `pattern`'s entries and zero elsewhere."""
-    path = path or kernel_path(x)
+    path = path or kernel_path(x, op="sparse")
     if path == "reference":
         return sparse_delta_linear_reference(x, weight, bias, values, pattern)
     return _FusedSparseDelta.apply(x, weight, bias, values, pattern, path == "triton")

@@ -42,24 +42,34 @@ def lora_floor(fan_in: int, fan_out: int, rank: int, backward: bool) -> float:
     return 1.5 * floor if backward else floor
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _paired_ratios(fns: dict[str, Callable[[], None]], rounds: int, sample_s: float = 0.02) -> dict[str, float]:
     """Median over `rounds` of each variant's time per call divided by the first variant's in the same round.
     Variants take turns (drift and bursts of load hit them alike) in blocks of about `sample_s`, so that the
-    caches one leaves behind barely touch the next one's figure."""
+    caches one leaves behind barely touch the next one's figure. On CUDA each block ends with a synchronize
+    (kernels are queued, not run, when the call returns)."""
     loops = {}
-    for name, fn in fns.items():  # warm-up, and how many calls make a block
+    for name, fn in fns.items():  # warm-up (and Triton's compilation), and how many calls make a block
         fn()
+        _synchronize()
         start = time.perf_counter()
         fn()
+        _synchronize()
         loops[name] = max(1, round(sample_s / max(time.perf_counter() - start, 1e-6)))
     first = next(iter(fns))
     ratios: dict[str, list[float]] = {name: [] for name in fns}
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            _synchronize()
             start = time.perf_counter()
             for _ in range(loops[name]):
                 fn()
+            _synchronize()
             seconds[name].append((time.perf_counter() - start) / loops[name])
         for name in fns:
             ratios[name].append(seconds[name][-1] / seconds[first][-1])
@@ -67,14 +77,16 @@ def _paired_ratios(fns: dict[str, Callable[[], None]], rounds: int, sample_s: fl
             **{f"{name}_s": statistics.median(t) for name, t in seconds.items()}}
 
 
-def _variants(tokens: int, fan_in: int, fan_out: int, rank: int, backward: bool) -> dict[str, Callable[[], None]]:
+def _variants(tokens: int, fan_in: int, fan_out: int, rank: int, backward: bool, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     base = torch.nn.Linear(fan_in, fan_out).requires_grad_(False)
     peft = PeftLoraLinear(base, "bench", PeftLoraConfig(r=rank, lora_alpha=rank), r=rank, lora_alpha=rank)
     torch.nn.init.normal_(peft.lora_B["bench"].weight, std=0.01)
+    peft.to(device, dtype)
     lora_a, lora_b = peft.lora_A["bench"].weight, peft.lora_B["bench"].weight
-    x = torch.randn(1, tokens, fan_in, requires_grad=backward)
-    grad = torch.randn(1, tokens, fan_out)
+    x = torch.randn(1, tokens, fan_in, device=device, dtype=dtype, requires_grad=backward)
+    grad = torch.randn(1, tokens, fan_out, device=device, dtype=dtype)
 
     def run(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         if not backward:
@@ -93,37 +105,47 @@ def _variants(tokens: int, fan_in: int, fan_out: int, rank: int, backward: bool)
         "peft": run(lambda: peft(x)),
         "reference": run(lambda: lora_linear_reference(x, base.weight, base.bias, lora_a, lora_b)),
         "fused": run(lambda: lora_linear(x, base.weight, base.bias, lora_a, lora_b, path="fused")),
+        **({"triton": run(lambda: lora_linear(x, base.weight, base.bias, lora_a, lora_b, path="triton"))}
+           if x.is_cuda else {}),
     }
 
 
 def bench_linears(shapes=SD15_SHAPES, tokens_list=TOKENS, ranks=RANKS, repeats: int = 15,
-                  progress: Callable[[str], None] | None = None) -> list[dict]:
+                  progress: Callable[[str], None] | None = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> list[dict]:
+    """On CUDA the Triton kernel is one more variant, and the goal is judged on the path that runs there by
+    default (Triton)."""
     rows = []
+    chosen = "triton" if device.startswith("cuda") else "fused"
     for backward in (False, True):
         for fan_in, fan_out in shapes:
             for tokens in tokens_list:
                 for rank in ranks:
-                    t = _paired_ratios(_variants(tokens, fan_in, fan_out, rank, backward), repeats)
+                    t = _paired_ratios(_variants(tokens, fan_in, fan_out, rank, backward, device, dtype), repeats)
                     row = {"direction": "fwd+bwd" if backward else "fwd", "in": fan_in, "out": fan_out,
                            "tokens": tokens, "rank": rank, "floor": lora_floor(fan_in, fan_out, rank, backward),
-                           "bare_ms": t["bare_s"] * 1e3,
-                           **{f"{k}_over": t[k] - 1 for k in ("peft", "reference", "fused")}}
-                    row["goal"] = row["fused_over"] <= 1.25 * row["floor"] + 0.02
+                           "bare_ms": t["bare_s"] * 1e3, "chosen": chosen,
+                           **{f"{k}_over": t[k] - 1 for k in ("peft", "reference", "fused", "triton") if k in t}}
+                    row["goal"] = row[f"{chosen}_over"] <= 1.25 * row["floor"] + 0.02
                     rows.append(row)
                     if progress:
+                        extra = f", triton {row['triton_over']:+.1%}" if "triton_over" in row else ""
                         progress(f"{row['direction']} {fan_in}->{fan_out} T={tokens} r={rank}: floor "
-                                 f"{row['floor']:.1%}, fused {row['fused_over']:+.1%}, peft {row['peft_over']:+.1%}")
+                                 f"{row['floor']:.1%}, fused {row['fused_over']:+.1%}{extra}, "
+                                 f"peft {row['peft_over']:+.1%}")
     return rows
 
 
-def _sparse_variants(tokens: int, fan_in: int, fan_out: int, density: float) -> dict[str, Callable[[], None]]:
+def _sparse_variants(tokens: int, fan_in: int, fan_out: int, density: float, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    base = torch.nn.Linear(fan_in, fan_out).requires_grad_(False)
-    full = torch.nn.Linear(fan_in, fan_out)
+    base = torch.nn.Linear(fan_in, fan_out).requires_grad_(False).to(device, dtype)
+    full = torch.nn.Linear(fan_in, fan_out).to(device, dtype)
     pattern = SparsePattern.from_mask(torch.rand(fan_out, fan_in) < density)
-    values = torch.zeros(pattern.index.numel(), requires_grad=True)
-    x = torch.randn(1, tokens, fan_in, requires_grad=True)
-    grad = torch.randn(1, tokens, fan_out)
+    pattern.index = pattern.index.to(device)
+    values = torch.zeros(pattern.index.numel(), device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(1, tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, tokens, fan_out, device=device, dtype=dtype)
 
     def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def call():
@@ -136,40 +158,47 @@ def _sparse_variants(tokens: int, fan_in: int, fan_out: int, density: float) -> 
         "full": step(lambda: full(x)),
         "reference": step(lambda: sparse_delta_linear(x, base.weight, base.bias, values, pattern, path="reference")),
         "fused": step(lambda: sparse_delta_linear(x, base.weight, base.bias, values, pattern, path="fused")),
+        **({"triton": step(lambda: sparse_delta_linear(x, base.weight, base.bias, values, pattern, path="triton"))}
+           if x.is_cuda else {}),
     }
 
 
 def bench_sparse(shapes=((320, 320), (640, 640), (1280, 1280)), tokens_list=(1024, 4096),
                  densities=(0.01, 0.05, 0.2), repeats: int = 15,
-                 progress: Callable[[str], None] | None = None) -> list[dict]:
+                 progress: Callable[[str], None] | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[dict]:
     """Training step (forward + input and delta gradients) of the sparse-delta linear against the frozen
     bare linear and against full fine-tuning of the same linear (dense weight gradient)."""
     rows = []
     for fan_in, fan_out in shapes:
         for tokens in tokens_list:
             for density in densities:
-                t = _paired_ratios(_sparse_variants(tokens, fan_in, fan_out, density), repeats)
+                t = _paired_ratios(_sparse_variants(tokens, fan_in, fan_out, density, device, dtype), repeats)
                 row = {"in": fan_in, "out": fan_out, "tokens": tokens, "density": density,
-                       "bare_ms": t["bare_s"] * 1e3, **{f"{k}_over": t[k] - 1 for k in ("full", "reference", "fused")}}
+                       "bare_ms": t["bare_s"] * 1e3,
+                       **{f"{k}_over": t[k] - 1 for k in ("full", "reference", "fused", "triton") if k in t}}
                 rows.append(row)
                 if progress:
+                    extra = f", triton {row['triton_over']:+.1%}" if "triton_over" in row else ""
                     progress(f"sparse {fan_in}->{fan_out} T={tokens} density={density:.0%}: full "
                              f"{row['full_over']:+.1%}, reference {row['reference_over']:+.1%}, fused "
-                             f"{row['fused_over']:+.1%}")
+                             f"{row['fused_over']:+.1%}{extra}")
     return rows
 
 
 def sparse_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    triton = bool(rows) and "triton_over" in rows[0]
     header = ["in→out", "tokens", "trained entries", "frozen linear", "full fine-tuning", "reference (dense ΔW)",
-              "fused (SDDMM)"]
-    return header, [[f"{r['in']}→{r['out']}", str(r["tokens"]), f"{r['density']:.0%}", f"{r['bare_ms']:.2f} ms",
+              "fused (SDDMM)"] + (["Triton (SDDMM kernel)"] if triton else [])
+    return header, [[f"{r['in']}→{r['out']}", str(r["tokens"]), f"{r['density'] * 100:g}%", f"{r['bare_ms']:.3f} ms",
                      f"{r['full_over']:+.1%}", f"{r['reference_over']:+.1%}", f"{r['fused_over']:+.1%}"]
-                    for r in rows]
+                    + ([f"{r['triton_over']:+.1%}"] if triton else []) for r in rows]
 
 
-def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int = 8, repeats: int = 5) -> dict:
-    """UNet forward (classifier-free-guidance batch of 2) with `adapters` LoRAs unmerged — fused kernel and
-    PEFT's layer — against the same LoRAs merged into the weights."""
+def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int = 8, repeats: int = 5,
+                              device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """UNet forward (classifier-free-guidance batch of 2) with `adapters` LoRAs unmerged — fused kernel (Triton
+    on CUDA) and PEFT's layer — against the same LoRAs merged into the weights."""
     from types import SimpleNamespace
 
     from studio.adapters import get_method
@@ -190,11 +219,12 @@ def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int 
         weights[name] = 0.7
     lora.set_weights(holder, weights)  # all three active at 0.7
     lora._freeze_others(holder, None)
+    unet.to(device, dtype)
     latent = SD15_UNET["sample_size"] if model == "sd15" else unet.config.sample_size
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, latent, latent, generator=g)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    t = torch.tensor([500, 500])
+    sample = torch.randn(2, 4, latent, latent, generator=g).to(device, dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
 
     sites = [(unet.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], m)
              for path, m in unet.named_modules() if isinstance(m, PeftLoraLinear)]
@@ -208,9 +238,11 @@ def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int 
         for parent, child, layer in sites:
             layer.__class__ = PeftLoraLinear if kind == "peft" else FusedLoraLinear
             setattr(parent, child, layer.get_base_layer() if kind == "merged" else layer)
+        _synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             out = unet(sample, t, encoder_hidden_states=text).sample
+        _synchronize()
         elapsed = time.perf_counter() - start
         for parent, child, layer in sites:
             setattr(parent, child, layer)
@@ -225,32 +257,37 @@ def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int 
     for _ in range(repeats):  # round robin; merging happens outside the timed forward
         for kind in kinds:
             seconds[kind].append(timed(kind)[0])
-    error = (timed("merged")[1] - timed("fused")[1]).abs().max().item()
+    error = (timed("merged")[1].float() - timed("fused")[1].float()).abs().max().item()
     ratio = {kind: statistics.median(a / m for a, m in zip(seconds[kind], seconds["merged"])) for kind in kinds}
     return {"model": model, "adapters": adapters, "rank": rank, "layers": len(sites), "latent": latent,
+            "dtype": str(dtype).removeprefix("torch."),
             "merged_s": statistics.median(seconds["merged"]), "fused_over": ratio["fused"] - 1,
             "peft_over": ratio["peft"] - 1,
             "merged_vs_unmerged_max_diff": error}
 
 
 def b7_tables(rows: list[dict], generation: list[dict]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    header = ["pass", "in→out", "tokens", "rank", "floor", "bare linear", "PEFT layer", "reference", "fused",
-              "fused ≤ 1.25·floor+2pt", "fused < PEFT"]
+    """The goal columns judge the path each device runs by default: fused on the CPU, Triton on CUDA."""
+    chosen = rows[0]["chosen"] if rows else "fused"
+    triton = bool(rows) and "triton_over" in rows[0]
+    header = (["pass", "in→out", "tokens", "rank", "floor", "bare linear", "PEFT layer", "reference", "fused"]
+              + (["Triton"] if triton else []) + [f"{chosen} ≤ 1.25·floor+2pt", f"{chosen} < PEFT"])
     table = [[r["direction"], f"{r['in']}→{r['out']}", str(r["tokens"]), str(r["rank"]), f"{r['floor']:.1%}",
-              f"{r['bare_ms']:.2f} ms", f"{r['peft_over']:+.1%}", f"{r['reference_over']:+.1%}",
-              f"{r['fused_over']:+.1%}", "yes" if r["goal"] else "no",
-              "yes" if r["fused_over"] < r["peft_over"] else "no"] for r in rows]
+              f"{r['bare_ms']:.3f} ms", f"{r['peft_over']:+.1%}", f"{r['reference_over']:+.1%}",
+              f"{r['fused_over']:+.1%}"] + ([f"{r['triton_over']:+.1%}"] if triton else [])
+             + ["yes" if r["goal"] else "no", "yes" if r[f"{chosen}_over"] < r["peft_over"] else "no"] for r in rows]
     gen_header = ["UNet", "unmerged adapters", "LoRA layers", "merged (s per forward)", "unmerged, fused kernel",
                   "unmerged, PEFT's layer",
                   "largest difference, unmerged vs merged"]
-    gen_table = [[f"{g['model']} ({g['latent']}×{g['latent']} latents, batch 2)", f"{g['adapters']} × rank {g['rank']}",
-                  str(g["layers"]), f"{g['merged_s']:.3f}",
+    gen_table = [[f"{g['model']} ({g['latent']}×{g['latent']} latents, batch 2, {g['dtype']})",
+                  f"{g['adapters']} × rank {g['rank']}", str(g["layers"]), f"{g['merged_s']:.4f}",
                   f"{g['fused_over']:+.1%}", f"{g['peft_over']:+.1%}",
                   f"{g['merged_vs_unmerged_max_diff']:.1e}"] for g in generation]
     return header, table, gen_header, gen_table
 
 
 def summary(rows: list[dict]) -> str:
+    chosen = rows[0]["chosen"] if rows else "fused"
     big = [r for r in rows if r["tokens"] >= 1024]
-    return (f"fused within 1.25·floor+2pt at tokens ≥ 1024: {sum(r['goal'] for r in big)}/{len(big)}; "
-            f"fused faster than PEFT's layer: {sum(r['fused_over'] < r['peft_over'] for r in rows)}/{len(rows)}")
+    return (f"{chosen} within 1.25·floor+2pt at tokens ≥ 1024: {sum(r['goal'] for r in big)}/{len(big)}; "
+            f"{chosen} faster than PEFT's layer: {sum(r[f'{chosen}_over'] < r['peft_over'] for r in rows)}/{len(rows)}")

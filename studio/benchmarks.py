@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+RESULT_ENV = ("STUDIO_KERNELS", "STUDIO_ATTENTION")  # settings that change what a benchmark measures
 BENCHMARKS_FILE = Path(os.environ.get("STUDIO_BENCHMARKS", Path.cwd() / "BENCHMARKS.md"))
 
 
@@ -29,7 +30,8 @@ def record(title: str, header: list[str], rows: list[list[str]], *, write: bool 
     """Format a table; with write, append it to BENCHMARKS.md under the command that made it."""
     table = markdown_table(header, rows)
     if write:
-        cmd = "studio " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in RESULT_ENV if os.environ.get(k))
+        cmd = env + "studio " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         block = f"\n### {title}\n\n`{cmd}` — {stamp}, {machine()}\n\n{table}\n"
         if not BENCHMARKS_FILE.exists():

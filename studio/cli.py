@@ -366,11 +366,19 @@ def cmd_bench_kernels(args) -> None:
     parts = set(args.parts.split(","))
     if not parts <= {"linears", "sparse", "unet"}:
         raise StudioError(f"bench kernels: --parts takes linears, sparse, unet (got {args.parts!r})")
+    import torch
+
+    from studio.kernels.check import DTYPES
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise StudioError("bench kernels: --device cuda but torch sees no CUDA device")
+    on = dict(device=args.device, dtype=DTYPES[args.dtype])
     say = lambda line: print(line, flush=True)  # noqa: E731
     rows = bench_linears(shapes=shapes, tokens_list=tokens, ranks=ranks, repeats=args.repeats,
-                         progress=say) if "linears" in parts else []
-    sparse = bench_sparse(progress=say) if "sparse" in parts else []
-    generation = [bench_unmerged_generation(model, adapters=args.adapters, rank=args.adapter_rank)
+                         progress=say, **on) if "linears" in parts else []
+    sparse = bench_sparse(densities=[float(d) for d in args.densities.split(",")], progress=say,
+                          **on) if "sparse" in parts else []
+    generation = [bench_unmerged_generation(model, adapters=args.adapters, rank=args.adapter_rank, **on)
                   for model in args.unet] if "unet" in parts else []
     header, table, gen_header, gen_table = b7_tables(rows, generation)
     if rows:
@@ -562,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="UNets for the unmerged-vs-merged forward")
     bk.add_argument("--adapters", type=int, default=3)
     bk.add_argument("--adapter-rank", type=int, default=8)
+    bk.add_argument("--densities", default="0.01,0.05,0.2", help="trained fractions for the sparse-delta table")
+    bk.add_argument("--device", default="cpu", help="cpu, or cuda (adds the Triton kernel as a variant)")
+    bk.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     bk.add_argument("--no-write", action="store_true")
     bk.set_defaults(func=cmd_bench_kernels)
 
