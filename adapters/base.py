@@ -131,6 +131,14 @@ def optimizer_step(loss: torch.Tensor, optimizer, lr_schedule, *, step: int, wha
     return float(loss.detach())
 
 
+def token_ids(pipe, texts: list[str]) -> torch.Tensor:
+    """The (first) tokenizer's ids, padded to its full length as the pipelines encode prompts (for trainers
+    that run the text encoder themselves)."""
+    tok = pipe.tokenizer
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
 # ---- the base-model fingerprint ----
 
 def base_fingerprint(pipe) -> dict[str, Any]:

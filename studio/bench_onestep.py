@@ -105,7 +105,7 @@ def _concept_rows(out: Path, one_step: Path, judge, base, log) -> list[list[str]
     """Does a concept adapter survive one step? The B2 LoRA at 25 guided steps, and beside the adaptor at 1."""
     import numpy as np
 
-    from studio.evaluate import _generate, b2_prompt_text, b2_prompts, write_b2_training_set, B2_SHAPE
+    from studio.evaluate import generate_images, b2_prompt_text, b2_prompts, write_b2_training_set, B2_SHAPE
     from studio.judge import judge_images
     from studio.loading import load_pipeline
     from studio.pipelines.one_step import use_one_step
@@ -126,7 +126,7 @@ def _concept_rows(out: Path, one_step: Path, judge, base, log) -> list[list[str]
             ("B2 LoRA + HiPA", one_step_concept, 1, 0.0),
             ("B2 LoRA, one-step schedule, no adaptor", use_one_step(load_pipeline(
                 "shapes", adapters={run.adapter_path: 1.0})), 1, 0.0)):
-        images = _generate(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in pairs], steps, guidance)
+        images = generate_images(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in pairs], steps, guidance)
         preds = judge_images(judge, images)[1]
         fidelity = float(np.mean([p == B2_SHAPE for p in preds["shape"]]))
         edit = float(np.mean([preds["colour"][i] == s.colour and preds["background"][i] == s.background

@@ -130,7 +130,9 @@ def b2_prompt_text(spec: world.Spec) -> str:
     return f"a {spec.colour} {B2_TRIGGER} on a {spec.background} background"
 
 
-def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 16) -> torch.Tensor:
+def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                    batch: int = 16) -> torch.Tensor:
+    """One image per (prompt, seed) at the shapes world's size, as a uint8 tensor batch for the judge."""
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
@@ -160,7 +162,7 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     concept = b2_prompts(n)
     specs = [s for s, _ in concept]
     set_adapter(True)
-    _, preds = judge_images(judge, _generate(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in concept],
+    _, preds = judge_images(judge, generate_images(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in concept],
                                              steps, guidance))
     fidelity = float(np.mean([p == B2_SHAPE for p in preds["shape"]]))
     editability = float(np.mean([preds["colour"][i] == s.colour and preds["background"][i] == s.background
@@ -168,14 +170,14 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     leak_rng = random.Random(B2_SEED + 2)
     leak_colours = [leak_rng.choice(list(world.COLOURS)) for _ in range(n)]
     leak_seeds = [leak_rng.randrange(2**31) for _ in range(n)]
-    _, leak_preds = judge_images(judge, _generate(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps,
+    _, leak_preds = judge_images(judge, generate_images(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps,
                                                   guidance))
     leak = float(np.mean([p == B2_SHAPE for p in leak_preds["shape"]]))
     base = b1_prompts(n)
     base_specs = [s for s, _ in base]
 
     def base_accuracy() -> float:
-        images = _generate(pipe, [world.caption(s) for s in base_specs], [sd for _, sd in base], steps, guidance)
+        images = generate_images(pipe, [world.caption(s) for s in base_specs], [sd for _, sd in base], steps, guidance)
         return mean_attribute_accuracy(judge_images(judge, images)[1], base_specs)
 
     adapted = base_accuracy()
@@ -216,13 +218,13 @@ def run_b3(pipe, judge: Judge, erased: dict[str, str], *, n: int = 64, steps: in
     residual = {}
     for i, (attr, value) in enumerate(erased.items()):
         pairs = b3_prompts(lambda s: getattr(s, attr) == value, n, B3_SEED + i)
-        images = _generate(pipe, [world.caption(s) for s, _ in pairs], [sd for _, sd in pairs], steps, guidance)
+        images = generate_images(pipe, [world.caption(s) for s, _ in pairs], [sd for _, sd in pairs], steps, guidance)
         preds = judge_images(judge, images)[1][attr]
         residual[f"{attr}={value}"] = float(np.mean([p == value for p in preds]))
     # prompts that name none of the erased values anywhere ("on a red background" names red)
     others = b3_prompts(lambda s: not set(erased.values()) & set(world.caption(s).split()), n, B3_SEED + 100)
     specs = [s for s, _ in others]
-    images = _generate(pipe, [world.caption(s) for s in specs], [sd for _, sd in others], steps, guidance)
+    images = generate_images(pipe, [world.caption(s) for s in specs], [sd for _, sd in others], steps, guidance)
     feats, preds = judge_images(judge, images)
     rng = random.Random(B3_SEED + 101)
     ref = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])

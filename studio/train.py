@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 from studio import data
+from studio.adapters.base import token_ids
 from studio.files import atomic_dir, atomic_path
 from studio.loading import StudioError
 
@@ -409,7 +410,7 @@ class Trainer:
 
         def encode_text(captions: list[str]) -> torch.Tensor:
             if train_text:
-                return text_encoder(_token_ids(pipe, captions).to(device))[0]
+                return text_encoder(token_ids(pipe, captions).to(device))[0]
             return torch.stack([text_cache[c] for c in captions])
 
         def base_prediction(noisy, timesteps, text):
@@ -521,7 +522,7 @@ class Trainer:
     def _embed_all(self, pipe, captions: list[str], device) -> list[torch.Tensor]:
         out = []
         for i in range(0, len(captions), 64):
-            out.extend(pipe.text_encoder(_token_ids(pipe, captions[i:i + 64]).to(device))[0])
+            out.extend(pipe.text_encoder(token_ids(pipe, captions[i:i + 64]).to(device))[0])
         return out
 
     def _optimizer(self, params):
@@ -624,11 +625,6 @@ class Trainer:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.on_event({"kind": "log", "message": f"resumed from {path} at step {state['step']}"})
         return int(state["step"])
-
-
-def _token_ids(pipe, captions: list[str]) -> torch.Tensor:
-    return pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
 
 
 def _json_default(value):

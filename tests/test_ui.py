@@ -156,7 +156,7 @@ def test_stop_keeps_a_checkpoint(client, star_files, running_app):
 def test_train_the_quick_preset_then_generate_with_it(client, star_files, running_app):
     from gradio_client import Client
 
-    reply = _train(client, star_files, "star")
+    reply = _train(client, star_files, "star", steps=120)  # the preset's settings, fewer steps: one preview
     assert "queued **star**" in reply
     status, percent, _ = _wait_for_job(client, until=("step",), timeout=300)
     assert 0 < percent < 100

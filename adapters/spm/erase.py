@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from studio.adapters.base import AdapterError, base_fingerprint, optimizer_step, save_adapter
+from studio.adapters.base import AdapterError, base_fingerprint, optimizer_step, save_adapter, token_ids
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.model import SpmMethod
-from studio.adapters.spm.transport import token_ids
 
 TRAINING_NAME = "membrane"
 

@@ -13,16 +13,9 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.base import AdapterError
+from studio.adapters.base import AdapterError, token_ids
 
 METRICS = ("tokenuni", "clipcos_tokenuni", "clipcos")
-
-
-def token_ids(pipe, texts: list[str]) -> torch.Tensor:
-    """The (first) tokenizer's ids, padded to its full length as the pipelines encode prompts."""
-    tok = pipe.tokenizer
-    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 def encode_texts(pipe, texts: list[str]) -> tuple[torch.Tensor, list[set[int]]]:
