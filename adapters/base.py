@@ -57,6 +57,12 @@ class AdapterMethod:
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
+    def optimizer(self, pipe, adapter: str, params: list[torch.nn.Parameter], *, lr: float, weight_decay: float,
+                  kind: str = "adamw") -> torch.optim.Optimizer | None:
+        """The method's own optimizer for `params` (e.g. SODA's Stiefel steps for its rotations); None: the
+        engine's `kind` (adamw or adamw8bit)."""
+        return None
+
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         """Tensors keyed `<component>.<module path>.<tensor>` (the diffusers convention)."""
         raise NotImplementedError
