@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters.base import AdapterError, save_adapter
+from studio.adapters.base import AdapterError, save_adapter, thin_svd
 from studio.adapters.lora.config import LoraConfig
 
 
@@ -21,7 +21,7 @@ def bake_deltas(deltas: dict[str, tuple[torch.Tensor, tuple[int, ...]]], rank: i
     tensors, ranks, residual, norm = {}, {}, 0.0, 0.0
     for layer, (delta, shape) in sorted(deltas.items()):
         rows, cols = shape[0], math.prod(shape[1:])
-        u, s, vh = torch.linalg.svd(delta.float().reshape(rows, cols), full_matrices=False)
+        u, s, vh = thin_svd(delta.reshape(rows, cols))
         r = min(rank, s.numel())
         root = s[:r].sqrt()
         lora_b, lora_a = u[:, :r] * root, root[:, None] * vh[:r]

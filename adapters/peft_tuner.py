@@ -82,7 +82,7 @@ class PeftTunerMethod(AdapterMethod):
             if module is None or not isinstance(getattr(module, "base_layer", module), torch.nn.Linear):
                 raise AdapterError(f"{source}: it adapts unet.{path}, which the loaded model does not have as a "
                                    "Linear (another architecture)")
-        self._inject(unet, config, [rf"{re.escape(p)}" for p in paths], adapter)
+        self._inject(unet, config, list(paths), adapter)  # a list: PEFT matches module names exactly
         try:
             mine = dict(self._params(unet, adapter))
             if set(mine) != set(tensors):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from studio.adapters.base import thin_svd
 from studio.adapters.soda.kron import KroneckerRotation
 
 
@@ -30,8 +31,8 @@ class SodaAdapter(torch.nn.Module):
 class SodaLayer(torch.nn.Module):
     """Wraps the original Linear (kept as `base_layer`, frozen). The SVD factors are buffers (moved with
     the module, not saved in the model's state dict). A training adapter runs on the activations:
-    z = R_inᵀx by mode products, h = Wz + U(Δs ⊙ Vᵀz), y = R_out h + b; inference uses the summed dense
-    weight, cached while nothing changes."""
+    z = R_inᵀx by mode products, h = Wz + U(Δs ⊙ Vᵀz) (see `adapted`), y = R_out h + b; inference uses the
+    summed dense weight, cached while nothing changes."""
 
     def __init__(self, base_layer: torch.nn.Linear) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class SodaLayer(torch.nn.Module):
             raise TypeError(f"SODA wraps Linear layers, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         w = base_layer.weight.detach()
-        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)  # fp32 whatever the model's dtype
+        u, s, vh = thin_svd(w)
         self.register_buffer("U", u.to(w.dtype), persistent=False)
         self.register_buffer("S", s.to(w.dtype), persistent=False)
         self.register_buffer("Vh", vh.to(w.dtype), persistent=False)
@@ -70,11 +71,20 @@ class SodaLayer(torch.nn.Module):
         return F.relu(self.S + self.adapters[name].delta) - self.S
 
     def adapted(self, name: str, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """W'x (no bias) on the activations, W' around `weight` (the base weight unless given)."""
+        """W'x (no bias), W' around `weight` (the base weight unless given). The rotations always act on the
+        activations (mode products). The spectral term U(Δs ⊙ Vᵀz) costs 2·rows·k(m+n) multiply-adds on
+        the activations and m·n·k as a matrix W + U diag(Δs) Vᵀ (one GEMM then serves all rows): the
+        cheaper of the two is taken per call (the same product either way; many tokens, as in a UNet's
+        self-attention, favour the matrix; few, as in cross-attention on 77 text tokens, the activations)."""
         a = self.adapters[name]
         w = self.base_layer.weight if weight is None else weight
         z = a.rot_in.rotate_t(x)
-        h = F.linear(z, w) + F.linear(F.linear(z, self.Vh) * self.shift(name), self.U)
+        out_f, in_f = w.shape
+        rows = z.numel() // in_f
+        if rows * (out_f + in_f) < out_f * in_f:
+            h = F.linear(z, w) + F.linear(F.linear(z, self.Vh) * self.shift(name), self.U)
+        else:
+            h = F.linear(z, w + (self.U * self.shift(name)) @ self.Vh)
         return a.rot_out.rotate(h) if a.rot_out is not None else h
 
     def dense_weight(self, name: str) -> torch.Tensor:
