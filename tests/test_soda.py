@@ -269,6 +269,12 @@ def test_engine_trains_soda_with_the_stiefel_optimizer(tmp_path, stars):
     base = _unet_out(pipe)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
     assert (_unet_out(pipe) - base).abs().max() > 1e-4
+    # `studio bake` loads the base model the file names and writes the LoRA
+    from studio.cli import main
+
+    assert main(["bake", str(run.adapter_path), "--rank", "2"]) in (0, None)
+    baked = read_adapter(run.adapter_path.with_name("soda_lora2.safetensors"))
+    assert baked.method == "lora" and 0 < float(baked.metadata["bake_relative_error"]) < 1
     soda = get_method("soda")
     with pytest.raises(AdapterError, match="StiefelAdam"):  # an 8-bit AdamW would leave the manifold
         soda.optimizer(pipe, name, soda.trainable_parameters(pipe, name), lr=1e-3, weight_decay=0, kind="adamw8bit")
