@@ -75,7 +75,7 @@ class PeftTunerMethod(AdapterMethod):
         attrs = "|".join(re.escape(a) for a in self.layer_class.adapter_layer_names)
         pattern = re.compile(rf"^unet\.(?P<path>.+?)\.(?:{attrs})(?:\..+)?$")
         paths = sorted({m.group("path") for key in tensors if (m := pattern.match(key))})
-        if not paths or len(paths) != len({pattern.match(k).group("path") for k in tensors if pattern.match(k)}):
+        if not paths:
             raise AdapterError(f"{source}: not a {self.name} file (no {self.name} tensors)")
         for path in paths:
             module = modules.get(path)
