@@ -13,7 +13,6 @@ only fits the checkpoint it was trained on (bake it to a LoRA for others)."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from contextlib import contextmanager
 
@@ -26,7 +25,6 @@ from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
 from studio.adapters.soda.optimizer import soda_optimizer
 
-log = logging.getLogger(__name__)
 DIGEST_KEY = "unet.soda_base_digest"
 _KEY = re.compile(r"^unet\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
 
