@@ -39,11 +39,12 @@ def _unet(model: str):
     raise ValueError(f"unknown model {model!r}")
 
 
-def _trainable(unet, method: str) -> list[torch.nn.Parameter]:
+def _trainable(unet, method: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """The method's trainable parameters and its optimizer (the engine's AdamW unless the method has its own)."""
     unet.requires_grad_(False)
     if method == "full":
         unet.requires_grad_(True)
-        return list(unet.parameters())
+        return list(unet.parameters()), torch.optim.AdamW(unet.parameters(), lr=1e-5)
     name, _, option = method.partition("-r")
     from studio.adapters import get_method
 
@@ -51,7 +52,9 @@ def _trainable(unet, method: str) -> list[torch.nn.Parameter]:
     settings = {"rank": int(option)} if option else {}
     holder = SimpleNamespace(unet=unet)
     impl.attach(holder, impl.config_class.from_dict(settings), "bench")
-    return impl.trainable_parameters(holder, "bench")
+    params = impl.trainable_parameters(holder, "bench")
+    optimizer = impl.optimizer(holder, "bench", params, lr=1e-5, weight_decay=0.0)
+    return params, optimizer or torch.optim.AdamW(params, lr=1e-5)
 
 
 def measure(model: str, method: str, steps: int) -> dict:
@@ -62,9 +65,10 @@ def measure(model: str, method: str, steps: int) -> dict:
 
     unet = _unet(model)
     setup = SETUPS[model]
-    params = _trainable(unet, method)
+    t = time.perf_counter()
+    params, optimizer = _trainable(unet, method)
+    attach_s = time.perf_counter() - t  # SODA's SVDs happen here
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     g = torch.Generator().manual_seed(0)
     b, s = setup["batch"], setup["latent"]
@@ -84,7 +88,7 @@ def measure(model: str, method: str, steps: int) -> dict:
     return {"model": model, "method": method, "step_s": statistics.median(times),
             "trainable": sum(p.numel() for p in params),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_mb": rss_loaded,
-            "batch": b, "latent": s}
+            "batch": b, "latent": s, "attach_s": attach_s}
 
 
 def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bool = True) -> str:
@@ -104,13 +108,14 @@ def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bo
         full = next((r for r in results if r["method"] == "full" and "error" not in r), None)
         for r in results:
             if "error" in r:
-                rows.append([model, r["method"], "failed: " + r["error"][:80], "", "", "", "", ""])
+                rows.append([model, r["method"], "failed: " + r["error"][:80], "", "", "", "", "", ""])
                 continue
             ratio = f"{r['step_s'] / full['step_s']:.2f}" if full else "-"
             rows.append([model, r["method"], f"{r['batch']}×{r['latent']}²", f"{r['trainable']:,}",
-                         f"{r['step_s']:.3f}", ratio, f"{r['peak_mb']:,.0f}", f"{r['peak_mb'] - r['loaded_mb']:,.0f}"])
+                         f"{r['step_s']:.3f}", ratio, f"{r['peak_mb']:,.0f}", f"{r['peak_mb'] - r['loaded_mb']:,.0f}",
+                         f"{r.get('attach_s', 0):.1f}"])
     header = ["model", "method", "batch × latent", "trainable params", "step (s, median)", "vs full",
-              "peak RSS (MB)", "training overhead (MB)"]
+              "peak RSS (MB)", "training overhead (MB)", "set-up (s)"]
     return record(f"B6 training cost ({steps} steps after a warm-up, AdamW, fp32)", header, rows, write=write)
 
 

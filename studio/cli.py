@@ -290,9 +290,21 @@ def cmd_export(args) -> None:
 
 
 def cmd_bake(args) -> None:
-    from studio.adapters.sara.bake import bake_to_lora
+    from studio.adapters import read_adapter
 
-    out, error = bake_to_lora(args.adapter, args.rank, args.out)
+    file = read_adapter(args.adapter)
+    if file.method == "soda":  # SODA's update is a function of the base weights: it needs the model
+        from studio.adapters.soda.bake import bake_to_lora as bake_soda
+        from studio.loading import load_pipeline
+
+        model = args.model or file.metadata.get("base_model_name")
+        if not model:
+            raise StudioError(f"{args.adapter} does not name its base model; give --model")
+        out, error = bake_soda(args.adapter, args.rank, load_pipeline(model, device="cpu", dtype="fp32"), args.out)
+    else:
+        from studio.adapters.sara.bake import bake_to_lora
+
+        out, error = bake_to_lora(args.adapter, args.rank, args.out)
     print(f"{out} (rank {args.rank}: relative error {error:.2%}; `studio export` writes it for ComfyUI/A1111)")
 
 
@@ -505,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output .safetensors (default: next to the adapter)")
     x.set_defaults(func=cmd_export)
 
-    bk_ = sub.add_parser("bake", help="approximate a SaRA adapter by a LoRA of a chosen rank (error reported)")
+    bk_ = sub.add_parser("bake", help="approximate a SaRA or SODA adapter by a LoRA of a chosen rank (error reported)")
     bk_.add_argument("adapter")
     bk_.add_argument("--rank", type=int, default=16)
+    bk_.add_argument("--model", default=None, help="SODA: the base model it was trained on (default: the one "
+                                                   "its file names)")
     bk_.add_argument("--out", default=None, help="output .safetensors (default: <name>_lora<rank> beside it)")
     bk_.set_defaults(func=cmd_bake)
 

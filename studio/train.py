@@ -392,7 +392,8 @@ class Trainer:
             if train_text:
                 pipe.text_encoder.gradient_checkpointing_enable()
 
-        optimizer = self._optimizer(params)
+        optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      kind=cfg.optimizer) or self._optimizer(params))
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=cfg.steps)
         unet = acc.prepare(pipe.unet)

@@ -220,3 +220,16 @@ def test_one_step_tab_distils_an_adaptor_and_generate_uses_it(client, running_ap
     assert len(gallery) == 1 and "one step with fast" in status
     settings = json.loads(Image.open(_image_path(gallery[0])).text["parameters"])
     assert settings["steps"] == 1 and settings["guidance"] == 0.0 and settings["one_step"] == "fast"
+
+
+def test_method_settings_of_another_method_are_refused_in_the_page(client, star_files):
+    from gradio_client import handle_file
+
+    good = [handle_file(str(f)) for f in star_files if f.suffix == ".png"][:3]
+    captions = {"headers": ["image", "caption"], "data": []}
+    reply = client.predict(good, "", "soda_bad", "sks", "", "lora", "quick", 0, 0, 0, 0, 0, 0, False, captions, "",
+                           "both", 0, api_name="/train")
+    assert "SODA setting" in reply and "Traceback" not in reply
+    reply = client.predict(good, "", "oft_bad", "sks", "", "soda", "quick", 0, 0, 0, 0, 0, 0, False, captions, "",
+                           "", 16, api_name="/train")
+    assert "OFT setting" in reply

@@ -217,7 +217,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     # ---- handlers (every StudioError becomes a message in the page, never a traceback) ----
 
     def start_training(files, folder, name, trigger, instance_prompt, method, preset, steps, lr, rank, batch,
-                       preview_every, seed, resume, captions=None, sara_budget=""):
+                       preview_every, seed, resume, captions=None, sara_budget="", soda_rotate="", oft_block=0):
         try:
             name = safe_name(name)
             if files:
@@ -242,14 +242,25 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                 settings["steps"] = int(steps)
             if lr:
                 settings["lr"] = float(lr)
+            adapter = {}
             if rank:
-                if method != "lora":
-                    raise StudioError(f"rank is a LoRA setting; {method} does not take it")
-                settings["adapter"] = {"rank": int(rank)}
+                if method not in ("lora", "hra"):
+                    raise StudioError(f"rank is a LoRA or HRA setting; {method} does not take it")
+                adapter["rank"] = int(rank)
             if (sara_budget or "").strip():
                 if method != "sara":
                     raise StudioError("the budget is a SaRA setting; pick the sara method or clear it")
-                settings["adapter"] = {"budget": sara_budget.strip()}
+                adapter["budget"] = sara_budget.strip()
+            if soda_rotate:
+                if method != "soda":
+                    raise StudioError("the rotated bases are a SODA setting; pick the soda method or clear it")
+                adapter["rotate"] = soda_rotate
+            if oft_block:
+                if method != "oft":
+                    raise StudioError("the block size is an OFT setting; pick the oft method or set it to 0")
+                adapter["block_size"] = int(oft_block)
+            if adapter:
+                settings["adapter"] = adapter
             if batch:
                 settings["batch_size"] = int(batch)
             if preview_every:
@@ -455,6 +466,10 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         with gr.Row():
                             sara_budget = gr.Textbox(value="", label="SaRA budget: weights to train (150k, 20M "
                                                      "or a fraction such as 3%; empty: preset)")
+                        with gr.Row():
+                            soda_rotate = gr.Dropdown(["", "input", "both"], value="", label="SODA: singular "
+                                                      "bases rotated (input: the paper's; empty: preset)")
+                            oft_block = gr.Number(value=0, precision=0, label="OFT block size (0: preset, 32)")
                         resume = gr.Checkbox(label="Resume this name's last checkpoint", value=False)
                     with gr.Row():
                         start = gr.Button("Start training", variant="primary")
@@ -466,7 +481,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     previews = gr.Gallery(label="Previews", columns=4, height="auto", elem_id="train-previews")
             files.change(upload_captions, files, captions, show_progress="hidden")
             start.click(start_training, [files, folder, name, trigger, instance_prompt, method, preset, steps_t, lr,
-                                         rank, batch_t, preview_every, seed_t, resume, captions, sara_budget],
+                                         rank, batch_t, preview_every, seed_t, resume, captions, sara_budget,
+                                         soda_rotate, oft_block],
                         train_status,
                         api_name="train")
             stop.click(stop_training, None, train_status, api_name="stop")

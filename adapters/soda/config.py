@@ -1,0 +1,41 @@
+"""SODA settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from studio.adapters.base import AdapterConfig, AdapterError
+from studio.adapters.lora.config import UNET_ATTENTION_FF
+
+ROTATE = ("input", "both")
+
+
+@dataclass
+class SodaConfig(AdapterConfig):
+    """Spectrum-aware orthogonal fine-tuning (Zhang et al. 2024, SODA-SVD) of the targeted UNet linears.
+
+    Each weight W = U diag(S) Vᵀ (thin SVD, once, fp32) becomes W' = R_out (W + U diag(ReLU(S+δ)−S) Vᵀ) R_inᵀ:
+    a trained shift δ of the singular values and rotations R = Q₁⊗…⊗Q_f of the singular bases, Kronecker
+    products of `kron_factors` small orthogonal factors (sizes chosen per width, none above `max_factor`;
+    see kron.kron_plan). `rotate` = "input" rotates the right (input) basis only, as the official code
+    does; "both" also rotates the left (output) basis. The factors train with StiefelAdam at
+    lr·`rotation_lr_scale`, δ with AdamW at lr."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
+    kron_factors: int = 3
+    max_factor: int = 64
+    rotate: str = "input"
+    rotation_lr_scale: float = 1.0
+    delta_init: float = 0.0   # the official code starts at 1e-3 (a model slightly off the base); 0 starts on it
+
+    def __post_init__(self) -> None:
+        if int(self.kron_factors) < 1:
+            raise AdapterError(f"SODA kron_factors must be at least 1, got {self.kron_factors}")
+        if int(self.max_factor) < 2:
+            raise AdapterError(f"SODA max_factor must be at least 2, got {self.max_factor}")
+        if self.rotate not in ROTATE:
+            raise AdapterError(f"SODA rotate must be {' or '.join(ROTATE)}, got {self.rotate!r}")
+        if not float(self.rotation_lr_scale) > 0:
+            raise AdapterError(f"SODA rotation_lr_scale must be positive, got {self.rotation_lr_scale}")
+        self.kron_factors, self.max_factor = int(self.kron_factors), int(self.max_factor)
+        self.rotation_lr_scale, self.delta_init = float(self.rotation_lr_scale), float(self.delta_init)

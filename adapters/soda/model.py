@@ -1,0 +1,202 @@
+"""SODA (Zhang, Wen, Han et al. 2024, "Spectrum-Aware Parameter-Efficient Fine-Tuning for Diffusion
+Models", SODA-SVD): tune the singular values of each targeted linear and rotate its singular basis with a
+Kronecker product of small orthogonal factors trained on the Stiefel manifold.
+
+What differs from the official code, on purpose (see ../shared/research/sara_soda.md §2): δ is sized
+min(out, in), so layers with out > in (SD 1.5's 768→1280 cross-attention) work; factor sizes come from a
+rule for any width (kron.kron_plan) instead of a table; the rotation acts on the activations by mode
+products instead of rebuilding W' and the n×n Kronecker matrix every call; δ starts at 0, so the model
+starts exactly on the base; the SVD is taken in fp32 whatever the model's dtype. The file holds δ and
+the factors and a digest of the targeted base weights: the SVD is recomputed at load time, so the file
+only fits the checkpoint it was trained on (bake it to a LoRA for others)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import contextmanager
+
+import torch
+
+from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module
+from studio.adapters.lora.model import _suffix_regex
+from studio.adapters.soda.config import SodaConfig
+from studio.adapters.soda.kron import kron_plan
+from studio.adapters.soda.layer import SodaLayer
+from studio.adapters.soda.optimizer import soda_optimizer
+
+DIGEST_KEY = "unet.soda_base_digest"
+_KEY = re.compile(r"^unet\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
+
+
+def _targets(unet: torch.nn.Module, patterns: list[str]):
+    regex = re.compile(_suffix_regex(patterns))
+    for path, module in unet.named_modules():
+        if ".base_layer" in f".{path}" or "lora_" in path:
+            continue
+        if isinstance(module, (SodaLayer, torch.nn.Linear)) and regex.fullmatch(path):
+            yield path, module
+
+
+def soda_layers(unet: torch.nn.Module):
+    for path, module in unet.named_modules():
+        if isinstance(module, SodaLayer):
+            yield path, module
+
+
+def base_digest(unet: torch.nn.Module, paths) -> torch.Tensor:
+    """sha256 over the targeted base weights rounded to fp16 (so an fp16 load of the same checkpoint fits)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        module = unet.get_submodule(path)
+        w = module.base_layer.weight if isinstance(module, SodaLayer) else module.weight
+        h.update(path.encode())
+        h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+
+@register
+class SodaMethod(AdapterMethod):
+    name = "soda"
+    config_class = SodaConfig
+    presets = {"quick": {"lr": 2e-3, "adapter": {}}, "standard": {"lr": 1e-3, "adapter": {}}}
+
+    def attach(self, pipe, config: SodaConfig, adapter: str) -> None:
+        unet = component(pipe, "unet")
+        targets = [path for path, _ in _targets(unet, config.target_modules)]
+        if not targets:
+            raise AdapterError(f"no Linear of the unet matches the SODA targets {config.target_modules}")
+        self._install(unet, targets, config, adapter)
+        self._freeze_others(unet, adapter)
+        pipe._studio_soda_config = config  # the rotation learning-rate scale, for the optimizer hook
+
+    @staticmethod
+    def _install(unet, paths, config: SodaConfig, adapter: str) -> None:
+        for path in paths:
+            module = unet.get_submodule(path)
+            if not isinstance(module, SodaLayer):
+                module = SodaLayer(module)
+                replace_module(unet, path, module)
+            if adapter in module.adapters:
+                raise AdapterError(f"a SODA adapter named {adapter!r} is already attached")
+            module.add_adapter(adapter, count=config.kron_factors, max_factor=config.max_factor,
+                               both=config.rotate == "both", delta_init=config.delta_init)
+
+    @staticmethod
+    def _freeze_others(unet, adapter: str | None) -> None:
+        for _, layer in soda_layers(unet):
+            for name, a in layer.adapters.items():
+                a.requires_grad_(name == adapter)
+
+    def _parts(self, pipe, adapter: str):
+        for path, layer in sorted(soda_layers(pipe.unet), key=lambda item: item[0]):
+            if adapter in layer.adapters:
+                yield path, layer, layer.adapters[adapter]
+
+    def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for _, _, a in self._parts(pipe, adapter) for p in a.parameters()]
+
+    def optimizer(self, pipe, adapter: str, params: list[torch.nn.Parameter], *, lr: float, weight_decay: float,
+                  kind: str = "adamw") -> torch.optim.Optimizer:
+        """StiefelAdam for the factors (they stay orthogonal), AdamW for δ."""
+        if kind != "adamw":
+            raise AdapterError(f"SODA trains its rotations with StiefelAdam; optimizer {kind!r} is not available for it")
+        factors = {id(q) for _, _, a in self._parts(pipe, adapter) for q in a.factors()}
+        config = getattr(pipe, "_studio_soda_config", None) or SodaConfig()
+        return soda_optimizer([p for p in params if id(p) in factors], [p for p in params if id(p) not in factors],
+                              lr=lr, weight_decay=weight_decay, rotation_lr_scale=config.rotation_lr_scale)
+
+    def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        out, paths = {}, []
+        for path, _, a in self._parts(pipe, adapter):
+            out[f"unet.{path}.delta"] = a.delta.detach().clone()
+            for side in ("rot_in", "rot_out"):
+                rotation = getattr(a, side)
+                for i, q in enumerate(rotation.factors if rotation is not None else []):
+                    out[f"unet.{path}.{side}.{i}"] = q.detach().clone()
+            paths.append(path)
+        out[DIGEST_KEY] = base_digest(pipe.unet, paths)
+        return out
+
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SodaConfig | None = None,
+                        base: dict | None = None, source: str = "adapter") -> None:
+        config = config or SodaConfig()
+        unet = component(pipe, "unet")
+        modules = dict(unet.named_modules())
+        paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key))})
+        if not paths or DIGEST_KEY not in tensors:
+            raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
+        for path in paths:  # everything is checked before anything is attached
+            module = modules.get(path)
+            layer = module.base_layer if isinstance(module, SodaLayer) else module
+            if not isinstance(layer, torch.nn.Linear):
+                raise AdapterError(f"{source}: it adapts unet.{path}, which the loaded model does not have as a "
+                                   "Linear (another architecture)")
+            out_f, in_f = layer.weight.shape
+            expected = {"delta": (min(out_f, in_f),)}
+            for side, width in (("rot_in", in_f), ("rot_out", out_f)):
+                sizes = [k for k in kron_plan(width, config.kron_factors, config.max_factor)[0] if k > 1]
+                if side == "rot_in" or config.rotate == "both":
+                    expected.update({f"{side}.{i}": (k, k) for i, k in enumerate(sizes)})
+            for part, shape in expected.items():
+                tensor = tensors.get(f"unet.{path}.{part}")
+                if tensor is None or tuple(tensor.shape) != shape:
+                    got = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+                    raise AdapterError(f"{source}: unet.{path}.{part} is {got}; the loaded model's layer "
+                                       f"({in_f}→{out_f}) needs {shape} (another architecture)")
+        if not torch.equal(base_digest(unet, paths), tensors[DIGEST_KEY]):
+            raise AdapterError(f"{source} was trained on another checkpoint: the weights of the layers it adapts "
+                               "differ from the loaded model's (SODA rotates and rescales the exact singular "
+                               "vectors it was trained on; bake it to a LoRA for other checkpoints)")
+        self._install(unet, paths, config, adapter)
+        self.set_state(pipe, adapter, tensors)
+        self._freeze_others(unet, None)
+
+    def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for path, _, a in self._parts(pipe, adapter):
+                a.delta.copy_(tensors[f"unet.{path}.delta"])
+                for side in ("rot_in", "rot_out"):
+                    rotation = getattr(a, side)
+                    for i, q in enumerate(rotation.factors if rotation is not None else []):
+                        q.copy_(tensors[f"unet.{path}.{side}.{i}"])
+
+    @contextmanager
+    def disabled(self, pipe):
+        layers = [layer for _, layer in soda_layers(pipe.unet)]
+        before = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(layers, before):
+                layer.disabled = state
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        for _, layer in soda_layers(pipe.unet):
+            layer.weights = {n: float(w) for n, w in weights.items() if n in layer.adapters}
+
+    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
+        for _, layer, _ in self._parts(pipe, adapter):
+            layer.merge(adapter, float(weight))
+
+    def unmerge(self, pipe) -> None:
+        for _, layer in soda_layers(pipe.unet):
+            layer.unmerge()
+
+    def unload(self, pipe) -> None:
+        for path, layer in list(soda_layers(pipe.unet)):
+            replace_module(pipe.unet, path, layer.base_layer)
+
+    def remove(self, pipe, adapter: str) -> None:
+        for path, layer in list(soda_layers(pipe.unet)):
+            if adapter in layer.adapters:
+                layer.delete_adapter(adapter)
+            if not len(layer.adapters):
+                replace_module(pipe.unet, path, layer.base_layer)
+
+    def delta_weights(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        """unet.<path> -> W' − W at weight 1 (what bake.py truncates to a LoRA)."""
+        with torch.no_grad():
+            return {f"unet.{path}": layer.delta_weight(adapter) for path, layer, _ in self._parts(pipe, adapter)}
