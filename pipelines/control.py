@@ -17,7 +17,7 @@ from studio.adapters.base import AdapterError
 from studio.adapters.control import inject
 from studio.adapters.control.inject import ControlError, clear_control, set_control
 
-CONTROL_METHODS = ("controlnext", "controlnet")
+CONTROL_METHODS = ("controlnext", "controlnet", "t2i_adapter")
 
 __all__ = ["load_control", "set_control", "clear_control", "controlnet_pipeline", "open_control_image"]
 

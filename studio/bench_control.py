@@ -76,7 +76,7 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     log(f"no control: {base}")
     rows.append(["none (caption only)", "-", "-", "-", f"{base['iou']:.3f}", f"{100 * base['iou_08']:.0f}%",
                  f"{100 * base['colour']:.1f}%"])
-    lrs = {"controlnext": 1e-3, "controlnet": 1e-4, **(lr or {})}
+    lrs = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3, **(lr or {})}
     for method in methods:
         name = f"{method}_{condition}"
         started = time.perf_counter()

@@ -234,8 +234,8 @@ def cmd_control_train(args) -> None:
 
     if not hasattr(args, "method"):
         args.method = "controlnext"
-    if args.method not in ("controlnext", "controlnet"):
-        raise StudioError(f"control-train --method takes controlnext or controlnet, got {args.method!r}")
+    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
+        raise StudioError(f"control-train --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
     name = getattr(args, "name", None) or f"{args.method}_{args.condition}"
     args.name = name
     if not hasattr(args, "output_dir"):
@@ -390,9 +390,9 @@ def cmd_bench_control(args) -> None:
 
     check_kind(args.condition)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in ("controlnext", "controlnet")]
+    bad = [m for m in methods if m not in ("controlnext", "controlnet", "t2i_adapter")]
     if bad:
-        raise StudioError(f"bench control: --methods takes controlnext, controlnet (got {', '.join(bad)})")
+        raise StudioError(f"bench control: --methods takes controlnext, controlnet, t2i_adapter (got {', '.join(bad)})")
     print(bench_control(methods, condition=args.condition, n=args.n, examples=args.examples, steps=args.steps,
                         batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write))
 

@@ -8,7 +8,8 @@ import torch
 
 from studio import load_pipeline, world
 from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
-from studio.adapters.control import ControlNeXtConfig, ControlNetConfig, export_controlnet, set_control
+from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, export_controlnet,
+                                     set_control)
 from studio.adapters.control.inject import ControlError
 from studio.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
 
@@ -227,3 +228,53 @@ def test_files_for_another_model_are_refused(tmp_path, sd1_folder):
         load_pipeline("shapes", control={"adapter": lp, "image": world_condition("mask", SPEC, 0)})
     with pytest.raises(StudioError, match="control image not found"):
         load_pipeline("shapes", control={"adapter": path, "image": tmp_path / "missing.png"})
+
+
+def test_cli_generate_with_control(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from studio.cli import main
+
+    pipe = load_pipeline("shapes")
+    get_method("controlnext").attach(pipe, ControlNeXtConfig(condition="mask"), "c")
+    _perturb(pipe, "c")
+    path = save_adapter(tmp_path / "mask.safetensors", "controlnext", ControlNeXtConfig(condition="mask"),
+                        get_method("controlnext").state_dict(pipe, "c"), base_fingerprint(pipe))
+    Image.fromarray(world_condition("mask", SPEC, 0)).save(tmp_path / "cond.png")
+    out = tmp_path / "img.png"
+    args = ["generate", "a red triangle on a gray background", "--steps", "2", "--out", str(out)]
+    assert main(args + ["--control", f"{path}:0.5", "--control-image", str(tmp_path / "cond.png"),
+                        "--control-end", "0.5"]) == 0
+    meta = json.loads(Image.open(out).info["parameters"])
+    assert meta["control"] == [{"adapter": "mask.safetensors", "image": "cond.png", "scale": 0.5, "start": 0.0,
+                                "end": 0.5}]
+    capsys.readouterr()
+    assert main(args + ["--control", str(path)]) == 2
+    assert "1 --control adapter(s) but 0 --control-image(s)" in capsys.readouterr().err
+    assert main(args + ["--control", str(path), "--control-image", str(tmp_path / "nope.png")]) == 2
+    assert "control image not found" in capsys.readouterr().err
+
+
+def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(tmp_path):
+    from diffusers import T2IAdapter
+
+    pipe = load_pipeline("shapes")
+    base = _unet_out(pipe)
+    method = get_method("t2i_adapter")
+    method.attach(pipe, T2IAdapterConfig(num_res_blocks=1), "t")
+    module = pipe._studio_control["modules"]["t"].module
+    assert isinstance(module, T2IAdapter)
+    feats = module(torch.zeros(1, 3, 128, 128))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 16, 16), (96, 8, 8), (128, 4, 4)]  # one per down block
+    mask = world_condition("mask", SPEC, 0)
+    set_control(pipe, [{"adapter": "t", "image": mask, "scale": 0.0}])
+    assert torch.equal(_unet_out(pipe), base)
+    set_control(pipe, [{"adapter": "t", "image": mask}])
+    steered = _unet_out(pipe)
+    assert (steered - base).abs().max() > 1e-3   # not zero-initialised (as in the paper): it acts from the start
+    path = save_adapter(tmp_path / "t.safetensors", "t2i_adapter", pipe._studio_control["modules"]["t"].config,
+                        method.state_dict(pipe, "t"), base_fingerprint(pipe))
+    other = load_pipeline("shapes", control={"adapter": path, "image": mask})
+    assert torch.equal(_unet_out(other), steered)

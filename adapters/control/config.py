@@ -39,3 +39,18 @@ class ControlNetConfig(AdapterConfig):
             raise AdapterError(f"ControlNet embedding_channels need at least two positive widths, "
                                f"got {self.embedding_channels}")
         self.embedding_channels = [int(c) for c in self.embedding_channels]
+
+
+@dataclass
+class T2IAdapterConfig(AdapterConfig):
+    """diffusers `T2IAdapter` ("full_adapter"): the control image pixel-unshuffled to latent resolution, then one
+    feature per UNet down block (its channels), added inside the blocks (`down_intrablock_additional_residuals`).
+    It takes no timestep. Not zero-initialised (as in the paper): scale 0 is the identity, step 0 is not."""
+
+    num_res_blocks: int = 2
+    condition: str = ""
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if int(self.num_res_blocks) < 1:
+            raise AdapterError(f"T2I-Adapter num_res_blocks must be at least 1, got {self.num_res_blocks}")

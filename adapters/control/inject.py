@@ -213,7 +213,7 @@ def install(pipe) -> None:
             return None
         height, width = sample.shape[-2] * vae_factor, sample.shape[-1] * vae_factor
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        down, mid = None, None
+        down, mid, intra = None, None, None
         for c in active:
             mod = st["modules"][c.adapter]
             image = c.at(height, width, sample.shape[0], sample)
@@ -223,11 +223,20 @@ def install(pipe) -> None:
                                   return_dict=False)
                 down = list(d) if down is None else [a + b for a, b in zip(down, d)]
                 mid = m if mid is None else mid + m
+            elif mod.method == "t2i_adapter":
+                feats = [c.scale * f for f in mod.module(image.to(sample.dtype))]
+                intra = feats if intra is None else [a + b for a, b in zip(intra, feats)]
             else:
                 st["feature_inputs"].append((mod, image, c.scale))
-        if down is None:
+        if down is None and intra is None:
             return None
         kwargs = dict(kwargs)
+        if intra is not None:  # the UNet pops from this list: a new one per call
+            given = kwargs.get("down_intrablock_additional_residuals")
+            kwargs["down_intrablock_additional_residuals"] = (
+                list(intra) if given is None else [a + b for a, b in zip(given, intra)])
+        if down is None:
+            return args, kwargs
         given_down, given_mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
         kwargs["down_block_additional_residuals"] = (tuple(down) if given_down is None
                                                      else tuple(a + b for a, b in zip(given_down, down)))
