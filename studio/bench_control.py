@@ -59,14 +59,41 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
             "colour": float(np.mean(colours))}
 
 
+def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, images: Path):
+    """(trainable parameters, training seconds, note) of an adapter this benchmark already trained with these
+    settings (`--reuse`), or None. The time is the one measured when it was trained: stored in the file, or for
+    files written before the engine stored it, from its run folder's config.yaml (written as the run started) to
+    the file's trained_at."""
+    import datetime
+    import json
+
+    from studio.adapters import read_adapter
+
+    if not path.is_file():
+        return None
+    file = read_adapter(path)
+    cfg = json.loads(file.metadata.get("training_config", "{}"))
+    if (file.method != method or cfg.get("steps") != steps or cfg.get("batch_size") != batch_size
+            or cfg.get("lr") != lr or cfg.get("data") != str(images)):
+        return None
+    params = sum(t.numel() for t in file.tensors.values())
+    if "training_seconds" in file.metadata:
+        return params, float(file.metadata["training_seconds"]), " (earlier run)"
+    started = (path.parent / "config.yaml").stat().st_mtime
+    ended = datetime.datetime.fromisoformat(file.metadata["trained_at"]).replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    return params, ended - started, " (earlier run; from its files' times)"
+
+
 def bench_control(methods: list[str], condition: str = "mask", n: int = 64, examples: int = 512, steps: int = 400,
                   batch_size: int = 8, lr: dict[str, float] | None = None, out: str | Path = "runs/bench_control",
-                  eval_steps: int = 25, write: bool = True, log=print) -> str:
+                  eval_steps: int = 25, write: bool = True, reuse: bool = False, log=None) -> str:
     from studio.conditions import write_control_set
     from studio.judge import load_judge
     from studio.loading import load_pipeline
     from studio.train import train
 
+    log = log or (lambda line: print(line, flush=True))
     out = Path(out)
     judge = load_judge()
     images, conditions = write_control_set(out / f"data_{condition}", condition, examples)
@@ -79,18 +106,21 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     lrs = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3, **(lr or {})}
     for method in methods:
         name = f"{method}_{condition}"
-        started = time.perf_counter()
-        result = train(method=method, data=str(images), control_data=str(conditions), name=name,
-                       output_dir=str(out / name), steps=steps, batch_size=batch_size, lr=lrs[method],
-                       lr_scheduler="constant", lr_warmup_steps=0, preview_every=0, checkpoint_every=steps,
-                       progress_bar=False, tensorboard=False, adapter={"condition": condition})
-        seconds = time.perf_counter() - started
-        log(f"{method}: {result.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.4f}")
-        pipe = load_pipeline("shapes", adapters={result.adapter_path: 1.0})
+        path = out / name / f"{name}.safetensors"
+        trained = _reusable(path, method, steps, batch_size, lrs[method], images) if reuse else None
+        if trained is None:
+            result = train(method=method, data=str(images), control_data=str(conditions), name=name,
+                           output_dir=str(out / name), steps=steps, batch_size=batch_size, lr=lrs[method],
+                           lr_scheduler="constant", lr_warmup_steps=0, preview_every=0, checkpoint_every=steps,
+                           progress_bar=False, tensorboard=False, adapter={"condition": condition})
+            trained = (result.trainable_parameters, result.seconds, "")
+        params, seconds, note = trained
+        log(f"{method}: {steps} steps in {seconds:.0f} s{note}")
+        pipe = load_pipeline("shapes", adapters={path: 1.0})
         r = evaluate_control(pipe, judge, held_out, name, steps=eval_steps)
         log(f"{method}: {r}")
-        rows.append([method, f"{result.trainable_parameters:,}", f"{result.steps} x {batch_size}, lr {lrs[method]:g}",
-                     f"{seconds / 60:.1f} min", f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
+        rows.append([method, f"{params:,}", f"{steps} x {batch_size}, lr {lrs[method]:g}",
+                     f"{seconds / 60:.1f} min{note}", f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
                      f"{100 * r['colour']:.1f}%"])
     header = ["method", "trainable params", "training (steps x batch)", "training time", "mask IoU",
               "images with IoU >= 0.8", "colour accuracy"]

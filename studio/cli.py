@@ -394,7 +394,8 @@ def cmd_bench_control(args) -> None:
     if bad:
         raise StudioError(f"bench control: --methods takes controlnext, controlnet, t2i_adapter (got {', '.join(bad)})")
     print(bench_control(methods, condition=args.condition, n=args.n, examples=args.examples, steps=args.steps,
-                        batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write))
+                        batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write,
+                        reuse=args.reuse))
 
 
 def cmd_bench_train(args) -> None:
@@ -632,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     bcn.add_argument("--batch-size", type=int, default=8)
     bcn.add_argument("--eval-steps", type=int, default=25)
     bcn.add_argument("--out", default="runs/bench_control")
+    bcn.add_argument("--reuse", action="store_true", help="evaluate adapters this benchmark already trained with the "
+                                                          "same settings (their measured training time is kept)")
     bcn.add_argument("--no-write", action="store_true")
     bcn.set_defaults(func=cmd_bench_control)
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
