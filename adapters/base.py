@@ -50,6 +50,9 @@ class AdapterMethod:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # None: trained by the concept engine (studio train); else the command with the method's own objective
     trained_by: ClassVar[str | None] = None
+    # True: each training example comes with a control image (TrainConfig.control_data), given to
+    # training_loss as batch["control"] (Bx3xHxW in [0, 1])
+    conditioned: ClassVar[bool] = False
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         raise NotImplementedError

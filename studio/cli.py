@@ -37,7 +37,22 @@ def _load(args):
                          adapters=parse_adapter_args(getattr(args, "adapter", None)),
                          membranes=parse_adapter_args(getattr(args, "membrane", None)),
                          transport=None if getattr(args, "no_transport", False) else "tokenuni",
-                         one_step=getattr(args, "one_step", None))
+                         one_step=getattr(args, "one_step", None), control=control_args(args))
+
+
+def control_args(args) -> list[dict] | None:
+    """--control FILE[:SCALE] (repeatable) paired in order with --control-image IMG; --control-start/-end."""
+    controls = parse_adapter_args(getattr(args, "control", None))
+    images = getattr(args, "control_image", None) or []
+    if not controls:
+        if images:
+            raise StudioError("--control-image needs a control adapter (--control FILE)")
+        return None
+    if len(images) != len(controls):
+        raise StudioError(f"{len(controls)} --control adapter(s) but {len(images)} --control-image(s): give one "
+                          "control image per adapter, in the same order")
+    return [{"adapter": path, "image": image, "scale": scale, "start": args.control_start, "end": args.control_end}
+            for (path, scale), image in zip(controls.items(), images)]
 
 
 def _steps_and_guidance(args) -> tuple[int, float]:
@@ -61,6 +76,9 @@ def cmd_generate(args) -> None:
     extra = {kind: {Path(f).name: w for f, w in parse_adapter_args(getattr(args, kind)).items()}
              for kind in ("adapter", "membrane")}
     extra = {f"{kind}s": files for kind, files in extra.items() if files}
+    if getattr(args, "control", None):
+        extra["control"] = [{"adapter": Path(c["adapter"]).name, "image": Path(c["image"]).name, "scale": c["scale"],
+                             "start": c["start"], "end": c["end"]} for c in control_args(args)]
     if args.one_step:
         extra["one_step"] = Path(args.one_step).name
     if getattr(pipe, "studio_last_permeability", None):
@@ -211,6 +229,39 @@ def cmd_train(args) -> None:
           f"{result.trainable_parameters:,} trainable parameters", file=sys.stderr)
 
 
+def cmd_control_train(args) -> None:
+    from studio.train import Trainer
+
+    if not hasattr(args, "method"):
+        args.method = "controlnext"
+    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
+        raise StudioError(f"control-train --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
+    name = getattr(args, "name", None) or f"{args.method}_{args.condition}"
+    args.name = name
+    if not hasattr(args, "output_dir"):
+        args.output_dir = f"runs/control/{name}"
+    if not hasattr(args, "data"):
+        from studio.conditions import check_kind, write_control_set
+
+        check_kind(args.condition)
+        if getattr(args, "model", "shapes") != "shapes":
+            raise StudioError("without --data, control-train renders the shapes world: give --data and "
+                              "--control-data for another model")
+        images, conditions = write_control_set(Path(args.output_dir) / "data", args.condition, args.examples)
+        args.data, args.control_data = str(images), str(conditions)
+    config = train_config_from_args(args)
+    config.adapter.setdefault("condition", args.condition)
+    result = Trainer(config, lambda e: print(e["message"], file=sys.stderr) if e["kind"] == "log" else None).run()
+    print(result.adapter_path)
+    if args.method == "controlnet":
+        from studio.adapters.control import export_controlnet
+
+        print(export_controlnet(result.adapter_path, result.adapter_path.with_suffix("")))
+    print(f"{result.steps} steps, final loss {result.final_loss:.4f}, {result.seconds:.0f} s, "
+          f"{result.trainable_parameters:,} trainable parameters; generate with `studio generate --control "
+          f"{result.adapter_path} --control-image CONDITION.png PROMPT`", file=sys.stderr)
+
+
 def tqdm_write(message: str) -> None:
     from tqdm.auto import tqdm
 
@@ -345,6 +396,20 @@ def cmd_bench_concept(args) -> None:
                         adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write))
 
 
+def cmd_bench_control(args) -> None:
+    from studio.bench_control import bench_control
+    from studio.conditions import check_kind
+
+    check_kind(args.condition)
+    methods = args.methods.split(",")
+    bad = [m for m in methods if m not in ("controlnext", "controlnet", "t2i_adapter")]
+    if bad:
+        raise StudioError(f"bench control: --methods takes controlnext, controlnet, t2i_adapter (got {', '.join(bad)})")
+    print(bench_control(methods, condition=args.condition, n=args.n, examples=args.examples, steps=args.steps,
+                        batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write,
+                        reuse=args.reuse))
+
+
 def cmd_bench_train(args) -> None:
     from studio.bench_train import bench_train
 
@@ -430,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--adapter", action="append", help="FILE[:WEIGHT] a trained adapter (repeatable)")
     _add_membrane_args(g)
+    g.add_argument("--control", action="append", help="FILE[:SCALE] a control adapter (or a diffusers ControlNet "
+                                                       "folder); repeatable, summed")
+    g.add_argument("--control-image", action="append", help="the control image of each --control, in order")
+    g.add_argument("--control-start", type=float, default=0.0, help="first fraction of the steps under control")
+    g.add_argument("--control-end", type=float, default=1.0, help="last fraction of the steps under control")
     g.add_argument("--one-step", default=None, metavar="FILE", help="a HiPA one-step adaptor (studio distill)")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
@@ -474,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="teach a concept: train an adapter on a folder of images")
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    ct = sub.add_parser("control-train", help="train a control adapter (ControlNeXt-style or ControlNet) on rendered "
+                                              "condition/image pairs, or on --data with --control-data")
+    _add_train_args(ct)
+    ct.add_argument("--condition", default="mask", help="mask, edges (exact, from the shapes world), canny, lineart")
+    ct.add_argument("--examples", type=int, default=256, help="rendered training pairs (without --data)")
+    ct.set_defaults(func=cmd_control_train)
 
     er = sub.add_parser("erase", help="train a membrane that erases concepts (SPM), data-free")
     er.add_argument("concepts", nargs="+", help="what to erase, e.g. circle (they also set per-prompt strength)")
@@ -560,6 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--no-write", action="store_true")
     bo.set_defaults(func=cmd_bench_onestep)
 
+    bcn = bsub.add_parser("control", help="B5: control adapters trained, then mask IoU and colour accuracy on "
+                                          "held-out renders")
+    bcn.add_argument("--methods", default="controlnext,controlnet")
+    bcn.add_argument("--condition", default="mask")
+    bcn.add_argument("--n", type=int, default=64, help="held-out renders judged")
+    bcn.add_argument("--examples", type=int, default=512, help="rendered training pairs")
+    bcn.add_argument("--steps", type=int, default=400, help="training steps per method")
+    bcn.add_argument("--batch-size", type=int, default=8)
+    bcn.add_argument("--eval-steps", type=int, default=25)
+    bcn.add_argument("--out", default="runs/bench_control")
+    bcn.add_argument("--reuse", action="store_true", help="evaluate adapters this benchmark already trained with the "
+                                                          "same settings (their measured training time is kept)")
+    bcn.add_argument("--no-write", action="store_true")
+    bcn.set_defaults(func=cmd_bench_control)
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")
     bt.add_argument("--methods", default="full,lora-r4,lora-r16")

@@ -110,6 +110,23 @@ def scan_folder(folder: str | Path, **kwargs) -> list[Example]:
     return load_examples(candidates, **kwargs)
 
 
+def control_image(image_path: Path, folder: str | Path, size: tuple[int, int]) -> Image.Image:
+    """The control image of a training image of `size` (w, h): the file of the same name (any image type) in
+    `folder`, of the same aspect ratio."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"control image folder not found: {folder}")
+    for suffix in IMAGE_SUFFIXES:
+        candidate = folder / f"{Path(image_path).stem}{suffix}"
+        if candidate.is_file():
+            image = open_image(candidate, 8)
+            if abs(image.width / image.height - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+                raise DataError(f"{candidate}: the control image is {image.width}x{image.height}, its training image "
+                                f"{size[0]}x{size[1]}: their aspect ratios differ")
+            return image
+    raise DataError(f"{image_path}: no control image named {Path(image_path).stem}.* in {folder}")
+
+
 # ---- aspect-ratio buckets ----
 
 def bucket_size(width: int, height: int, resolution: int, step: int = 64, max_ratio: float = 2.0) -> tuple[int, int]:

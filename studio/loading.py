@@ -97,14 +97,15 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
                   progress: bool = False, adapters: dict[str | Path, float] | list | None = None,
                   membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokenuni",
-                  one_step: str | Path | None = None):
+                  one_step: str | Path | None = None, control: dict | list[dict] | None = None):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
     configs). `adapters` ({file: weight}) attaches trained adapters; `membranes` ({file: weight}) attaches
     concept-erasing membranes, each applied per prompt at its permeability (`transport`: the similarity
     metric, None for a fixed strength). `one_step` attaches a HiPA adaptor and the one-step scheduler: call
-    the pipeline with num_inference_steps=1 (or timesteps=[999]) and guidance_scale=0. Raises StudioError with
-    a one-line reason on bad input."""
+    the pipeline with num_inference_steps=1 (or timesteps=[999]) and guidance_scale=0. `control` attaches control
+    adapters with their images: {"adapter": file, "image": img, "scale": 1.0, "start": 0.0, "end": 1.0} or a list
+    of them (summed). Raises StudioError with a one-line reason on bad input."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch_dtype = _resolve_dtype(dtype, device)
@@ -162,6 +163,14 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
         except AdapterError as e:
             raise StudioError(str(e)) from None
     pipe = pipe.to(device)
+    if control:
+        from studio.adapters import AdapterError
+        from studio.pipelines.control import load_control
+
+        try:
+            load_control(pipe, control)
+        except AdapterError as e:
+            raise StudioError(str(e)) from None
     pipe.studio_attention = apply_attention_backend(pipe, device)
     return pipe
 

@@ -46,6 +46,7 @@ class TrainConfig:
     trigger: str | None = None
     instance_prompt: str | None = None
     skip_bad_images: bool = False
+    control_data: str | None = None  # control images named as the training images (control methods)
     resolution: int | None = None   # None: the model's native size
     buckets: bool = True
     # prior preservation
@@ -134,6 +135,12 @@ class TrainConfig:
             raise TrainingError(f"{self.method} adapters are not concept adapters: train them with `{trainer}`")
         if not self.data and not self.images:
             raise TrainingError("no training data: give a folder (--data) or image files")
+        conditioned = get_method(self.method).conditioned
+        if conditioned and not self.control_data:
+            raise TrainingError(f"{self.method} trains on control images: give their folder (--control-data), "
+                                "one image named as each training image")
+        if self.control_data and not conditioned:
+            raise TrainingError(f"{self.method} adapters take no control images; --control-data is for control methods")
         if self.prior_preservation and not self.class_prompts and not self.class_data_dir:
             raise TrainingError("prior preservation needs class prompts (--class-prompts 'a photo of a dog') "
                                 "or a folder of class images (--class-data-dir)")
@@ -323,8 +330,9 @@ class Trainer:
         return data.load_examples(paths, instance_prompt=fallback, min_size=8)
 
     @torch.no_grad()
-    def _encode(self, pipe, examples: list[data.Example], resolution: int, device) -> dict[str, Any]:
-        """Latent distribution (mean, std), bucket and caption per example."""
+    def _encode(self, pipe, examples: list[data.Example], resolution: int, device, control: bool = False
+                ) -> dict[str, Any]:
+        """Latent distribution (mean, std), bucket and caption per example (and its control image in [0, 1])."""
         sizes = [data.bucket_size(*ex.image.size, resolution) if self.config.buckets else (resolution, resolution)
                  for ex in examples]
         bucket_ids = {size: i for i, size in enumerate(sorted(set(sizes)))}
@@ -334,8 +342,12 @@ class Trainer:
             dist = pipe.vae.encode(pixels).latent_dist
             means.append(dist.mean[0].float().cpu())
             stds.append(dist.std[0].float().cpu())
-        return {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
-                "captions": [ex.caption for ex in examples]}
+        out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
+               "captions": [ex.caption for ex in examples]}
+        if control:
+            out["control"] = [(data.to_bucket(data.control_image(ex.path, self.config.control_data, ex.image.size), size) + 1) / 2
+                              for ex, size in zip(examples, sizes)]
+        return out
 
     # -- the run --
 
@@ -370,7 +382,7 @@ class Trainer:
             module.requires_grad_(False)
         class_examples = self._class_examples(pipe, resolution, device) if cfg.prior_preservation else []
 
-        cache = self._encode(pipe, examples, resolution, device)
+        cache = self._encode(pipe, examples, resolution, device, control=bool(cfg.control_data))
         self.first_caption = cache["captions"][0]
         class_cache = self._encode(pipe, class_examples, resolution, device) if class_examples else None
 
@@ -436,6 +448,8 @@ class Trainer:
             captions = [source["captions"][i] for i in indices[lo:hi]]
             batch = {"latents": latents, "noise": noise[lo:hi].to(device), "timesteps": timesteps[lo:hi].to(device),
                      "captions": captions, "step": step}
+            if "control" in source:
+                batch["control"] = torch.stack([source["control"][i] for i in indices[lo:hi]]).to(device)
 
             def default(b):
                 return denoising_loss(unet, noise_scheduler, b["latents"], encode_text(b["captions"]), b["noise"],
@@ -512,7 +526,8 @@ class Trainer:
             self._preview(pipe, step, resolution)
             extra = {"base_model_name": cfg.model, "architecture": architecture(pipe), "trigger": cfg.trigger or "",
                      "steps": str(step), "training_config": json.dumps(asdict(cfg), sort_keys=True),
-                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "training_seconds": f"{time.perf_counter() - started:.1f}"}
             save_adapter(adapter_path, cfg.method, adapter_config, method.state_dict(pipe, cfg.name), base, extra)
         acc.wait_for_everyone()
         acc.end_training()

@@ -145,7 +145,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
 
     ws = Workspace(Path(workspace) if workspace else DEFAULT_WORKSPACE)
     cache = PipelineCache()
-    concept_methods = [m for m in method_names() if not get_method(m).trained_by]  # membranes etc. have tabs
+    concept_methods = [m for m in method_names() if not get_method(m).trained_by and not get_method(m).conditioned]  # membranes etc. have tabs
 
     def run_training(settings: dict, on_event, should_stop):
         if settings.get("kind") == "erase":

@@ -1,0 +1,105 @@
+"""What the control methods share: modules kept on the pipeline (not inside the UNet, so the base model's
+fingerprint and `save_pretrained` are unchanged), a training loss that feeds the batch's control images through
+the hook, and the fit check of a file against the loaded model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from studio.adapters.base import AdapterError, AdapterMethod, base_fingerprint, describe_base
+from studio.adapters.control import inject
+
+
+class ControlMethod(AdapterMethod):
+    conditioned = True   # the engine gives it a control image per example (batch["control"])
+    prefix = "control"   # tensor keys: "<prefix>.<module tensor>"
+
+    # -- the module itself, per method --
+
+    def build(self, pipe, config) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -- shared --
+
+    def _add(self, pipe, adapter: str, module: torch.nn.Module, config) -> inject.ControlModule:
+        if adapter in inject.modules(pipe):
+            raise AdapterError(f"a control adapter named {adapter!r} is already loaded")
+        unet_param = next(pipe.unet.parameters())
+        module.to(unet_param.device)
+        entry = inject.ControlModule(self.name, module, config)
+        inject.modules(pipe)[adapter] = entry
+        inject.install(pipe)
+        return entry
+
+    def attach(self, pipe, config, adapter: str) -> None:
+        torch_module = self.build(pipe, config)
+        torch_module.requires_grad_(True)
+        self._add(pipe, adapter, torch_module, config)
+        inject.state(pipe)["training"] = adapter
+
+    def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for p in self._entry(pipe, adapter).module.parameters() if p.requires_grad]
+
+    def _entry(self, pipe, adapter: str) -> inject.ControlModule:
+        entry = inject.modules(pipe).get(adapter)
+        if entry is None or entry.method != self.name:
+            raise AdapterError(f"no {self.name} adapter named {adapter!r} is loaded")
+        return entry
+
+    def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        return {f"{self.prefix}.{k}": v.detach().clone() for k, v in self._entry(pipe, adapter).module.state_dict().items()}
+
+    def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        module = self._entry(pipe, adapter).module
+        own = {k[len(self.prefix) + 1:]: v for k, v in tensors.items() if k.startswith(self.prefix + ".")}
+        missing, unexpected = module.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
+            raise AdapterError(f"the {self.name} tensors do not fit the module ({what})")
+
+    def check_base(self, pipe, base: dict, source: str) -> None:
+        """Refuse a file trained for a model of another architecture (the layer fingerprint differs)."""
+        loaded = base_fingerprint(pipe)
+        if base and base.get("layers_sha256") != loaded["layers_sha256"]:
+            raise AdapterError(f"{source} was trained for {describe_base(base)} with other layers than the loaded "
+                               f"model ({describe_base(loaded)}); a control adapter only fits the architecture it "
+                               "was trained on")
+
+    def training_loss(self, pipe, batch, default_loss):
+        name = inject.state(pipe)["training"]
+        control = batch.get("control")
+        if control is None:  # e.g. prior-preservation images: no control image, the base model's task
+            return default_loss(batch)
+        with inject.using(pipe, [inject.ControlInput(name, control, 1.0)]):
+            return default_loss(batch)
+
+    @contextmanager
+    def disabled(self, pipe):
+        with inject.suspended(pipe):
+            yield
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        """A control adapter's weight is its default conditioning scale (used when an input names none)."""
+        for item in inject.state(pipe)["inputs"]:
+            if item.adapter in weights:
+                item.scale = float(weights[item.adapter])
+
+    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
+        raise AdapterError(f"{adapter} is a {self.name} control adapter: it needs a control image at generation and "
+                           "cannot be merged into the base weights")
+
+    def unmerge(self, pipe) -> None:
+        return None
+
+    def remove(self, pipe, adapter: str) -> None:
+        inject.modules(pipe).pop(adapter, None)
+        st = inject.state(pipe)
+        st["inputs"] = [c for c in st["inputs"] if c.adapter != adapter]
+        if not st["modules"]:
+            inject.uninstall(pipe)
+
+    def unload(self, pipe) -> None:
+        for name in [n for n, m in inject.modules(pipe).items() if m.method == self.name]:
+            self.remove(pipe, name)

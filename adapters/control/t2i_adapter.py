@@ -1,0 +1,47 @@
+"""T2I-Adapter (Mou et al. 2023) as diffusers builds it (`T2IAdapter`, "full_adapter"), sized to the loaded UNet's
+down blocks; its features go into the UNet through `down_intrablock_additional_residuals`."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from studio.adapters.base import AdapterError, register
+from studio.adapters.control import inject
+from studio.adapters.control.config import T2IAdapterConfig
+from studio.adapters.control.method import ControlMethod
+
+
+@register
+class T2IAdapterMethod(ControlMethod):
+    name = "t2i_adapter"
+    config_class = T2IAdapterConfig
+    prefix = "t2i_adapter"
+    presets = {"quick": {"lr": 1e-3}, "standard": {"lr": 5e-4}}
+
+    def build(self, pipe, config: T2IAdapterConfig):
+        from diffusers import T2IAdapter
+
+        if config.adapter_config:
+            return T2IAdapter.from_config(config.adapter_config)
+        unet = pipe.unet.config
+        model = T2IAdapter(in_channels=3, channels=list(unet.block_out_channels), num_res_blocks=config.num_res_blocks,
+                           downscale_factor=getattr(pipe, "vae_scale_factor", 8), adapter_type="full_adapter")
+        config.adapter_config = {k: v for k, v in json.loads(model.to_json_string()).items() if not k.startswith("_")}
+        return model
+
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: T2IAdapterConfig | None = None,
+                        base: dict | None = None, source: str = "adapter") -> None:
+        config = config or T2IAdapterConfig()
+        self.check_base(pipe, base or {}, source)
+        if not config.adapter_config:
+            raise AdapterError(f"{source}: the T2I-Adapter file does not carry its diffusers config")
+        model = self.build(pipe, config)
+        model.requires_grad_(False).eval()
+        self._add(pipe, adapter, model, config)
+        try:
+            self.set_state(pipe, adapter, tensors)
+        except AdapterError as e:
+            inject.modules(pipe).pop(adapter)
+            raise AdapterError(f"{source}: {e}") from None

@@ -1,0 +1,151 @@
+"""Control conditions: what a control adapter is steered by.
+
+- `mask` and `edges` come exactly from the shapes world's renderer for a (spec, seed): the shape's filled mask,
+  and its outline (the mask minus its erosion, about 2 px wide); white on black.
+- `canny` and `lineart` are controlnet-aux annotators that need no weights (Canny, lineart-standard) run on an
+  image. Annotators that need downloaded weights are refused with a one-line reason.
+
+A control dataset (renders, their condition images and captions) is generated procedurally: no files needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from studio import world
+from studio.loading import StudioError
+
+WORLD_CONDITIONS = ("mask", "edges")          # exact, from the renderer
+ANNOTATORS = ("canny", "lineart")             # controlnet-aux, no weights
+CONDITIONS = WORLD_CONDITIONS + ANNOTATORS
+# controlnet-aux annotators that load weights from the hub (lllyasviel/Annotators and others)
+NEEDS_WEIGHTS = ("hed", "pidinet", "mlsd", "midas", "depth", "zoe", "leres", "normalbae", "normal", "lineart_coarse",
+                 "lineart_anime", "openpose", "pose", "sam", "teed", "anyline", "dwpose")
+CONTROL_SEED = 20_261_126
+
+
+class ConditionError(StudioError):
+    """A condition kind or control image that cannot be used."""
+
+
+def check_kind(kind: str) -> str:
+    if kind in CONDITIONS:
+        return kind
+    if kind.lower() in NEEDS_WEIGHTS:
+        raise ConditionError(f"condition {kind!r} needs an annotator with downloaded weights, which studio does not "
+                             f"fetch; use one of {', '.join(CONDITIONS)}, or give your own control images")
+    raise ConditionError(f"unknown condition {kind!r}; available: {', '.join(CONDITIONS)}")
+
+
+def _rgb(gray: np.ndarray) -> np.ndarray:
+    """A HxW bool/uint8 map -> HxWx3 uint8 white-on-black image."""
+    g = gray.astype(np.uint8) * 255 if gray.dtype == bool else gray.astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(radius):
+        p = np.pad(out, 1, constant_values=False)
+        out = out & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return out
+
+
+def shape_mask(spec: world.Spec, seed: int) -> np.ndarray:
+    """The shape's boolean mask for render(spec, seed)."""
+    return world.render_mask(spec, seed)
+
+
+def world_condition(kind: str, spec: world.Spec, seed: int) -> np.ndarray:
+    """The condition image (HxWx3 uint8) of render(spec, seed): exact for mask/edges, annotated otherwise."""
+    kind = check_kind(kind)
+    if kind == "mask":
+        return _rgb(shape_mask(spec, seed))
+    if kind == "edges":
+        mask = shape_mask(spec, seed)
+        return _rgb(mask & ~_erode(mask, 2))
+    return annotate(kind, world.render(spec, seed))
+
+
+_DETECTORS: dict[str, object] = {}
+
+
+def _detector(kind: str):
+    if kind not in _DETECTORS:
+        import warnings
+
+        try:
+            warnings.filterwarnings("ignore", module="controlnet_aux|timm")  # its package import is noisy
+            if kind == "canny":
+                from controlnet_aux import CannyDetector as cls
+            else:
+                from controlnet_aux import LineartStandardDetector as cls
+        except ImportError as e:
+            raise ConditionError(f"the {kind} annotator needs controlnet-aux (pip install controlnet-aux): {e}") from None
+        _DETECTORS[kind] = cls()
+    return _DETECTORS[kind]
+
+
+def annotate(kind: str, image) -> np.ndarray:
+    """Run a weight-free controlnet-aux annotator on an image (PIL or HxWx3 uint8) at its own size."""
+    kind = check_kind(kind)
+    if kind in WORLD_CONDITIONS:
+        raise ConditionError(f"{kind} conditions come from the shapes world's renderer, not from an image")
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ConditionError(f"an annotator takes an RGB image, got an array of shape {arr.shape}")
+    h, w = arr.shape[:2]
+    det = _detector(kind)
+    if kind == "canny":
+        out = det(arr, low_threshold=50, high_threshold=120, detect_resolution=min(h, w), image_resolution=min(h, w),
+                  output_type="np")
+    else:
+        out = det(arr, detect_resolution=min(h, w), output_type="np")
+    out = np.asarray(out, dtype=np.uint8)
+    if out.ndim == 2:
+        out = _rgb(out)
+    if out.shape[:2] != (h, w):
+        out = np.asarray(Image.fromarray(out).resize((w, h), Image.BILINEAR))
+    return out
+
+
+@dataclass
+class ControlExample:
+    spec: world.Spec
+    seed: int
+    image: np.ndarray       # the render, HxWx3 uint8
+    condition: np.ndarray   # its condition image, HxWx3 uint8
+    caption: str
+
+
+def control_specs(n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[tuple[world.Spec, int]]:
+    """n (spec, seed) pairs of base shapes (heldout=True: attribute combinations the base model never saw)."""
+    rng = random.Random(seed)
+    return [(world.random_spec(rng, world.BASE_SHAPES, heldout=heldout), rng.randrange(2**31)) for _ in range(n)]
+
+
+def control_dataset(kind: str, n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[ControlExample]:
+    """n renders with their `kind` condition images and full captions."""
+    check_kind(kind)
+    return [ControlExample(spec, s, world.render(spec, s), world_condition(kind, spec, s), world.caption(spec))
+            for spec, s in control_specs(n, seed, heldout)]
+
+
+def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL_SEED) -> tuple[Path, Path]:
+    """Write a control training set: `folder/images/NAME.png` + `NAME.txt`, `folder/conditions/NAME.png`.
+    Returns (images folder, conditions folder), what `studio train --control-data` reads."""
+    folder = Path(folder)
+    images, conditions = folder / "images", folder / "conditions"
+    images.mkdir(parents=True, exist_ok=True)
+    conditions.mkdir(parents=True, exist_ok=True)
+    for i, ex in enumerate(control_dataset(kind, n, seed)):
+        name = f"{kind}_{i:05d}"
+        Image.fromarray(ex.image).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")
+        Image.fromarray(ex.condition).save(conditions / f"{name}.png")
+    return images, conditions

@@ -1,0 +1,280 @@
+"""Control adapters: conditions from the shapes world and the weight-free annotators, ControlNeXt and ControlNet
+through one hook (identity at step 0 and at scale 0, resizing and refusing control images, the step window as
+diffusers' ControlNet pipeline has it), training through the engine, and files diffusers loads."""
+
+import numpy as np
+import pytest
+import torch
+
+from studio import load_pipeline, world
+from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
+from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, export_controlnet,
+                                     set_control)
+from studio.adapters.control.inject import ControlError
+from studio.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
+
+SPEC = world.Spec("triangle", "red", "gray", "large", "center")
+
+
+def _unet_out(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample
+
+
+def _perturb(pipe, name, seed=0, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe._studio_control["modules"][name].module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_conditions_from_the_world_and_the_annotators():
+    mask = world_condition("mask", SPEC, 3)
+    assert mask.shape == (128, 128, 3) and mask.dtype == np.uint8
+    assert ((mask[..., 0] > 0) == world.render_mask(SPEC, 3)).all()
+    edges = world_condition("edges", SPEC, 3)[..., 0] > 0
+    inside = world.render_mask(SPEC, 3)
+    assert edges.any() and not (edges & ~inside).any() and edges.sum() < 0.5 * inside.sum()  # the outline only
+    # lineart-standard draws dark strokes (a shape darker than its background in every channel, as ink on paper)
+    dark = world.Spec("triangle", "black", "white", "large", "center")
+    assert (world.render_mask(dark, 3) == inside).all()
+    for kind, width in (("canny", 3), ("lineart", 8)):  # lineart-standard's blur (sigma 6) makes wide strokes
+        cond = world_condition(kind, dark, 3)[..., 0] > 0
+        assert cond.shape == (128, 128) and cond.any()
+        # the lines lie along the shape's outline, not deep inside it or on the flat background
+        near = np.zeros_like(inside)
+        ys, xs = np.nonzero(edges)
+        for dy in range(-width, width + 1):
+            for dx in range(-width, width + 1):
+                near[np.clip(ys + dy, 0, 127), np.clip(xs + dx, 0, 127)] = True
+        assert (cond & near).sum() >= 0.9 * cond.sum(), kind
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    assert not annotate("canny", flat).any()
+    with pytest.raises(ConditionError, match="downloaded weights"):
+        world_condition("hed", SPEC, 0)
+    with pytest.raises(ConditionError, match="unknown condition"):
+        world_condition("depthish", SPEC, 0)
+    data = control_dataset("mask", 3)
+    assert [d.caption for d in data] == [world.caption(d.spec) for d in data]
+    assert all((d.condition[..., 0] > 0).sum() == world.render_mask(d.spec, d.seed).sum() for d in data)
+
+
+@pytest.mark.parametrize("method,config", [("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())])
+def test_zero_initialised_paths_leave_the_base_output_unchanged(method, config):
+    pipe = load_pipeline("shapes")
+    base = _unet_out(pipe)
+    get_method(method).attach(pipe, config, "c")
+    set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0)}])
+    assert torch.equal(_unet_out(pipe), base)                      # step 0: exactly the base model
+    _perturb(pipe, "c")
+    moved = _unet_out(pipe)
+    assert (moved - base).abs().max() > 1e-3                      # a trained adapter steers it
+    set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0), "scale": 0.0}])
+    assert torch.equal(_unet_out(pipe), base)                      # scale 0: exactly the base model
+    with get_method(method).disabled(pipe):
+        set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0)}])
+        assert torch.equal(_unet_out(pipe), base)
+    assert (_unet_out(pipe) - moved).abs().max() == 0
+
+
+def _images(pipe, steps=2, **kwargs):
+    return np.stack([np.asarray(im) for im in pipe(["a red triangle on a gray background"], num_inference_steps=steps,
+                                                   guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                                                   **kwargs).images])
+
+
+def test_scale_zero_reproduces_the_uncontrolled_image_and_wrong_sizes(tmp_path):
+    pipe = load_pipeline("shapes")
+    plain = _images(pipe)
+    for method, config in (("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())):
+        get_method(method).attach(pipe, config, method)
+        _perturb(pipe, method)
+    mask = world_condition("mask", SPEC, 0)
+    set_control(pipe, [{"adapter": "controlnext", "image": mask, "scale": 0.0},
+                       {"adapter": "controlnet", "image": mask, "scale": 0.0}])
+    assert np.array_equal(_images(pipe), plain)
+    set_control(pipe, [{"adapter": "controlnext", "image": mask}])
+    controlled = _images(pipe)
+    assert np.abs(controlled.astype(int) - plain).max() > 10  # a (perturbed) adapter steers the image
+    # a control image of another size but the same shape is resized: 2x larger (each pixel doubled) comes back to
+    # (nearly) the same image
+    from PIL import Image
+
+    large = Image.fromarray(mask).resize((256, 256), Image.NEAREST)
+    set_control(pipe, [{"adapter": "controlnext", "image": large}])
+    effect = np.abs(controlled.astype(int) - plain).mean()
+    assert np.abs(_images(pipe).astype(int) - controlled).mean() < 0.1 * effect
+    # another aspect ratio is refused, and so are unknown adapters and empty windows
+    set_control(pipe, [{"adapter": "controlnext", "image": np.zeros((128, 64, 3), np.uint8)}])
+    with pytest.raises(ControlError, match="aspect ratio differs"):
+        _images(pipe)
+    with pytest.raises(ControlError, match="no control adapter named"):
+        set_control(pipe, [{"adapter": "nope", "image": mask}])
+    with pytest.raises(ControlError, match="0 <= start < end <= 1"):
+        set_control(pipe, [{"adapter": "controlnet", "image": mask, "start": 0.8, "end": 0.2}])
+
+
+def test_window_and_scale_match_diffusers_controlnet_pipeline(tmp_path):
+    from studio.pipelines.control import controlnet_pipeline
+
+    pipe = load_pipeline("shapes")
+    get_method("controlnet").attach(pipe, ControlNetConfig(), "cn")
+    _perturb(pipe, "cn", std=0.02)
+    mask = world_condition("mask", SPEC, 0)
+    set_control(pipe, [{"adapter": "cn", "image": mask, "scale": 0.7, "start": 0.3, "end": 1.0}])
+    ours = _images(pipe, steps=4)
+    theirs = _images(controlnet_pipeline(pipe), steps=4, image=torch.from_numpy(mask).permute(2, 0, 1)[None].float() / 255,
+                     controlnet_conditioning_scale=0.7, control_guidance_start=0.3, control_guidance_end=1.0)
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+
+
+def _capture_pipeline(monkeypatch):
+    import studio.loading
+
+    captured = {}
+    real = studio.loading.load_pipeline
+
+    def loader(*args, **kwargs):
+        captured["pipe"] = real(*args, **kwargs)
+        return captured["pipe"]
+
+    monkeypatch.setattr(studio.loading, "load_pipeline", loader)
+    return captured
+
+
+def test_engine_step_trains_only_the_control_parameters(tmp_path, monkeypatch):
+    from studio.adapters.control import ControlNeXtEncoder
+    from studio.train import TrainingError, train
+
+    images, conditions = write_control_set(tmp_path / "data", "mask", 4)
+    captured = _capture_pipeline(monkeypatch)
+    kwargs = dict(method="controlnext", data=str(images), name="cx", output_dir=str(tmp_path / "run"), steps=2,
+                  batch_size=2, lr=1e-2, preview_every=0, checkpoint_every=100, progress_bar=False, tensorboard=False,
+                  preview_steps=1)
+    with pytest.raises(TrainingError, match="--control-data"):
+        train(**kwargs)
+    result = train(**kwargs, control_data=str(conditions), adapter={"unet_trainable": [r"attn2\.to_out"]})
+    pipe, fresh = captured["pipe"], load_pipeline("shapes")
+    unet = dict(fresh.unet.named_parameters())
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, unet[n])}
+    assert changed and all("attn2.to_out" in n for n in changed)
+    for comp in ("vae", "text_encoder"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, comp).parameters(), getattr(fresh, comp).parameters()))
+    torch.manual_seed(0)
+    initial = ControlNeXtEncoder(64, [16, 32, 64, 128]).state_dict()
+    trained = pipe._studio_control["modules"]["cx"].module.state_dict()
+    assert trained["gate"] != 0 and not torch.equal(trained["out.weight"], initial["out.weight"])
+    # the file: deltas for the tuned UNet layers only; loading it reproduces the trained model's output
+    from studio.adapters import read_adapter
+
+    file = read_adapter(result.adapter_path)
+    assert file.method == "controlnext" and {k for k in file.tensors if k.startswith("unet.")} == {
+        f"unet.{n}.delta" for n in changed}
+    loaded = load_pipeline("shapes", control={"adapter": result.adapter_path, "image": conditions / "mask_00000.png"})
+    from PIL import Image
+
+    set_control(pipe, [{"adapter": "cx", "image": Image.open(conditions / "mask_00000.png")}])
+    pipe.unet.eval()
+    assert torch.allclose(_unet_out(loaded), _unet_out(pipe), atol=1e-5)
+    get_method("controlnext").remove(loaded, "cx")  # its UNet deltas are taken out again
+    assert torch.allclose(_unet_out(loaded), _unet_out(fresh), atol=1e-5)
+
+
+def test_controlnet_trained_by_the_engine_loads_in_diffusers(tmp_path, monkeypatch):
+    from diffusers import ControlNetModel
+
+    from studio.train import train
+
+    images, conditions = write_control_set(tmp_path / "data", "edges", 2)
+    captured = _capture_pipeline(monkeypatch)
+    result = train(method="controlnet", data=str(images), control_data=str(conditions), name="cn",
+                   output_dir=str(tmp_path / "run"), steps=1, batch_size=2, lr=1e-3, preview_every=0,
+                   progress_bar=False, tensorboard=False)
+    pipe, fresh = captured["pipe"], load_pipeline("shapes")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), fresh.unet.parameters()))
+    folder = export_controlnet(result.adapter_path, tmp_path / "cn_diffusers")
+    model = ControlNetModel.from_pretrained(folder)
+    trained = pipe._studio_control["modules"]["cn"].module
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    # the zero convs moved after one step (so the ControlNet now steers the UNet)
+    assert any(p.abs().sum() > 0 for p in model.controlnet_down_blocks.parameters())
+    # the folder loads back as a control adapter, and so does the studio file; both give the same output
+    a = load_pipeline("shapes", control={"adapter": folder, "image": conditions / "edges_00000.png"})
+    b = load_pipeline("shapes", control={"adapter": result.adapter_path, "image": conditions / "edges_00000.png"})
+    assert torch.equal(_unet_out(a), _unet_out(b)) and not torch.equal(_unet_out(a), _unet_out(fresh))
+
+
+def test_files_for_another_model_are_refused(tmp_path, sd1_folder):
+    pipe = load_pipeline("shapes")
+    get_method("controlnext").attach(pipe, ControlNeXtConfig(), "c")
+    path = save_adapter(tmp_path / "c.safetensors", "controlnext", ControlNeXtConfig(),
+                        get_method("controlnext").state_dict(pipe, "c"), base_fingerprint(pipe))
+    other = load_pipeline(sd1_folder)
+    with pytest.raises(AdapterError, match="trained for"):
+        load_adapters(other, {path: 1.0})
+    from studio.loading import StudioError
+
+    with pytest.raises(StudioError, match="not a control adapter"):
+        lora = get_method("lora")
+        p2 = load_pipeline("shapes")
+        from studio.adapters.lora import LoraConfig
+
+        lora.attach(p2, LoraConfig(rank=1), "l")
+        lp = save_adapter(tmp_path / "l.safetensors", "lora", LoraConfig(rank=1), lora.state_dict(p2, "l"),
+                          base_fingerprint(p2))
+        load_pipeline("shapes", control={"adapter": lp, "image": world_condition("mask", SPEC, 0)})
+    with pytest.raises(StudioError, match="control image not found"):
+        load_pipeline("shapes", control={"adapter": path, "image": tmp_path / "missing.png"})
+
+
+def test_cli_generate_with_control(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from studio.cli import main
+
+    pipe = load_pipeline("shapes")
+    get_method("controlnext").attach(pipe, ControlNeXtConfig(condition="mask"), "c")
+    _perturb(pipe, "c")
+    path = save_adapter(tmp_path / "mask.safetensors", "controlnext", ControlNeXtConfig(condition="mask"),
+                        get_method("controlnext").state_dict(pipe, "c"), base_fingerprint(pipe))
+    Image.fromarray(world_condition("mask", SPEC, 0)).save(tmp_path / "cond.png")
+    out = tmp_path / "img.png"
+    args = ["generate", "a red triangle on a gray background", "--steps", "2", "--out", str(out)]
+    assert main(args + ["--control", f"{path}:0.5", "--control-image", str(tmp_path / "cond.png"),
+                        "--control-end", "0.5"]) == 0
+    meta = json.loads(Image.open(out).info["parameters"])
+    assert meta["control"] == [{"adapter": "mask.safetensors", "image": "cond.png", "scale": 0.5, "start": 0.0,
+                                "end": 0.5}]
+    capsys.readouterr()
+    assert main(args + ["--control", str(path)]) == 2
+    assert "1 --control adapter(s) but 0 --control-image(s)" in capsys.readouterr().err
+    assert main(args + ["--control", str(path), "--control-image", str(tmp_path / "nope.png")]) == 2
+    assert "control image not found" in capsys.readouterr().err
+
+
+def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(tmp_path):
+    from diffusers import T2IAdapter
+
+    pipe = load_pipeline("shapes")
+    base = _unet_out(pipe)
+    method = get_method("t2i_adapter")
+    method.attach(pipe, T2IAdapterConfig(num_res_blocks=1), "t")
+    module = pipe._studio_control["modules"]["t"].module
+    assert isinstance(module, T2IAdapter)
+    feats = module(torch.zeros(1, 3, 128, 128))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 16, 16), (96, 8, 8), (128, 4, 4)]  # one per down block
+    mask = world_condition("mask", SPEC, 0)
+    set_control(pipe, [{"adapter": "t", "image": mask, "scale": 0.0}])
+    assert torch.equal(_unet_out(pipe), base)
+    set_control(pipe, [{"adapter": "t", "image": mask}])
+    steered = _unet_out(pipe)
+    assert (steered - base).abs().max() > 1e-3   # not zero-initialised (as in the paper): it acts from the start
+    path = save_adapter(tmp_path / "t.safetensors", "t2i_adapter", pipe._studio_control["modules"]["t"].config,
+                        method.state_dict(pipe, "t"), base_fingerprint(pipe))
+    other = load_pipeline("shapes", control={"adapter": path, "image": mask})
+    assert torch.equal(_unet_out(other), steered)
