@@ -6,7 +6,6 @@ parameters and training time on this machine."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
     """Mean IoU and colour accuracy of `pipe` on `examples` (ControlExample), controlled by `adapter` (None: no
     control) with each example's condition image."""
     from studio.adapters.control import set_control
-    from studio.evaluate import _generate
+    from studio.evaluate import generate_images
     from studio.judge import judge_images
 
     ious, colours = [], []
@@ -49,7 +48,7 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
         if adapter:
             cond = torch.from_numpy(np.stack([e.condition for e in chunk])).permute(0, 3, 1, 2).float() / 255
             set_control(pipe, [{"adapter": adapter, "image": cond, "scale": scale}])
-        images = _generate(pipe, [e.caption for e in chunk], [e.seed for e in chunk], steps, guidance, batch=batch)
+        images = generate_images(pipe, [e.caption for e in chunk], [e.seed for e in chunk], steps, guidance, batch=batch)
         preds = judge_images(judge, images)[1]
         for j, e in enumerate(chunk):
             generated = (images[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -12,7 +12,7 @@ from studio import load_pipeline
 from studio.adapters import get_method
 from studio.adapters.lora import LoraConfig
 from studio.adapters.lora.layer import FusedLoraLinear
-from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear, lora_linear_reference,
+from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear,
                             sparse_delta_linear, stack_adapters)
 from studio.kernels.paths import auto_path, triton_available
 from studio.kernels.sparse_delta import SAMPLED_BELOW

@@ -11,7 +11,7 @@ from studio.adapters.base import AdapterConfig, AdapterError
 @dataclass
 class ControlNeXtConfig(AdapterConfig):
     """A small conv encoder of the control image whose feature, cross-normalised to the UNet's hidden state after
-    `conv_in` (its mean and std per sample), is added to it times a learned gate that starts at 0 (so the
+    `conv_in` (its mean and std per sample), is added to it through a 1×1 conv that starts at 0 (so the
     untrained adapter leaves the base output unchanged). `unet_trainable`: regexes on UNet parameter names also
     trained (ControlNeXt tunes a few UNet layers, e.g. `attn2\\.to_out`); they are saved as weight deltas."""
 

@@ -1,6 +1,6 @@
 """A light ControlNeXt-style module (Peng et al. 2024): a small conv encoder of the control image whose feature is
 added to the UNet's hidden state after `conv_in`, with Cross Normalization (the feature normalised per sample and
-given the hidden state's mean and std), times a learned gate initialised to 0. Optionally a few UNet layers are
+given the hidden state's mean and std), through a zero-initialised 1×1 conv. Optionally a few UNet layers are
 trained too (`unet_trainable` regexes), stored as weight deltas."""
 
 from __future__ import annotations
@@ -34,14 +34,19 @@ class ControlNeXtEncoder(nn.Module):
                        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(channels[-1], out_channels, 1)
-        self.gate = nn.Parameter(torch.zeros(()))
+        # zero at the start, so the untrained module leaves the UNet unchanged; a 1×1 conv rather than a scalar
+        # gate: a scalar's one gradient is the sum of noisy per-channel ones, and with the encoder receiving no
+        # gradient while it is 0 it never opened (B5: still −0.003 after 200 steps of batch 8)
+        self.gate = nn.Conv2d(out_channels, out_channels, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
 
     def forward(self, image: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The term added to `hidden`: gate * cross_norm(feature, hidden)."""
+        """The term added to `hidden`: gate(cross_norm(feature, hidden)), gate a zero-initialised 1×1 conv."""
         feat = self.out(self.body(image * 2 - 1))
         if feat.shape[-2:] != hidden.shape[-2:]:
             feat = nn.functional.adaptive_avg_pool2d(feat, hidden.shape[-2:])
-        return self.gate * cross_normalize(feat, hidden)
+        return self.gate(cross_normalize(feat, hidden))
 
 
 def cross_normalize(feat: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
