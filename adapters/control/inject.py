@@ -109,6 +109,8 @@ def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if abs(w / h - width / height) > ASPECT_TOLERANCE * width / height:
         raise ControlError(f"the control image is {w}x{h} but the output is {width}x{height}: its aspect ratio "
                            "differs; crop it to the output's shape or set the output's height and width to match")
+    if h >= height and w >= width:  # shrinking: each output pixel the mean of the area it covers (exact for an
+        return F.interpolate(image, size=(height, width), mode="area")  # image enlarged by a whole factor)
     return F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
