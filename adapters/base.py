@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from safetensors import safe_open
@@ -292,6 +293,20 @@ def module_path_of(key: str) -> str:
     """`down_blocks.0.attn1.to_q.lora_A.weight` -> `down_blocks.0.attn1.to_q`."""
     stripped = _TENSOR_SUFFIX.sub("", key)
     return stripped if stripped != key else key.rsplit(".", 1)[0]
+
+
+@contextmanager
+def switched_on(layers: list, flag: str) -> Iterator[None]:
+    """Set the boolean attribute `flag` on every layer for the block, then give each back its own value (the
+    `disabled()` of methods whose layers carry an off switch)."""
+    before = [getattr(layer, flag) for layer in layers]
+    for layer in layers:
+        setattr(layer, flag, True)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            setattr(layer, flag, state)
 
 
 def replace_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

@@ -12,7 +12,8 @@ import torch
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from studio.adapters.base import AdapterConfig, AdapterError, AdapterMethod, component, replace_module
+from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, component, replace_module,
+                                  switched_on)
 from studio.adapters.lora.model import _suffix_regex
 
 
@@ -105,15 +106,8 @@ class PeftTunerMethod(AdapterMethod):
 
     @contextmanager
     def disabled(self, pipe):
-        layers = [layer for _, layer in self._layers(pipe.unet)]
-        before = [layer._disable_adapters for layer in layers]
-        for layer in layers:
-            layer._disable_adapters = True
-        try:
+        with switched_on([layer for _, layer in self._layers(pipe.unet)], "_disable_adapters"):
             yield
-        finally:
-            for layer, state in zip(layers, before):
-                layer._disable_adapters = state
 
     def _check_weight(self, name: str, weight: float) -> None:
         if float(weight) not in (0.0, 1.0):

@@ -11,7 +11,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
-                                  module_path_of, register, replace_module, split_key)
+                                  module_path_of, register, replace_module, split_key, switched_on)
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
@@ -138,15 +138,10 @@ class LoraMethod(AdapterMethod):
 
     @contextmanager
     def disabled(self, pipe):
-        layers = [layer for _, model in components(pipe) for _, layer in _lora_layers(model)]
-        before = [layer._disable_adapters for layer in layers]
-        for layer in layers:
-            layer._disable_adapters = True  # PEFT's own switch; its public toggle also changes requires_grad
-        try:
+        # PEFT's own switch; its public toggle also changes requires_grad
+        with switched_on([layer for _, model in components(pipe) for _, layer in _lora_layers(model)],
+                         "_disable_adapters"):
             yield
-        finally:
-            for layer, state in zip(layers, before):
-                layer._disable_adapters = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         # PEFT layers are shared with other methods built on them (SPM's membranes): leave theirs as they are

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module, split_key
+from studio.adapters.base import (AdapterError, AdapterMethod, component, register, replace_module, split_key,
+                                  switched_on)
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
 from studio.kernels.sparse_delta import dense_delta
@@ -198,15 +199,8 @@ class SaraMethod(AdapterMethod):
 
     @contextmanager
     def disabled(self, pipe):
-        layers = [layer for _, layer in _sara_layers(pipe.unet)]
-        before = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
-        try:
+        with switched_on([layer for _, layer in _sara_layers(pipe.unet)], "disabled"):
             yield
-        finally:
-            for layer, state in zip(layers, before):
-                layer.disabled = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         for _, layer in _sara_layers(pipe.unet):

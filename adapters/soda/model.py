@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module
+from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module, switched_on
 from studio.adapters.lora.model import _suffix_regex
 from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
@@ -163,15 +163,8 @@ class SodaMethod(AdapterMethod):
 
     @contextmanager
     def disabled(self, pipe):
-        layers = [layer for _, layer in soda_layers(pipe.unet)]
-        before = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
-        try:
+        with switched_on([layer for _, layer in soda_layers(pipe.unet)], "disabled"):
             yield
-        finally:
-            for layer, state in zip(layers, before):
-                layer.disabled = state
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         for _, layer in soda_layers(pipe.unet):
