@@ -76,6 +76,15 @@ def sdxl_folder(tmp_path_factory):
 
 
 
+def unet_out(pipe, seed=0):
+    """The UNet's output on fixed noise, timesteps and text: a cheap fingerprint of what adapters do to it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample
+
+
 def serve_app(workspace):
     """The web UI on a free loopback port, in this process; returns (url, app)."""
     from studio.ui.app import serve_in_background

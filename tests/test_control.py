@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import unet_out
 from studio import load_pipeline, world
 from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
 from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, export_controlnet,
@@ -14,14 +15,6 @@ from studio.adapters.control.inject import ControlError
 from studio.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
 
 SPEC = world.Spec("triangle", "red", "gray", "large", "center")
-
-
-def _unet_out(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample
 
 
 def _perturb(pipe, name, seed=0, std=0.05):
@@ -65,19 +58,19 @@ def test_conditions_from_the_world_and_the_annotators():
 @pytest.mark.parametrize("method,config", [("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())])
 def test_zero_initialised_paths_leave_the_base_output_unchanged(method, config):
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     get_method(method).attach(pipe, config, "c")
     set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0)}])
-    assert torch.equal(_unet_out(pipe), base)                      # step 0: exactly the base model
+    assert torch.equal(unet_out(pipe), base)                      # step 0: exactly the base model
     _perturb(pipe, "c")
-    moved = _unet_out(pipe)
+    moved = unet_out(pipe)
     assert (moved - base).abs().max() > 1e-3                      # a trained adapter steers it
     set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0), "scale": 0.0}])
-    assert torch.equal(_unet_out(pipe), base)                      # scale 0: exactly the base model
+    assert torch.equal(unet_out(pipe), base)                      # scale 0: exactly the base model
     with get_method(method).disabled(pipe):
         set_control(pipe, [{"adapter": "c", "image": world_condition("mask", SPEC, 0)}])
-        assert torch.equal(_unet_out(pipe), base)
-    assert (_unet_out(pipe) - moved).abs().max() == 0
+        assert torch.equal(unet_out(pipe), base)
+    assert (unet_out(pipe) - moved).abs().max() == 0
 
 
 def _images(pipe, steps=2, **kwargs):
@@ -89,7 +82,7 @@ def _images(pipe, steps=2, **kwargs):
 def test_scale_zero_reproduces_the_uncontrolled_image_and_wrong_sizes(tmp_path):
     torch.manual_seed(0)  # the modules' initialisation
     pipe = load_pipeline("shapes")
-    plain, plain_out = _images(pipe), _unet_out(pipe)
+    plain, plain_out = _images(pipe), unet_out(pipe)
     for method, config in (("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())):
         get_method(method).attach(pipe, config, method)
         _perturb(pipe, method)
@@ -104,11 +97,11 @@ def test_scale_zero_reproduces_the_uncontrolled_image_and_wrong_sizes(tmp_path):
     # to the original (area averaging) and steers the denoiser as it does, up to rounding
     from PIL import Image
 
-    controlled_out = _unet_out(pipe)
+    controlled_out = unet_out(pipe)
     large = Image.fromarray(mask).resize((256, 256), Image.NEAREST)
     set_control(pipe, [{"adapter": "controlnext", "image": large}])
     effect = (controlled_out - plain_out).abs().mean()
-    assert (_unet_out(pipe) - controlled_out).abs().mean() < 0.01 * effect
+    assert (unet_out(pipe) - controlled_out).abs().mean() < 0.01 * effect
     # another aspect ratio is refused, and so are unknown adapters and empty windows
     set_control(pipe, [{"adapter": "controlnext", "image": np.zeros((128, 64, 3), np.uint8)}])
     with pytest.raises(ControlError, match="aspect ratio differs"):
@@ -180,9 +173,9 @@ def test_engine_step_trains_only_the_control_parameters(tmp_path, monkeypatch):
 
     set_control(pipe, [{"adapter": "cx", "image": Image.open(conditions / "mask_00000.png")}])
     pipe.unet.eval()
-    assert torch.allclose(_unet_out(loaded), _unet_out(pipe), atol=1e-5)
+    assert torch.allclose(unet_out(loaded), unet_out(pipe), atol=1e-5)
     get_method("controlnext").remove(loaded, "cx")  # its UNet deltas are taken out again
-    assert torch.allclose(_unet_out(loaded), _unet_out(fresh), atol=1e-5)
+    assert torch.allclose(unet_out(loaded), unet_out(fresh), atol=1e-5)
 
 
 def test_controlnet_trained_by_the_engine_loads_in_diffusers(tmp_path, monkeypatch):
@@ -206,7 +199,7 @@ def test_controlnet_trained_by_the_engine_loads_in_diffusers(tmp_path, monkeypat
     # the folder loads back as a control adapter, and so does the studio file; both give the same output
     a = load_pipeline("shapes", control={"adapter": folder, "image": conditions / "edges_00000.png"})
     b = load_pipeline("shapes", control={"adapter": result.adapter_path, "image": conditions / "edges_00000.png"})
-    assert torch.equal(_unet_out(a), _unet_out(b)) and not torch.equal(_unet_out(a), _unet_out(fresh))
+    assert torch.equal(unet_out(a), unet_out(b)) and not torch.equal(unet_out(a), unet_out(fresh))
 
 
 def test_files_for_another_model_are_refused(tmp_path, sd1_folder):
@@ -263,7 +256,7 @@ def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(t
     from diffusers import T2IAdapter
 
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     method = get_method("t2i_adapter")
     method.attach(pipe, T2IAdapterConfig(num_res_blocks=1), "t")
     module = pipe._studio_control["modules"]["t"].module
@@ -272,11 +265,11 @@ def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(t
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 16, 16), (96, 8, 8), (128, 4, 4)]  # one per down block
     mask = world_condition("mask", SPEC, 0)
     set_control(pipe, [{"adapter": "t", "image": mask, "scale": 0.0}])
-    assert torch.equal(_unet_out(pipe), base)
+    assert torch.equal(unet_out(pipe), base)
     set_control(pipe, [{"adapter": "t", "image": mask}])
-    steered = _unet_out(pipe)
+    steered = unet_out(pipe)
     assert (steered - base).abs().max() > 1e-3   # not zero-initialised (as in the paper): it acts from the start
     path = save_adapter(tmp_path / "t.safetensors", "t2i_adapter", pipe._studio_control["modules"]["t"].config,
                         method.state_dict(pipe, "t"), base_fingerprint(pipe))
     other = load_pipeline("shapes", control={"adapter": path, "image": mask})
-    assert torch.equal(_unet_out(other), steered)
+    assert torch.equal(unet_out(other), steered)

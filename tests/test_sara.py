@@ -4,6 +4,7 @@ clipping, files that load only on their base, and baking to LoRA."""
 import pytest
 import torch
 
+from conftest import unet_out
 from studio import load_pipeline
 from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
 from studio.adapters.sara import SaraConfig
@@ -15,14 +16,6 @@ from studio.adapters.sara.model import nuclear_penalty
 
 def _layers(pipe):
     return {path: m for path, m in pipe.unet.named_modules() if isinstance(m, SaraLayer)}
-
-
-def _unet_out(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample
 
 
 def _randomise(pipe, name, seed=0, std=0.01):
@@ -132,20 +125,20 @@ def test_save_load_reproduces_outputs_and_another_base_is_refused(tmp_path, sd1_
     sara.attach(pipe, SaraConfig(budget="2%"), "s")
     _randomise(pipe, "s")
     sara.set_weights(pipe, {"s": 1.0})
-    expected = _unet_out(pipe)
+    expected = unet_out(pipe)
     path = save_adapter(tmp_path / "s.safetensors", "sara", SaraConfig(budget="2%"), sara.state_dict(pipe, "s"),
                         base_fingerprint(pipe))
     fresh = load_pipeline("shapes")
-    base_out = _unet_out(fresh)
+    base_out = unet_out(fresh)
     load_adapters(fresh, {path: 1.0})
-    assert torch.equal(_unet_out(fresh), expected)
+    assert torch.equal(unet_out(fresh), expected)
     assert not torch.equal(expected, base_out)
     # merged into the weights: the same model, as a plain pipeline
     from studio.adapters import merge_adapters
 
     merge_adapters(fresh)
     assert not _layers(fresh)
-    torch.testing.assert_close(_unet_out(fresh), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet_out(fresh), expected, rtol=0, atol=1e-5)
     # the same architecture with other weights: refused, and nothing is left attached
     other = load_pipeline("shapes")
     layer = next(m for m in other.unet.modules() if isinstance(m, torch.nn.Linear))
@@ -165,14 +158,14 @@ def test_bake_to_lora_error_falls_with_rank_and_the_lora_reproduces_sara(tmp_pat
     sara.attach(pipe, SaraConfig(budget="2%"), "s")
     _randomise(pipe, "s", std=0.02)
     sara.set_weights(pipe, {"s": 1.0})
-    expected = _unet_out(pipe)
+    expected = unet_out(pipe)
     path = save_adapter(tmp_path / "s.safetensors", "sara", SaraConfig(budget="2%"), sara.state_dict(pipe, "s"),
                         base_fingerprint(pipe))
     errors = [bake_to_lora(path, rank, tmp_path / f"l{rank}.safetensors")[1] for rank in (1, 4, 16, 64, 512)]
     assert all(a > b for a, b in zip(errors, errors[1:-1])), errors
     assert errors[0] > 0.5 and errors[-1] < 1e-5  # full rank: exact
     full = load_pipeline("shapes", adapters=[tmp_path / "l512.safetensors"])
-    torch.testing.assert_close(_unet_out(full), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unet_out(full), expected, rtol=0, atol=1e-4)
     with pytest.raises(AdapterError, match="not SaRA"):
         bake_to_lora(tmp_path / "l4.safetensors", 2)
 

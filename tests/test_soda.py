@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import unet_out
 from studio import load_pipeline as _load_pipeline
 from studio.adapters import (AdapterError, base_fingerprint, get_method, load_adapters, merge_adapters, read_adapter,
                              save_adapter, set_adapter_weights)
@@ -30,14 +31,6 @@ def load_pipeline(model="shapes", **kw):
     if "shapes" not in _CACHE:
         _CACHE["shapes"] = _load_pipeline("shapes")
     return copy.deepcopy(_CACHE["shapes"])
-
-
-def _unet_out(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample
 
 
 def _random_orthogonal(k, g):
@@ -121,10 +114,10 @@ def test_at_initialisation_the_model_is_exactly_the_base():
     (exact) and Δs = ReLU(S) − S = 0. The paper's form U diag(S) Vᵀ differs from W only by the fp32 SVD
     residual, stated here as below 1e-5 relative for every targeted layer."""
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     soda = get_method("soda")
     soda.attach(pipe, SodaConfig(), "s")
-    assert torch.equal(_unet_out(pipe), base)
+    assert torch.equal(unet_out(pipe), base)
     for layer in _layers(pipe):
         w = layer.base_layer.weight
         residual = (w - (layer.U * layer.S) @ layer.Vh).norm() / w.norm()
@@ -132,7 +125,7 @@ def test_at_initialisation_the_model_is_exactly_the_base():
     # the official code's δ = 1e-3 start is off the base by a little, not exactly on it
     other = load_pipeline("shapes")
     soda.attach(other, SodaConfig(delta_init=1e-3), "s")
-    moved = (_unet_out(other) - base).abs().max() / base.abs().max()
+    moved = (unet_out(other) - base).abs().max() / base.abs().max()
     assert 0 < moved < 0.05
 
 
@@ -169,13 +162,13 @@ def test_stiefel_adam_keeps_factors_orthogonal_while_they_move():
 
 def test_weights_merge_and_save_load(tmp_path):
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     soda = get_method("soda")
     config = SodaConfig(rotate="both")
     soda.attach(pipe, config, "s")
     _randomise(_layers(pipe), "s")
     soda.set_weights(pipe, {"s": 1.0})
-    expected = _unet_out(pipe)
+    expected = unet_out(pipe)
     assert (expected - base).abs().max() > 1e-2
     # the training path (activations) and the inference path (summed dense weight) agree, also at weight 0.5
     with torch.enable_grad():
@@ -185,20 +178,20 @@ def test_weights_merge_and_save_load(tmp_path):
         train_out = pipe.unet(x, torch.tensor([900, 100]), encoder_hidden_states=text).sample.detach()
     torch.testing.assert_close(train_out, expected, rtol=0, atol=1e-4)
     soda.set_weights(pipe, {"s": 0.5})
-    half = _unet_out(pipe)
+    half = unet_out(pipe)
     assert (half - base).abs().max() > 1e-3 and (half - expected).abs().max() > 1e-3
     soda.set_weights(pipe, {"s": 1.0})
     path = save_adapter(tmp_path / "s.safetensors", "soda", config, soda.state_dict(pipe, "s"), base_fingerprint(pipe))
     fresh = load_pipeline("shapes")
     load_adapters(fresh, {path: 1.0})
-    torch.testing.assert_close(_unet_out(fresh), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet_out(fresh), expected, rtol=0, atol=1e-5)
     merge_adapters(fresh)  # merged: a plain pipeline, the same outputs
     assert not _layers(fresh)
-    torch.testing.assert_close(_unet_out(fresh), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unet_out(fresh), expected, rtol=0, atol=1e-4)
     # merge / unmerge on the layers gives the base weights back
     weights = [layer.base_layer.weight.detach().clone() for layer in _layers(pipe)]
     soda.merge(pipe, "s", 1.0)
-    torch.testing.assert_close(_unet_out(pipe), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unet_out(pipe), expected, rtol=0, atol=1e-4)
     soda.unmerge(pipe)
     for layer, w in zip(_layers(pipe), weights):
         torch.testing.assert_close(layer.base_layer.weight, w, rtol=0, atol=1e-6)
@@ -229,14 +222,14 @@ def test_bake_to_lora_error_falls_with_rank_and_full_rank_reproduces_soda(tmp_pa
     soda = get_method("soda")
     soda.attach(pipe, SodaConfig(), "s")
     _randomise(_layers(pipe), "s")
-    expected = _unet_out(pipe)
+    expected = unet_out(pipe)
     path = save_adapter(tmp_path / "s.safetensors", "soda", SodaConfig(), soda.state_dict(pipe, "s"),
                         base_fingerprint(pipe))
     errors = [bake_to_lora(path, rank, load_pipeline("shapes"), tmp_path / f"l{rank}.safetensors")[1]
               for rank in (1, 8, 512)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5, errors
     full = load_pipeline("shapes", adapters=[tmp_path / "l512.safetensors"])
-    torch.testing.assert_close(_unet_out(full), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unet_out(full), expected, rtol=0, atol=1e-4)
     with pytest.raises(AdapterError, match="not SODA"):
         bake_to_lora(tmp_path / "l8.safetensors", 2, load_pipeline("shapes"))
 
@@ -266,9 +259,9 @@ def test_engine_trains_soda_with_the_stiefel_optimizer(tmp_path, stars):
     assert max(float((q - torch.eye(q.shape[0])).abs().max()) for q in factors) > 1e-3  # trained
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if k.endswith(".delta"))
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
-    assert (_unet_out(pipe) - base).abs().max() > 1e-4
+    assert (unet_out(pipe) - base).abs().max() > 1e-4
     # `studio bake` loads the base model the file names and writes the LoRA
     from studio.cli import main
 
@@ -286,16 +279,16 @@ def test_oft_and_hra_train_through_the_engine_and_load(tmp_path, stars, sd1_fold
     run = _train(tmp_path, method, stars, adapter=settings)
     assert math.isfinite(run.final_loss) and run.trainable_parameters > 0
     pipe = load_pipeline("shapes")
-    base = _unet_out(pipe)
+    base = unet_out(pipe)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
-    adapted = _unet_out(pipe)
+    adapted = unet_out(pipe)
     assert (adapted - base).abs().max() > 1e-5
     set_adapter_weights(pipe, {name: 0.0})
-    torch.testing.assert_close(_unet_out(pipe), base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(unet_out(pipe), base, rtol=0, atol=1e-6)
     with pytest.raises(AdapterError, match="weight 1 or 0"):
         set_adapter_weights(pipe, {name: 0.5})
     set_adapter_weights(pipe, {name: 1.0})
     merge_adapters(pipe)
-    torch.testing.assert_close(_unet_out(pipe), adapted, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unet_out(pipe), adapted, rtol=0, atol=1e-4)
     with pytest.raises(AdapterError, match="another architecture"):
         load_adapters(load_pipeline(str(sd1_folder)), {run.adapter_path: 1.0})
