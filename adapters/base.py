@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
@@ -34,11 +34,9 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AdapterError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        from studio.settings import from_values
+
+        return from_values(cls, values, AdapterError)
 
 
 class AdapterMethod:

@@ -12,7 +12,7 @@ import math
 from contextlib import nullcontext
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,11 +86,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainingError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**values)
+        from studio.settings import from_values
+
+        return from_values(cls, values, TrainingError, "training")
 
     @classmethod
     def read_yaml(cls, path: str | Path) -> dict[str, Any]:

@@ -125,6 +125,29 @@ def test_yaml_config_holds_every_setting_and_cli_flags_override(tmp_path, star_d
         config_with_preset("fastest")
 
 
+def test_numbers_written_the_yaml_1_1_way_are_numbers(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as text; settings convert it by the field's type, or name the setting."""
+    import studio.adapters  # noqa: F401  (registers the methods)
+    from studio.adapters.base import AdapterError, get_method
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nsteps: 2e2\nsnr_gamma: 5\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.lr == 1e-3 and cfg.steps == 200 and isinstance(cfg.steps, int) and cfg.snr_gamma == 5.0
+    path.write_text("lr: fast\n")
+    with pytest.raises(TrainingError, match="training setting lr takes a number, got 'fast'"):
+        TrainConfig.from_yaml(path)
+    path.write_text("steps: 2.5\n")
+    with pytest.raises(TrainingError, match="steps takes a whole number"):
+        TrainConfig.from_yaml(path)
+    from studio.cli import parse_settings
+
+    sara = get_method("sara").config_class.from_dict(parse_settings(["nuclear_weight=1e-3", "budget=1%"]))
+    assert sara.nuclear_weight == 1e-3 and sara.budget == "1%"
+    with pytest.raises(AdapterError, match="nuclear_weight takes a number"):
+        get_method("sara").config_class.from_dict({"nuclear_weight": "strong"})
+
+
 # ---- runs ----
 
 def test_run_writes_adapter_checkpoints_previews_and_logs(tmp_path, star_data):
@@ -248,13 +271,17 @@ def test_prior_preservation_draws_and_reuses_class_images(tmp_path, star_data):
     assert all(e["loss"] > 0 for e in events if e["kind"] == "step")
 
 
-def test_two_processes_match_one(tmp_path, star_data):
+@pytest.mark.parametrize("method", ["lora", "sara"])
+def test_two_processes_match_one(tmp_path, star_data, method):
     """`accelerate launch --multi_gpu` on a CPU host starts 2 processes through torchrun (gloo DDP, MULTI_CPU);
-    each takes half of every global batch."""
+    each takes half of every global batch. SaRA's values are plain leaves outside the wrapped UNet's parameters
+    and its nuclear-norm penalty draws layers per step: both must stay in step across the processes."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    method_args = ["--rank", "2"] if method == "lora" else [
+        "--method", "sara", "--adapter", "budget=1%", "--adapter", "nuclear_weight=1e-3"]
     common = ["train", "--data", str(star_data), "--trigger", "sks", "--steps", "8", "--batch-size", "4",
               "--lr", "1e-3", "--preview-every", "0", "--checkpoint-every", "8", "--no-tensorboard",
-              "--no-progress-bar", "--rank", "2"]
+              "--no-progress-bar", *method_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", *common,

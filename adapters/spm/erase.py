@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from studio.adapters.base import AdapterError, base_fingerprint, optimizer_step, save_adapter, token_ids
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.model import SpmMethod
+from studio.settings import from_values
 
 TRAINING_NAME = "membrane"
 
@@ -215,11 +216,8 @@ def erase_config(concepts: list[str], preset: str = "shapes", *, settings: dict 
 
     if preset not in PRESETS:
         raise AdapterError(f"unknown erase preset {preset!r}; use one of {', '.join(PRESETS)}")
-    try:
-        cfg = SpmConfig(**{**PRESETS[preset]["adapter"], **(adapter or {}), "concepts": list(concepts)})
-        run = EraseSettings(**{**PRESETS[preset]["settings"], **(settings or {})})
-    except TypeError as e:
-        raise AdapterError(f"erase settings: {e}") from None
+    cfg = SpmConfig.from_dict({**PRESETS[preset]["adapter"], **(adapter or {}), "concepts": list(concepts)})
+    run = from_values(EraseSettings, {**PRESETS[preset]["settings"], **(settings or {})}, AdapterError, "erase")
     if run.steps < 1 or run.lr <= 0 or run.batch < 1 or run.denoise_steps < 2:
         raise AdapterError("erase needs steps >= 1, lr > 0, batch >= 1 and denoise_steps >= 2")
     return cfg, run
