@@ -30,10 +30,12 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
 
 
-def _lora_grads(path: str, x, w, b, la, lb) -> list[torch.Tensor]:
+def lora_outputs_and_grads(path: str, x, w, b, la, lb, scales: list[float] | None = None) -> list[torch.Tensor]:
+    """The output of `path`'s LoRA linear and the gradients of x and every adapter factor under a fixed
+    non-uniform upstream gradient (what each path is compared on)."""
     for t in (x, *la, *lb):
         t.grad = None
-    a, bb = stack_adapters(la, lb, [0.7] * len(la))
+    a, bb = stack_adapters(la, lb, scales if scales is not None else [0.7] * len(la))
     y = lora_linear(x, w, b, a, bb, path=path)
     (y * torch.linspace(-1, 1, y.shape[-1], device=y.device, dtype=y.dtype)).sum().backward()
     return [y.detach(), x.grad.clone(), *(t.grad.clone() for t in (*la, *lb))]
@@ -63,8 +65,8 @@ def check(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) ->
         la = [leaf(r, fan_in) for r in ranks]
         lb = [leaf(fan_out, r) for r in ranks]
         full = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, b, *la, *lb)]
-        want = _lora_grads("reference", full[0], full[1], full[2], full[3:3 + len(ranks)], full[3 + len(ranks):])
-        got = _lora_grads(path, x, w, b, la, lb)
+        want = lora_outputs_and_grads("reference", full[0], full[1], full[2], full[3:3 + len(ranks)], full[3 + len(ranks):])
+        got = lora_outputs_and_grads(path, x, w, b, la, lb)
         with torch.no_grad():  # inference takes a path of its own (no autograd node)
             a, bb = stack_adapters(la, lb, [0.7] * len(la))
             got.append(lora_linear(x, w, b, a, bb, path=path))

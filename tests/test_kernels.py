@@ -13,7 +13,8 @@ from studio.adapters import get_method
 from studio.adapters.lora import LoraConfig
 from studio.adapters.lora.layer import FusedLoraLinear
 from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear,
-                            sparse_delta_linear, stack_adapters)
+                            sparse_delta_linear)
+from studio.kernels.check import lora_outputs_and_grads
 from studio.kernels.paths import auto_path, triton_available
 from studio.kernels.sparse_delta import SAMPLED_BELOW
 
@@ -31,15 +32,6 @@ def _lora_case(tokens, fan_in, fan_out, ranks, bias=True, seed=0):
     return x, weight, b, lora_a, lora_b
 
 
-def _run_lora(path, x, weight, b, lora_a, lora_b, scales):
-    for t in (x, *lora_a, *lora_b):
-        t.grad = None
-    a, bb = stack_adapters(lora_a, lora_b, scales)
-    y = lora_linear(x, weight, b, a, bb, path=path)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    return [y.detach(), x.grad.clone(), *(t.grad.clone() for t in (*lora_a, *lora_b))]
-
-
 @pytest.mark.parametrize("tokens,fan_in,fan_out,ranks,bias", [
     (37, 33, 45, [1], True),          # odd sizes, rank 1
     (1, 64, 17, [3], False),          # one token, no bias
@@ -48,8 +40,8 @@ def _run_lora(path, x, weight, b, lora_a, lora_b, scales):
 def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_out, ranks, bias):
     case = _lora_case(tokens, fan_in, fan_out, ranks, bias)
     scales = [0.5, -1.25, 2.0][:len(ranks)]
-    ref = _run_lora("reference", *case, scales)
-    fused = _run_lora("fused", *case, scales)
+    ref = lora_outputs_and_grads("reference", *case, scales)
+    fused = lora_outputs_and_grads("fused", *case, scales)
     for got, want in zip(fused, ref):
         torch.testing.assert_close(got, want, **TOL)
     # and the reference is the textbook sum of separate adapters
