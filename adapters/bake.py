@@ -8,8 +8,23 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters.base import AdapterError, save_adapter, thin_svd
+from studio.adapters.base import AdapterError, AdapterFile, read_adapter, save_adapter, thin_svd
 from studio.adapters.lora.config import LoraConfig
+
+
+def read_for_bake(path: str | Path, method: str, rank: int) -> AdapterFile:
+    """The adapter file at `path`, refused unless it is a `method` adapter and `rank` is valid."""
+    file = read_adapter(path)
+    if file.method != method:
+        raise AdapterError(f"{Path(path).name} is a {file.method} adapter, not {method}")
+    if rank < 1:
+        raise AdapterError(f"bake rank must be at least 1, got {rank}")
+    return file
+
+
+def baked_path(path: str | Path, rank: int, out: str | Path | None) -> Path:
+    path = Path(path)
+    return Path(out) if out else path.with_name(f"{path.stem}_lora{rank}.safetensors")
 
 
 def bake_deltas(deltas: dict[str, tuple[torch.Tensor, tuple[int, ...]]], rank: int, out: Path, base: dict,

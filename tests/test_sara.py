@@ -166,7 +166,7 @@ def test_bake_to_lora_error_falls_with_rank_and_the_lora_reproduces_sara(tmp_pat
     assert errors[0] > 0.5 and errors[-1] < 1e-5  # full rank: exact
     full = load_pipeline("shapes", adapters=[tmp_path / "l512.safetensors"])
     torch.testing.assert_close(unet_out(full), expected, rtol=0, atol=1e-4)
-    with pytest.raises(AdapterError, match="not SaRA"):
+    with pytest.raises(AdapterError, match="lora adapter, not sara"):
         bake_to_lora(tmp_path / "l4.safetensors", 2)
 
 

@@ -230,7 +230,7 @@ def test_bake_to_lora_error_falls_with_rank_and_full_rank_reproduces_soda(tmp_pa
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5, errors
     full = load_pipeline("shapes", adapters=[tmp_path / "l512.safetensors"])
     torch.testing.assert_close(unet_out(full), expected, rtol=0, atol=1e-4)
-    with pytest.raises(AdapterError, match="not SODA"):
+    with pytest.raises(AdapterError, match="lora adapter, not soda"):
         bake_to_lora(tmp_path / "l8.safetensors", 2, load_pipeline("shapes"))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from studio.adapters.bake import bake_deltas
-from studio.adapters.base import AdapterError, read_adapter
+from studio.adapters.bake import bake_deltas, baked_path, read_for_bake
+from studio.adapters.base import AdapterError
 from studio.kernels.sparse_delta import SparsePattern, dense_delta
 
 
@@ -14,11 +14,7 @@ def bake_to_lora(path: str | Path, rank: int, out: str | Path | None = None) -> 
     """Write `path` (a SaRA file) as a LoRA file of `rank`; returns (LoRA path, relative error), the error
     being ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers together."""
     path = Path(path)
-    file = read_adapter(path)
-    if file.method != "sara":
-        raise AdapterError(f"{path.name} is a {file.method} adapter, not SaRA")
-    if rank < 1:
-        raise AdapterError(f"bake rank must be at least 1, got {rank}")
+    file = read_for_bake(path, "sara", rank)
     deltas = {}
     for key in sorted(k for k in file.tensors if k.endswith(".indices")):
         layer = key[:-len(".indices")]
@@ -27,5 +23,4 @@ def bake_to_lora(path: str | Path, rank: int, out: str | Path | None = None) -> 
         shape = tuple(file.tensors[f"{layer}.shape"].tolist())
         pattern = SparsePattern(file.tensors[key].long(), (shape[0], math.prod(shape[1:])))
         deltas[layer] = (dense_delta(file.tensors[f"{layer}.values"].float(), pattern), shape)
-    out = Path(out) if out else path.with_name(f"{path.stem}_lora{rank}.safetensors")
-    return bake_deltas(deltas, rank, out, file.base, path.name)
+    return bake_deltas(deltas, rank, baked_path(path, rank, out), file.base, path.name)

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters.bake import bake_deltas
-from studio.adapters.base import AdapterError, get_method, read_adapter
+from studio.adapters.bake import bake_deltas, baked_path, read_for_bake
+from studio.adapters.base import get_method
 
 
 def bake_to_lora(path: str | Path, rank: int, pipe, out: str | Path | None = None) -> tuple[Path, float]:
     """Write `path` (a SODA file) as a LoRA file of `rank` for `pipe`'s model (the one it was trained on;
     another is refused); returns (LoRA path, relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers)."""
     path = Path(path)
-    file = read_adapter(path)
-    if file.method != "soda":
-        raise AdapterError(f"{path.name} is a {file.method} adapter, not SODA")
-    if rank < 1:
-        raise AdapterError(f"bake rank must be at least 1, got {rank}")
+    file = read_for_bake(path, "soda", rank)
     soda = get_method("soda")
     name = "_bake"
     soda.load_state_dict(pipe, name, file.tensors, config=soda.config_class.from_dict(file.config), base=file.base,
@@ -27,5 +23,4 @@ def bake_to_lora(path: str | Path, rank: int, pipe, out: str | Path | None = Non
         deltas = {key: (delta, tuple(delta.shape)) for key, delta in soda.delta_weights(pipe, name).items()}
     finally:
         soda.remove(pipe, name)
-    out = Path(out) if out else path.with_name(f"{path.stem}_lora{rank}.safetensors")
-    return bake_deltas(deltas, rank, out, file.base, path.name)
+    return bake_deltas(deltas, rank, baked_path(path, rank, out), file.base, path.name)
