@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    ct = sub.add_parser("control-train", help="train a control adapter (ControlNeXt-style or ControlNet) on rendered "
+    ct = sub.add_parser("control-train", help="train a control adapter (T2I-Adapter, ControlNeXt-style or ControlNet) on rendered "
                                               "condition/image pairs, or on --data with --control-data")
     _add_train_args(ct)
     ct.add_argument("--condition", default="mask", help="mask, edges (exact, from the shapes world), canny, lineart")
