@@ -7,6 +7,7 @@ parameters and training time on this machine."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
             "colour": float(np.mean(colours))}
 
 
-def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, images: Path):
+def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, images: Path,
+              settings: dict[str, Any], adapter: dict[str, Any]):
     """(trainable parameters, training seconds, note) of an adapter this benchmark already trained with these
     settings (`--reuse`), or None. The time is the one measured when it was trained: stored in the file, or for
     files written before the engine stored it, from its run folder's config.yaml (written as the run started) to
@@ -73,7 +75,9 @@ def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, i
     file = read_adapter(path)
     cfg = json.loads(file.metadata.get("training_config", "{}"))
     if (file.method != method or cfg.get("steps") != steps or cfg.get("batch_size") != batch_size
-            or cfg.get("lr") != lr or cfg.get("data") != str(images)):
+            or cfg.get("lr") != lr or cfg.get("data") != str(images)
+            or any(cfg.get(k) != v for k, v in settings.items())
+            or any(file.config.get(k) != v for k, v in adapter.items())):
         return None
     params = sum(t.numel() for t in file.tensors.values())
     if "training_seconds" in file.metadata:
@@ -86,13 +90,19 @@ def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, i
 
 def bench_control(methods: list[str], condition: str = "mask", n: int = 64, examples: int = 512, steps: int = 400,
                   batch_size: int = 8, lr: dict[str, float] | None = None, out: str | Path = "runs/bench_control",
-                  eval_steps: int = 25, write: bool = True, reuse: bool = False, log=None) -> str:
+                  eval_steps: int = 25, write: bool = True, reuse: bool = False,
+                  settings: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None, log=None) -> str:
+    """`settings`: training settings for every method, over the control methods' timestep defaults
+    (LAYOUT_TIMESTEPS; `{"timestep_bias": "none", "x0_weighting": False}` is the plain objective);
+    `adapter`: method settings."""
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
     from studio.conditions import write_control_set
     from studio.judge import load_judge
     from studio.loading import load_pipeline
     from studio.train import train
 
     log = log or (lambda line: print(line, flush=True))
+    settings = {**LAYOUT_TIMESTEPS, **(settings or {})}
     out = Path(out)
     judge = load_judge()
     images, conditions = write_control_set(out / f"data_{condition}", condition, examples)
@@ -106,19 +116,22 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     for method in methods:
         name = f"{method}_{condition}"
         path = out / name / f"{name}.safetensors"
-        trained = _reusable(path, method, steps, batch_size, lrs[method], images) if reuse else None
+        adapter_settings = {"condition": condition, **(adapter or {})}
+        trained = (_reusable(path, method, steps, batch_size, lrs[method], images, settings, adapter_settings)
+                   if reuse else None)
         if trained is None:
             result = train(method=method, data=str(images), control_data=str(conditions), name=name,
                            output_dir=str(out / name), steps=steps, batch_size=batch_size, lr=lrs[method],
                            lr_scheduler="constant", lr_warmup_steps=0, preview_every=0, checkpoint_every=steps,
-                           progress_bar=False, tensorboard=False, adapter={"condition": condition})
+                           progress_bar=False, tensorboard=False, adapter=adapter_settings, **settings)
             trained = (result.trainable_parameters, result.seconds, "")
         params, seconds, note = trained
         log(f"{method}: {steps} steps in {seconds:.0f} s{note}")
         pipe = load_pipeline("shapes", adapters={path: 1.0})
         r = evaluate_control(pipe, judge, held_out, name, steps=eval_steps)
         log(f"{method}: {r}")
-        rows.append([method, f"{params:,}", f"{steps} x {batch_size}, lr {lrs[method]:g}",
+        extra = "".join(f", {k} {v}" for k, v in {**settings, **(adapter or {})}.items())
+        rows.append([method, f"{params:,}", f"{steps} x {batch_size}, lr {lrs[method]:g}{extra}",
                      f"{seconds / 60:.1f} min{note}", f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
                      f"{100 * r['colour']:.1f}%"])
     header = ["method", "trainable params", "training (steps x batch)", "training time", "mask IoU",

@@ -199,14 +199,17 @@ def parse_settings(items: list[str] | None) -> dict:
     return settings
 
 
-def train_config_from_args(args):
+def train_config_from_args(args, defaults: dict | None = None):
+    """The config of `studio train`-style flags: `defaults` (a command's own), then the YAML file, the preset and
+    the explicit flags over them."""
     from studio.train import TrainConfig, config_with_preset
 
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     adapter = parse_settings(explicit.pop("adapter", []))
     if hasattr(args, "rank"):
         adapter["rank"] = args.rank
-    values = TrainConfig.read_yaml(args.config_file) if args.config_file else {}
+    values = dict(defaults or {})
+    values.update(TrainConfig.read_yaml(args.config_file) if args.config_file else {})
     values.update(explicit)
     values["adapter"] = {**values.get("adapter", {}), **adapter}
     return config_with_preset(args.preset, **values)
@@ -229,9 +232,8 @@ def cmd_train(args) -> None:
           f"{result.trainable_parameters:,} trainable parameters", file=sys.stderr)
 
 
-def cmd_control_train(args) -> None:
-    from studio.train import Trainer
-
+def control_train_config(args):
+    """The TrainConfig of `studio control-train` (rendering its shapes-world data when no --data is given)."""
     if not hasattr(args, "method"):
         args.method = "controlnext"
     if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
@@ -249,8 +251,17 @@ def cmd_control_train(args) -> None:
                               "--control-data for another model")
         images, conditions = write_control_set(Path(args.output_dir) / "data", args.condition, args.examples)
         args.data, args.control_data = str(images), str(conditions)
-    config = train_config_from_args(args)
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
+
+    config = train_config_from_args(args, defaults=LAYOUT_TIMESTEPS)
     config.adapter.setdefault("condition", args.condition)
+    return config
+
+
+def cmd_control_train(args) -> None:
+    from studio.train import Trainer
+
+    config = control_train_config(args)
     result = Trainer(config, lambda e: print(e["message"], file=sys.stderr) if e["kind"] == "log" else None).run()
     print(result.adapter_path)
     if args.method == "controlnet":
@@ -407,7 +418,8 @@ def cmd_bench_control(args) -> None:
         raise StudioError(f"bench control: --methods takes controlnext, controlnet, t2i_adapter (got {', '.join(bad)})")
     print(bench_control(methods, condition=args.condition, n=args.n, examples=args.examples, steps=args.steps,
                         batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write,
-                        reuse=args.reuse))
+                        reuse=args.reuse, lr={m: args.lr for m in methods} if args.lr else None,
+                        settings=parse_settings(args.set), adapter=parse_settings(args.adapter)))
 
 
 def cmd_bench_train(args) -> None:
@@ -545,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    ct = sub.add_parser("control-train", help="train a control adapter (ControlNeXt-style or ControlNet) on rendered "
+    ct = sub.add_parser("control-train", help="train a control adapter (T2I-Adapter, ControlNeXt-style or ControlNet) on rendered "
                                               "condition/image pairs, or on --data with --control-data")
     _add_train_args(ct)
     ct.add_argument("--condition", default="mask", help="mask, edges (exact, from the shapes world), canny, lineart")
@@ -639,13 +651,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bcn = bsub.add_parser("control", help="B5: control adapters trained, then mask IoU and colour accuracy on "
                                           "held-out renders")
-    bcn.add_argument("--methods", default="controlnext,controlnet")
+    bcn.add_argument("--methods", default="t2i_adapter,controlnext,controlnet")
     bcn.add_argument("--condition", default="mask")
     bcn.add_argument("--n", type=int, default=64, help="held-out renders judged")
     bcn.add_argument("--examples", type=int, default=512, help="rendered training pairs")
     bcn.add_argument("--steps", type=int, default=400, help="training steps per method")
     bcn.add_argument("--batch-size", type=int, default=8)
     bcn.add_argument("--eval-steps", type=int, default=25)
+    bcn.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: each its own)")
+    bcn.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training setting for every method, e.g. "
+                                                                        "timestep_bias=later (repeatable)")
+    bcn.add_argument("--adapter", action="append", metavar="KEY=VALUE", help="method setting (repeatable)")
     bcn.add_argument("--out", default="runs/bench_control")
     bcn.add_argument("--reuse", action="store_true", help="evaluate adapters this benchmark already trained with the "
                                                           "same settings (their measured training time is kept)")

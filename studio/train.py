@@ -67,6 +67,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None  # Min-SNR weighting (Hang et al. 2023)
+    x0_weighting: bool = False      # weight each sample by its error in x0 space (1/SNR), normalised to mean 1
+    # timestep sampling, as diffusers' train scripts: "later"/"earlier" favour the last/first `portion` of the
+    # timesteps, "range" the timesteps begin..end-1; the favoured ones are drawn `multiplier` times as often
+    timestep_bias: str = "none"     # none | later | earlier | range
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     seed: int = 0
     # machinery
     mixed_precision: str = "no"     # no | fp16 | bf16
@@ -121,6 +129,18 @@ class TrainConfig:
             raise TrainingError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.prior_target not in ("noise", "base"):
             raise TrainingError(f"prior_target must be noise or base, got {self.prior_target!r}")
+        if self.timestep_bias not in ("none", "later", "earlier", "range"):
+            raise TrainingError(f"timestep_bias must be none, later, earlier or range, got {self.timestep_bias!r}")
+        if self.timestep_bias != "none":
+            if not self.timestep_bias_multiplier > 0:
+                raise TrainingError(f"timestep_bias_multiplier must be positive, got {self.timestep_bias_multiplier}")
+            if not 0 < self.timestep_bias_portion <= 1:
+                raise TrainingError(f"timestep_bias_portion must be in (0, 1], got {self.timestep_bias_portion}")
+            if self.timestep_bias == "range" and not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+                raise TrainingError(f"timestep_bias_begin..end must be a non-empty range of timesteps, got "
+                                    f"{self.timestep_bias_begin}..{self.timestep_bias_end}")
+        if self.x0_weighting and self.snr_gamma:
+            raise TrainingError("x0_weighting and snr_gamma are two loss weightings: choose one")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise TrainingError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         from studio.adapters import AdapterError, get_method
@@ -199,10 +219,39 @@ def global_batch(buckets: list[int], batch: int, seed: int, step: int) -> list[i
 
 # ---- the denoising objective ----
 
+def timestep_weights(config: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """Relative probability of each timestep under `config`'s timestep bias (None: uniform)."""
+    if config.timestep_bias == "none" or config.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps)
+    portion = max(1, round(num_timesteps * config.timestep_bias_portion))
+    favoured = {"later": slice(num_timesteps - portion, None), "earlier": slice(0, portion),
+                "range": slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_timesteps))}
+    weights[favoured[config.timestep_bias]] *= config.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    if weights is None:
+        return torch.randint(0, num_timesteps, (n,), generator=gen)
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def x0_weights(scheduler, timesteps: torch.Tensor, probabilities: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss weights that turn the noise (or velocity) error into the x0 error: 1/SNR (1/(SNR+1) for v),
+    divided by its mean under the timestep distribution, so the loss keeps its scale."""
+    alphas = scheduler.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    weight = 1 / (snr + (scheduler.config.prediction_type == "v_prediction"))
+    mean = weight.mean() if probabilities is None else (weight * probabilities).sum()
+    return (weight / mean).to(timesteps.device)[timesteps]
+
+
 def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None) -> torch.Tensor:
+                   timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """MSE to the noise (or velocity) target; with `teacher` (a callable like the UNet's forward), to the
-    teacher's prediction at the same noisy latents instead."""
+    teacher's prediction at the same noisy latents instead. `weights`: per-sample loss weights (x0_weights)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
     if teacher is not None:
@@ -218,6 +267,8 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, n
         snr = alphas / (1 - alphas)
         weight = torch.clamp(snr, max=snr_gamma) / (snr + (scheduler.config.prediction_type == "v_prediction"))
         per_sample = per_sample * weight
+    if weights is not None:
+        per_sample = per_sample * weights
     return per_sample.mean()
 
 
@@ -410,6 +461,7 @@ class Trainer:
         text_encoder = acc.prepare(pipe.text_encoder) if train_text else pipe.text_encoder
         optimizer = acc.prepare(optimizer)  # the LR schedule is stepped by hand: once per global step
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        t_weights = timestep_weights(cfg, noise_scheduler.config.num_train_timesteps)
 
         start_step = 0
         resume_from = self._resume_dir()
@@ -438,7 +490,7 @@ class Trainer:
             if not cfg.vae_sample:
                 eps.zero_()
             noise = torch.randn(mean.shape, generator=gen)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=gen)
+            timesteps = sample_timesteps(t_weights, noise_scheduler.config.num_train_timesteps, len(indices), gen)
             mean, std, eps, noise, timesteps = mean[part], std[part], eps[part], noise[part], timesteps[part]
             indices = indices[part]
             lo, hi = acc.process_index * len(indices) // world, (acc.process_index + 1) * len(indices) // world
@@ -450,8 +502,9 @@ class Trainer:
                 batch["control"] = torch.stack([source["control"][i] for i in indices[lo:hi]]).to(device)
 
             def default(b):
+                weights = x0_weights(noise_scheduler, b["timesteps"], t_weights) if cfg.x0_weighting else None
                 return denoising_loss(unet, noise_scheduler, b["latents"], encode_text(b["captions"]), b["noise"],
-                                      b["timesteps"], cfg.snr_gamma, teacher)
+                                      b["timesteps"], cfg.snr_gamma, teacher, weights)
 
             return default(batch) if teacher else method.training_loss(pipe, batch, default)
 

@@ -273,3 +273,20 @@ def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(t
                         method.state_dict(pipe, "t"), base_fingerprint(pipe))
     other = load_pipeline("shapes", control={"adapter": path, "image": mask})
     assert torch.equal(unet_out(other), steered)
+
+
+def test_control_training_defaults_to_the_layout_timesteps(tmp_path):
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
+    from studio.cli import build_parser, control_train_config
+    from studio.train import config_with_preset
+
+    images, conditions = write_control_set(tmp_path / "data", "mask", 2)
+    base = ["control-train", "--method", "t2i_adapter", "--data", str(images), "--control-data", str(conditions),
+            "--output-dir", str(tmp_path / "run")]
+    cfg = control_train_config(build_parser().parse_args(base))
+    assert {k: getattr(cfg, k) for k in LAYOUT_TIMESTEPS} == LAYOUT_TIMESTEPS and LAYOUT_TIMESTEPS["x0_weighting"]
+    plain = control_train_config(build_parser().parse_args(base + ["--timestep-bias", "none", "--no-x0-weighting"]))
+    assert plain.timestep_bias == "none" and plain.x0_weighting is False
+    preset = config_with_preset("quick", method="controlnet", data=str(images), control_data=str(conditions))
+    assert preset.timestep_bias == "later" and preset.lr == 1e-4
+    assert config_with_preset(None, data=str(images)).timestep_bias == "none"  # other methods: unchanged

@@ -313,3 +313,65 @@ def test_aspect_ratio_buckets():
     assert all(len(b) == 2 and len({buckets[i] for i in b}) == 1 for b in plan)  # one bucket per batch
     assert sorted({i for b in plan for i in b}) == list(range(7))                # every picture each epoch
     assert plan == batch_plan(buckets, 2, seed=3, epoch=0) != batch_plan(buckets, 2, seed=3, epoch=1)
+
+
+# ---- timestep bias and x0 weighting ----
+
+def test_timestep_bias_draws_the_favoured_timesteps_and_none_is_unchanged():
+    from diffusers import DDPMScheduler
+
+    from studio.train import sample_timesteps, timestep_weights, x0_weights
+
+    assert timestep_weights(TrainConfig(), 1000) is None
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(sample_timesteps(None, 1000, 64, gen()), torch.randint(0, 1000, (64,), generator=gen()))
+    later = timestep_weights(TrainConfig(timestep_bias="later", timestep_bias_multiplier=3, timestep_bias_portion=0.4), 1000)
+    t = sample_timesteps(later, 1000, 20_000, gen())
+    assert abs(float((t >= 600).float().mean()) - 1.2 / 1.8) < 0.02  # 0.4·3 / (0.4·3 + 0.6)
+    earlier = timestep_weights(TrainConfig(timestep_bias="earlier", timestep_bias_multiplier=1e6), 1000)
+    assert int(sample_timesteps(earlier, 1000, 500, gen()).max()) < 250
+    ranged = timestep_weights(TrainConfig(timestep_bias="range", timestep_bias_multiplier=1e9, timestep_bias_begin=700,
+                                          timestep_bias_end=800), 1000)
+    t = sample_timesteps(ranged, 1000, 500, gen())
+    assert int(t.min()) >= 700 and int(t.max()) < 800
+    sched = DDPMScheduler(beta_schedule="scaled_linear")
+    w = x0_weights(sched, torch.arange(1000), later)
+    assert abs(float((w * later).sum()) - 1) < 1e-4 and bool((w[1:] > w[:-1]).all())  # mean 1, more at high noise
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"timestep_bias": "late"}, "timestep_bias must be"),
+    ({"timestep_bias": "later", "timestep_bias_portion": 0}, "timestep_bias_portion"),
+    ({"timestep_bias": "range", "timestep_bias_begin": 600, "timestep_bias_end": 600}, "non-empty range"),
+    ({"x0_weighting": True, "snr_gamma": 5.0}, "choose one"),
+])
+def test_bad_timestep_settings_are_named(star_data, settings, message):
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig(data=str(star_data), **settings).validate()
+
+
+def test_timestep_bias_from_the_command_line_round_trips(tmp_path, star_data):
+    from studio.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--data", str(star_data), "--timestep-bias", "range",
+                                      "--timestep-bias-begin", "600", "--timestep-bias-multiplier", "4",
+                                      "--x0-weighting"])
+    cfg = train_config_from_args(args)
+    assert (cfg.timestep_bias, cfg.timestep_bias_begin, cfg.timestep_bias_multiplier, cfg.x0_weighting) == \
+        ("range", 600, 4.0, True)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(path) == cfg
+
+
+def test_biased_run_resumes_exactly(tmp_path, star_data):
+    settings = {**FAST, "steps": 4, "checkpoint_every": 2, "timestep_bias": "later", "timestep_bias_multiplier": 5.0,
+                "x0_weighting": True}
+    whole = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "whole"), **settings)
+    half = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "half"), **{**settings, "steps": 2})
+    assert half.steps == 2
+    resumed = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "half"), resume="latest", **settings)
+    assert _max_diff(_tensors(resumed.adapter_path), _tensors(whole.adapter_path)) < 1e-6
+    uniform = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "uniform"),
+                    **{**settings, "timestep_bias": "none", "x0_weighting": False})
+    assert _max_diff(_tensors(uniform.adapter_path), _tensors(whole.adapter_path)) > 1e-6

@@ -13,7 +13,7 @@ import torch
 from studio.adapters.base import AdapterError, read_adapter, register
 from studio.adapters.control import inject
 from studio.adapters.control.config import ControlNetConfig
-from studio.adapters.control.method import ControlMethod
+from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
 
 def _config_dict(model) -> dict:
@@ -25,7 +25,7 @@ class ControlNetMethod(ControlMethod):
     name = "controlnet"
     config_class = ControlNetConfig
     prefix = "controlnet"
-    presets = {"quick": {"lr": 1e-4}, "standard": {"lr": 5e-5}}
+    presets = {"quick": {"lr": 1e-4, **LAYOUT_TIMESTEPS}, "standard": {"lr": 5e-5, **LAYOUT_TIMESTEPS}}
 
     def build(self, pipe, config: ControlNetConfig):
         from diffusers import ControlNetModel

@@ -13,7 +13,7 @@ from torch import nn
 from studio.adapters.base import AdapterError, register
 from studio.adapters.control import inject
 from studio.adapters.control.config import ControlNeXtConfig
-from studio.adapters.control.method import ControlMethod
+from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
 EPS = 1e-6
 
@@ -72,7 +72,7 @@ class ControlNeXtMethod(ControlMethod):
     name = "controlnext"
     config_class = ControlNeXtConfig
     prefix = "controlnext"
-    presets = {"quick": {"lr": 1e-3}, "standard": {"lr": 5e-4}}
+    presets = {"quick": {"lr": 1e-3, **LAYOUT_TIMESTEPS}, "standard": {"lr": 5e-4, **LAYOUT_TIMESTEPS}}
 
     def build(self, pipe, config: ControlNeXtConfig) -> nn.Module:
         factor = getattr(pipe, "vae_scale_factor", 8)

@@ -10,7 +10,7 @@ import torch
 from studio.adapters.base import AdapterError, register
 from studio.adapters.control import inject
 from studio.adapters.control.config import T2IAdapterConfig
-from studio.adapters.control.method import ControlMethod
+from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
 
 @register
@@ -18,7 +18,7 @@ class T2IAdapterMethod(ControlMethod):
     name = "t2i_adapter"
     config_class = T2IAdapterConfig
     prefix = "t2i_adapter"
-    presets = {"quick": {"lr": 1e-3}, "standard": {"lr": 5e-4}}
+    presets = {"quick": {"lr": 1e-3, **LAYOUT_TIMESTEPS}, "standard": {"lr": 5e-4, **LAYOUT_TIMESTEPS}}
 
     def build(self, pipe, config: T2IAdapterConfig):
         from diffusers import T2IAdapter
