@@ -48,7 +48,7 @@ def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
 
 def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
                   adapter: dict | None = None, steps: int | None = None, lr: float | None = None, write: bool = True,
-                  log=print) -> str:
+                  settings: dict | None = None, log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
     preservation and leak on the embedded model."""
     import os
@@ -62,7 +62,8 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
 
     data_dir = Path(out) / "data"
     write_b2_training_set(data_dir)
-    settings = {"adapter": adapter or {}}
+    extra = dict(settings or {})
+    settings = {**extra, "adapter": adapter or {}}
     if steps:
         settings["steps"] = steps
     if lr:
@@ -75,7 +76,7 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     pipe.set_progress_bar_config(disable=True)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
     r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
-    setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **({"lr": lr} if lr else {})}.items())
+    setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **extra, **({"lr": lr} if lr else {})}.items())
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
     row = [f"{method} ({setting})" if setting else method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",

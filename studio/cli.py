@@ -404,7 +404,8 @@ def cmd_bench_concept(args) -> None:
     from studio.bench import bench_concept
 
     print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
-                        adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write))
+                        adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write,
+                        settings=parse_settings(args.set)))
 
 
 def cmd_bench_control(args) -> None:
@@ -626,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--steps", type=int, default=None)
     bc.add_argument("--adapter", action="append", metavar="KEY=VALUE", help="method setting (repeatable)")
     bc.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    bc.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training setting, e.g. "
+                                                                       "timestep_bias=later (repeatable)")
     bc.add_argument("--n", type=int, default=64)
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")
