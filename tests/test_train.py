@@ -200,9 +200,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, star_data):
     cmd = [sys.executable, "-m", "studio.cli", "train", "--data", str(star_data), "--trigger", "sks", "--output-dir",
            str(out), "--steps", "4000", "--batch-size", "2", "--preview-every", "0", "--checkpoint-every", "5",
            "--keep-checkpoints", "1", "--no-tensorboard", "--no-progress-bar", "--rank", "2"]
-    # far more steps than the interrupt needs: the run must still be going when the signal comes, however slow
-    # the poll below is to see the first checkpoint (in one CI run a 400-step run finished first)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # far more steps than the interrupt needs: the run must still be going when the signal comes. A shell that
+    # starts the test suite in the background (`cmd &`) passes SIGINT on as ignored, and Python then never turns
+    # it into KeyboardInterrupt: the child gets the default disposition back, as a terminal's Ctrl+C would find.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not checkpoint_dirs(out) and time.time() < deadline:  # well into the steps
         time.sleep(0.05)
