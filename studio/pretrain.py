@@ -174,6 +174,8 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
     """Text encoder and UNet trained together on base shapes with EMA, min-SNR weighting."""
     from diffusers import DDPMScheduler
 
+    from studio.train import signal_to_noise
+
     dev = cfg.device
     comps = embedded.new_components(cfg.seed)
     if cfg.init_from:
@@ -203,8 +205,7 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone().float() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    alphas = noise_sched.alphas_cumprod.to(dev)
-    snr = alphas / (1 - alphas)
+    snr = signal_to_noise(noise_sched).to(dev)
     layout_norm = (1 / snr[cfg.layout_t_min:]).mean()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     minutes = cfg.unet_minutes or cfg.max_minutes

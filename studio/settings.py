@@ -25,7 +25,8 @@ def from_values(cls: type[T], values: dict[str, Any], error: type[Exception], wh
         raise error(f"unknown {what} setting(s): {', '.join(unknown)}{listed}")
     converted = dict(values)
     for name, value in values.items():
-        kind = _NUMBER_TYPES.get(str(known[name].type))
+        annotation = known[name].type  # text under `from __future__ import annotations`, else the class
+        kind = _NUMBER_TYPES.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
         if kind is None or value is None or isinstance(value, bool):
             continue
         if isinstance(value, str):

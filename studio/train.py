@@ -237,11 +237,16 @@ def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, n: int, g
     return torch.multinomial(weights, n, replacement=True, generator=gen)
 
 
+def signal_to_noise(scheduler) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t) for every training timestep of a DDPM-style scheduler."""
+    alphas = scheduler.alphas_cumprod.float()
+    return alphas / (1 - alphas)
+
+
 def x0_weights(scheduler, timesteps: torch.Tensor, probabilities: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss weights that turn the noise (or velocity) error into the x0 error: 1/SNR (1/(SNR+1) for v),
     divided by its mean under the timestep distribution, so the loss keeps its scale."""
-    alphas = scheduler.alphas_cumprod.float()
-    snr = alphas / (1 - alphas)
+    snr = signal_to_noise(scheduler)
     weight = 1 / (snr + (scheduler.config.prediction_type == "v_prediction"))
     mean = weight.mean() if probabilities is None else (weight * probabilities).sum()
     return (weight / mean).to(timesteps.device)[timesteps]
@@ -263,8 +268,7 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, n
         target = noise
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
-        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-        snr = alphas / (1 - alphas)
+        snr = signal_to_noise(scheduler).to(timesteps.device)[timesteps]
         weight = torch.clamp(snr, max=snr_gamma) / (snr + (scheduler.config.prediction_type == "v_prediction"))
         per_sample = per_sample * weight
     if weights is not None:
