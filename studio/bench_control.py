@@ -17,6 +17,8 @@ from studio.benchmarks import record
 from studio.conditions import CONTROL_SEED, control_dataset
 
 B5_SEED = CONTROL_SEED + 1
+FEW_SHOT_SEED = CONTROL_SEED + 2
+METHOD_LR = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3}
 
 
 def generated_mask(image: np.ndarray) -> np.ndarray:
@@ -88,6 +90,22 @@ def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, i
     return params, ended - started, " (earlier run; from its files' times)"
 
 
+def _train_or_reuse(path: Path, method: str, images: Path, conditions: Path, steps: int, batch_size: int, lr: float,
+                    settings: dict[str, Any], adapter: dict[str, Any], reuse: bool) -> tuple[int, float, str]:
+    """Train the control adapter `path` (its folder is the run folder), or with `reuse` take the one already
+    there if it was trained with these settings. (trainable parameters, training seconds, note)."""
+    from studio.train import train
+
+    trained = _reusable(path, method, steps, batch_size, lr, images, settings, adapter) if reuse else None
+    if trained is not None:
+        return trained
+    result = train(method=method, data=str(images), control_data=str(conditions), name=path.stem,
+                   output_dir=str(path.parent), steps=steps, batch_size=batch_size, lr=lr, lr_scheduler="constant",
+                   lr_warmup_steps=0, preview_every=0, checkpoint_every=steps, progress_bar=False, tensorboard=False,
+                   adapter=adapter, **settings)
+    return result.trainable_parameters, result.seconds, ""
+
+
 def bench_control(methods: list[str], condition: str = "mask", n: int = 64, examples: int = 512, steps: int = 400,
                   batch_size: int = 8, lr: dict[str, float] | None = None, out: str | Path = "runs/bench_control",
                   eval_steps: int = 25, write: bool = True, reuse: bool = False,
@@ -99,7 +117,6 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     from studio.conditions import write_control_set
     from studio.judge import load_judge
     from studio.loading import load_pipeline
-    from studio.train import train
 
     log = log or (lambda line: print(line, flush=True))
     settings = {**LAYOUT_TIMESTEPS, **(settings or {})}
@@ -112,20 +129,12 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     log(f"no control: {base}")
     rows.append(["none (caption only)", "-", "-", "-", f"{base['iou']:.3f}", f"{100 * base['iou_08']:.0f}%",
                  f"{100 * base['colour']:.1f}%"])
-    lrs = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3, **(lr or {})}
+    lrs = {**METHOD_LR, **(lr or {})}
     for method in methods:
         name = f"{method}_{condition}"
         path = out / name / f"{name}.safetensors"
-        adapter_settings = {"condition": condition, **(adapter or {})}
-        trained = (_reusable(path, method, steps, batch_size, lrs[method], images, settings, adapter_settings)
-                   if reuse else None)
-        if trained is None:
-            result = train(method=method, data=str(images), control_data=str(conditions), name=name,
-                           output_dir=str(out / name), steps=steps, batch_size=batch_size, lr=lrs[method],
-                           lr_scheduler="constant", lr_warmup_steps=0, preview_every=0, checkpoint_every=steps,
-                           progress_bar=False, tensorboard=False, adapter=adapter_settings, **settings)
-            trained = (result.trainable_parameters, result.seconds, "")
-        params, seconds, note = trained
+        params, seconds, note = _train_or_reuse(path, method, images, conditions, steps, batch_size, lrs[method],
+                                                settings, {"condition": condition, **(adapter or {})}, reuse)
         log(f"{method}: {steps} steps in {seconds:.0f} s{note}")
         pipe = load_pipeline("shapes", adapters={path: 1.0})
         r = evaluate_control(pipe, judge, held_out, name, steps=eval_steps)
@@ -138,4 +147,142 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
               "images with IoU >= 0.8", "colour accuracy"]
     title = (f"B5 control ({condition} condition; {examples} rendered training pairs; {n} held-out renders, "
              f"{eval_steps} steps, guidance 5)")
+    return record(title, header, rows, write=write)
+
+
+def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: str = "box", shots: int = 30,
+                   examples: int = 512, source_steps: int = 1200, steps: int = 400, batch_size: int = 8,
+                   lr: float = 1e-3, bias_lr: float = 1e-2, n: int = 64, eval_steps: int = 25,
+                   out: str | Path = "runs/bench_fewshot", write: bool = True, reuse: bool = False, log=None) -> str:
+    """Few-shot control (UFC-style): an adapter trained on the `seen` condition kinds adapts to the `new` kind from
+    `shots` pairs by tuning only its biases; beside it the same method trained from scratch on those pairs (all
+    parameters), the adapter fine-tuned whole on them, and the adapter used on the new kind unchanged. Mask IoU
+    and colour accuracy on `n` held-out renders with the new kind's condition."""
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
+    from studio.conditions import condition_kinds, write_control_set
+    from studio.judge import load_judge
+    from studio.loading import load_pipeline
+
+    log = log or (lambda line: print(line, flush=True))
+    if new in condition_kinds(seen):
+        raise ValueError(f"the new condition kind {new!r} is one of the seen kinds ({seen})")
+    out = Path(out)
+    judge = load_judge()
+    settings = dict(LAYOUT_TIMESTEPS)
+    seen_images, seen_conditions = write_control_set(out / "data_seen", seen, examples)
+    # the few shots: renders the seen-kind training set does not contain (another seed)
+    shot_images, shot_conditions = write_control_set(out / f"data_{new}_{shots}", new, shots, seed=FEW_SHOT_SEED)
+    held_out = control_dataset(new, n, seed=B5_SEED, heldout=True)
+
+    def evaluate(path: Path | None) -> dict[str, float]:
+        pipe = load_pipeline("shapes", adapters={path: 1.0}) if path else load_pipeline("shapes")
+        return evaluate_control(pipe, judge, held_out, path.stem if path else None, steps=eval_steps)
+
+    def row(what: str, params: str, training: str, seconds: str, r: dict[str, float]) -> list[str]:
+        log(f"{what}: {r}")
+        return [what, params, training, seconds, f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
+                f"{100 * r['colour']:.1f}%"]
+
+    rows = [row("none (caption only)", "-", "-", "-", evaluate(None))]
+    source = out / f"{method}_seen" / f"{method}_seen.safetensors"
+    params, seconds, note = _train_or_reuse(source, method, seen_images, seen_conditions, source_steps, batch_size,
+                                            lr, settings, {"condition": seen}, reuse)
+    rows.append(row(f"trained on {seen} ({examples} pairs), used on {new} as is", f"{params:,}",
+                    f"{source_steps} x {batch_size}, lr {lr:g}", f"{seconds / 60:.1f} min{note}", evaluate(source)))
+    runs = [("few-shot: its biases tuned", "bias", bias_lr, {"init_from": str(source), "tune": "bias"}),
+            ("few-shot: all of it fine-tuned", "all", lr, {"init_from": str(source)}),
+            ("from scratch on the same pairs", "scratch", lr, {})]
+    for what, tag, run_lr, extra in runs:
+        path = out / f"{method}_{new}_{tag}" / f"{method}_{new}_{tag}.safetensors"
+        params, seconds, note = _train_or_reuse(path, method, shot_images, shot_conditions, steps, batch_size,
+                                                run_lr, settings, {"condition": new, **extra}, reuse)
+        rows.append(row(what, f"{params:,}", f"{steps} x {batch_size} on {shots} pairs, lr {run_lr:g}",
+                        f"{seconds / 60:.1f} min{note}", evaluate(path)))
+    header = ["adapter", "trainable params", "training (steps x batch)", "training time", "mask IoU",
+              "images with IoU >= 0.8", "colour accuracy"]
+    title = (f"B5 few-shot control ({method}; unseen condition {new} from {shots} pairs; {n} held-out renders, "
+             f"{eval_steps} steps, guidance 5)")
+    return record(title, header, rows, write=write)
+
+
+def two_shape_scenes(n: int, seed: int = B5_SEED + 1) -> list[tuple[world.Spec, world.Spec, int, str]]:
+    """n scenes of two different base shapes of one colour in opposite halves (left/right or top/bottom):
+    (first, second, layout seed, caption naming both)."""
+    import random
+
+    rng = random.Random(seed)
+    scenes = []
+    for _ in range(n):
+        a, b = rng.sample(world.BASE_SHAPES, 2)
+        colour = rng.choice(list(world.COLOURS))
+        background = rng.choice([c for c in world.BACKGROUNDS if c != colour])
+        pa, pb = rng.choice([("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")])
+        first = world.Spec(a, colour, background, rng.choice(world.SIZES), pa)
+        second = world.Spec(b, colour, background, rng.choice(world.SIZES), pb)
+        text = (f"{world.caption(first, background=False)} and {world.caption(second, background=False)} "
+                f"on a {background} background")
+        scenes.append((first, second, rng.randrange(2**31), text))
+    return scenes
+
+
+def _half(position: str) -> tuple[slice, slice]:
+    middle = world.IMAGE_SIZE // 2
+    return {"left": (slice(None), slice(0, middle)), "right": (slice(None), slice(middle, None)),
+            "top": (slice(0, middle), slice(None)), "bottom": (slice(middle, None), slice(None))}[position]
+
+
+def bench_multi_condition(first_adapter: str | Path, second_adapter: str | Path | None = None,
+                          first_kind: str = "mask", second_kind: str = "edges", n: int = 32, scale: float = 1.0,
+                          eval_steps: int = 25, guidance: float = 5.0, batch: int = 16, write: bool = True,
+                          log=None) -> str:
+    """Two conditions at once: the `first_kind` condition of one shape and the `second_kind` condition of another
+    in the opposite half, each through its adapter (the same file for both when `second_adapter` is None),
+    summed. Each shape's IoU is measured in its half of the image, with both conditions, with each alone and
+    with the caption alone, on `n` two-shape scenes."""
+    from studio.adapters.control import set_control
+    from studio.conditions import world_condition
+    from studio.evaluate import generate_images
+    from studio.loading import load_pipeline
+
+    log = log or (lambda line: print(line, flush=True))
+    first_adapter = Path(first_adapter)
+    second_adapter = Path(second_adapter) if second_adapter else first_adapter
+    pipe = load_pipeline("shapes", adapters={first_adapter: 1.0, second_adapter: 1.0})
+    scenes = two_shape_scenes(n)
+
+    def condition(kind: str, spec: world.Spec, seed: int) -> torch.Tensor:
+        return torch.from_numpy(world_condition(kind, spec, seed)).permute(2, 0, 1).float() / 255
+
+    firsts = torch.stack([condition(first_kind, a, s) for a, _, s, _ in scenes])
+    seconds = torch.stack([condition(second_kind, b, s) for _, b, s, _ in scenes])
+    variants = {"caption only": [], f"{first_kind} only": [(first_adapter.stem, firsts)],
+                f"{second_kind} only": [(second_adapter.stem, seconds)],
+                f"both ({first_kind} + {second_kind}, scale {scale:g} each)": [(first_adapter.stem, firsts),
+                                                                             (second_adapter.stem, seconds)]}
+    rows = []
+    for what, inputs in variants.items():
+        scores = []
+        for i in range(0, n, batch):
+            chunk = scenes[i:i + batch]
+            set_control(pipe, [{"adapter": name, "image": images[i:i + batch], "scale": scale}
+                               for name, images in inputs])
+            generated = generate_images(pipe, [c[3] for c in chunk], [c[2] for c in chunk], eval_steps, guidance,
+                                        batch=batch)
+            for image, (a, b, seed, _) in zip(generated, chunk):
+                found = generated_mask((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                pair = []
+                for spec in (a, b):
+                    half = _half(spec.position)
+                    pair.append(iou(found[half], world.render_mask(spec, seed)[half]))
+                scores.append(pair)
+        s = np.array(scores)
+        both = float(np.mean((s >= 0.6).all(axis=1)))
+        log(f"{what}: first {s[:, 0].mean():.3f}, second {s[:, 1].mean():.3f}, both >= 0.6 {both:.2f}")
+        rows.append([what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}", f"{100 * both:.0f}%"])
+    set_control(pipe, None)
+    header = ["control", f"IoU of the {first_kind}-conditioned shape", f"IoU of the {second_kind}-conditioned shape",
+              "scenes with both IoU >= 0.6"]
+    adapters = first_adapter.name if second_adapter == first_adapter else f"{first_adapter.name} + {second_adapter.name}"
+    title = (f"B5 multi-condition ({adapters}; {n} two-shape scenes, each shape's IoU in its half; {eval_steps} "
+             f"steps, guidance {guidance:g})")
     return record(title, header, rows, write=write)

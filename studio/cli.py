@@ -238,14 +238,14 @@ def control_train_config(args):
         args.method = "controlnext"
     if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
         raise StudioError(f"control-train --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
-    name = getattr(args, "name", None) or f"{args.method}_{args.condition}"
+    name = getattr(args, "name", None) or f"{args.method}_{args.condition.replace(',', '_')}"
     args.name = name
     if not hasattr(args, "output_dir"):
         args.output_dir = f"runs/control/{name}"
     if not hasattr(args, "data"):
-        from studio.conditions import check_kind, write_control_set
+        from studio.conditions import condition_kinds, write_control_set
 
-        check_kind(args.condition)
+        condition_kinds(args.condition)
         if getattr(args, "model", "shapes") != "shapes":
             raise StudioError("without --data, control-train renders the shapes world: give --data and "
                               "--control-data for another model")
@@ -408,11 +408,38 @@ def cmd_bench_concept(args) -> None:
                         settings=parse_settings(args.set)))
 
 
-def cmd_bench_control(args) -> None:
-    from studio.bench_control import bench_control
+def cmd_bench_fewshot(args) -> None:
+    from studio.bench_control import bench_few_shot
+    from studio.conditions import condition_kinds
+
+    condition_kinds(args.seen)
+    condition_kinds(args.new)
+    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
+        raise StudioError(f"bench fewshot: --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
+    if args.new in condition_kinds(args.seen):
+        raise StudioError(f"bench fewshot: the new condition {args.new!r} is one of the seen ones ({args.seen})")
+    print(bench_few_shot(args.method, seen=args.seen, new=args.new, shots=args.shots, examples=args.examples,
+                         source_steps=args.source_steps, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         bias_lr=args.bias_lr, n=args.n, eval_steps=args.eval_steps, out=args.out,
+                         write=not args.no_write, reuse=args.reuse))
+
+
+def cmd_bench_multicontrol(args) -> None:
+    from studio.bench_control import bench_multi_condition
     from studio.conditions import check_kind
 
-    check_kind(args.condition)
+    check_kind(args.first_kind)
+    check_kind(args.second_kind)
+    print(bench_multi_condition(args.adapter, args.second_adapter, first_kind=args.first_kind,
+                                second_kind=args.second_kind, n=args.n, scale=args.scale, eval_steps=args.eval_steps,
+                                write=not args.no_write))
+
+
+def cmd_bench_control(args) -> None:
+    from studio.bench_control import bench_control
+    from studio.conditions import condition_kinds
+
+    condition_kinds(args.condition)
     methods = args.methods.split(",")
     bad = [m for m in methods if m not in ("controlnext", "controlnet", "t2i_adapter")]
     if bad:
@@ -561,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct = sub.add_parser("control-train", help="train a control adapter (T2I-Adapter, ControlNeXt-style or ControlNet) on rendered "
                                               "condition/image pairs, or on --data with --control-data")
     _add_train_args(ct)
-    ct.add_argument("--condition", default="mask", help="mask, edges (exact, from the shapes world), canny, lineart")
+    ct.add_argument("--condition", default="mask", help="mask, edges, box (exact, from the shapes world), canny, lineart; "
+                    "several comma-separated: the training pairs alternate between them")
     ct.add_argument("--examples", type=int, default=256, help="rendered training pairs (without --data)")
     ct.set_defaults(func=cmd_control_train)
 
@@ -670,6 +698,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "same settings (their measured training time is kept)")
     bcn.add_argument("--no-write", action="store_true")
     bcn.set_defaults(func=cmd_bench_control)
+    bfs = bsub.add_parser("fewshot", help="B5 few-shot: a control adapter trained on some condition kinds adapts to "
+                                          "an unseen kind from a few pairs (biases only), against training from scratch")
+    bfs.add_argument("--method", default="t2i_adapter")
+    bfs.add_argument("--seen", default="mask,edges", help="the condition kinds the source adapter is trained on")
+    bfs.add_argument("--new", default="box", help="the unseen condition kind")
+    bfs.add_argument("--shots", type=int, default=30, help="pairs of the unseen kind")
+    bfs.add_argument("--examples", type=int, default=512, help="rendered pairs of the seen kinds")
+    bfs.add_argument("--source-steps", type=int, default=1200)
+    bfs.add_argument("--steps", type=int, default=400, help="steps of each few-shot training")
+    bfs.add_argument("--batch-size", type=int, default=8)
+    bfs.add_argument("--lr", type=float, default=1e-3, help="lr of the source, the whole fine-tune and from scratch")
+    bfs.add_argument("--bias-lr", type=float, default=1e-2, help="lr of the bias tuning")
+    bfs.add_argument("--n", type=int, default=64, help="held-out renders judged")
+    bfs.add_argument("--eval-steps", type=int, default=25)
+    bfs.add_argument("--out", default="runs/bench_fewshot")
+    bfs.add_argument("--reuse", action="store_true", help="reuse adapters already trained with the same settings")
+    bfs.add_argument("--no-write", action="store_true")
+    bfs.set_defaults(func=cmd_bench_fewshot)
+    bmc = bsub.add_parser("multicontrol", help="B5 multi-condition: two conditions of two shapes at once, both obeyed?")
+    bmc.add_argument("--adapter", default="runs/bench_fewshot/t2i_adapter_seen/t2i_adapter_seen.safetensors",
+                     help="the control adapter of the first condition (default: the one `bench fewshot` trains on "
+                          "mask and edges)")
+    bmc.add_argument("--second-adapter", default=None, help="the second condition's adapter (default: --adapter)")
+    bmc.add_argument("--first-kind", default="mask")
+    bmc.add_argument("--second-kind", default="edges")
+    bmc.add_argument("--n", type=int, default=32, help="two-shape scenes")
+    bmc.add_argument("--scale", type=float, default=1.0, help="conditioning scale of each")
+    bmc.add_argument("--eval-steps", type=int, default=25)
+    bmc.add_argument("--no-write", action="store_true")
+    bmc.set_defaults(func=cmd_bench_multicontrol)
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")
     bt.add_argument("--methods", default="full,lora-r4,lora-r16")

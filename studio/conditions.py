@@ -1,7 +1,9 @@
 """Control conditions: what a control adapter is steered by.
 
-- `mask` and `edges` come exactly from the shapes world's renderer for a (spec, seed): the shape's filled mask,
-  and its outline (the mask minus its erosion, about 2 px wide); white on black.
+- `mask`, `edges` and `box` come exactly from the shapes world's renderer for a (spec, seed): the shape's filled
+  mask, its outline (the mask minus its erosion, about 2 px wide), and the outline of its bounding box (2 px);
+  white on black. `scribble`: three random strokes drawn inside the shape (as a user scribbles over it). `box`
+  and `scribble` are the kinds the few-shot benchmark holds out (`studio bench fewshot`).
 - `canny` and `lineart` are controlnet-aux annotators that need no weights (Canny, lineart-standard) run on an
   image. Annotators that need downloaded weights are refused with a one-line reason.
 
@@ -20,7 +22,7 @@ from PIL import Image
 from studio import world
 from studio.loading import StudioError
 
-WORLD_CONDITIONS = ("mask", "edges")          # exact, from the renderer
+WORLD_CONDITIONS = ("mask", "edges", "box", "scribble")   # exact, from the renderer
 ANNOTATORS = ("canny", "lineart")             # controlnet-aux, no weights
 CONDITIONS = WORLD_CONDITIONS + ANNOTATORS
 # controlnet-aux annotators that load weights from the hub (lllyasviel/Annotators and others)
@@ -42,6 +44,14 @@ def check_kind(kind: str) -> str:
     raise ConditionError(f"unknown condition {kind!r}; available: {', '.join(CONDITIONS)}")
 
 
+def condition_kinds(text: str) -> list[str]:
+    """"mask" -> ["mask"]; "mask,edges" -> ["mask", "edges"] (a training set alternating between kinds)."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds:
+        raise ConditionError("no condition kind given")
+    return [check_kind(k) for k in kinds]
+
+
 def _rgb(gray: np.ndarray) -> np.ndarray:
     """A HxW bool/uint8 map -> HxWx3 uint8 white-on-black image."""
     g = gray.astype(np.uint8) * 255 if gray.dtype == bool else gray.astype(np.uint8)
@@ -54,6 +64,45 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
         p = np.pad(out, 1, constant_values=False)
         out = out & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
     return out
+
+
+def _box_outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The outline (`width` px, inside) of the bounding box of a boolean mask."""
+    out = np.zeros_like(mask)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return out
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    out[top:bottom, left:right] = True
+    out[top + width:bottom - width, left + width:right - width] = False
+    return out
+
+
+def _scribble(mask: np.ndarray, seed: int, strokes: int = 3, segments: int = 10, step: float = 4.0) -> np.ndarray:
+    """`strokes` random walks inside a boolean mask (away from its edge), drawn 3 px wide; fixed by the seed."""
+    rng = np.random.default_rng(seed + 104_729)
+    inner = _erode(mask, 3)
+    inside = inner if inner.any() else mask
+    ys, xs = np.nonzero(inside)
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for _ in range(strokes):
+        i = rng.integers(len(ys))
+        y, x = float(ys[i]), float(xs[i])
+        heading = rng.uniform(0, 2 * np.pi)
+        for _ in range(segments):
+            for _ in range(8):  # a turn that stays inside, else the stroke ends here
+                turn = heading + rng.normal(0, 0.8)
+                ny, nx = y + step * np.sin(turn), x + step * np.cos(turn)
+                if 0 <= ny < h and 0 <= nx < w and inside[int(ny), int(nx)]:
+                    break
+            else:
+                break
+            for t in np.linspace(0, 1, 6):
+                py, px = int(round(y + t * (ny - y))), int(round(x + t * (nx - x)))
+                out[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2] = True
+            y, x, heading = ny, nx, turn
+    return out & mask
 
 
 def shape_mask(spec: world.Spec, seed: int) -> np.ndarray:
@@ -69,6 +118,10 @@ def world_condition(kind: str, spec: world.Spec, seed: int) -> np.ndarray:
     if kind == "edges":
         mask = shape_mask(spec, seed)
         return _rgb(mask & ~_erode(mask, 2))
+    if kind == "box":
+        return _rgb(_box_outline(shape_mask(spec, seed), 2))
+    if kind == "scribble":
+        return _rgb(_scribble(shape_mask(spec, seed), seed))
     return annotate(kind, world.render(spec, seed))
 
 
@@ -130,10 +183,11 @@ def control_specs(n: int, seed: int = CONTROL_SEED, heldout: bool | None = False
 
 
 def control_dataset(kind: str, n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[ControlExample]:
-    """n renders with their `kind` condition images and full captions."""
-    check_kind(kind)
-    return [ControlExample(spec, s, world.render(spec, s), world_condition(kind, spec, s), world.caption(spec))
-            for spec, s in control_specs(n, seed, heldout)]
+    """n renders with their `kind` condition images and full captions ("mask,edges": the kinds in turn)."""
+    kinds = condition_kinds(kind)
+    return [ControlExample(spec, s, world.render(spec, s), world_condition(kinds[i % len(kinds)], spec, s),
+                           world.caption(spec))
+            for i, (spec, s) in enumerate(control_specs(n, seed, heldout))]
 
 
 def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL_SEED) -> tuple[Path, Path]:
@@ -144,7 +198,7 @@ def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL
     images.mkdir(parents=True, exist_ok=True)
     conditions.mkdir(parents=True, exist_ok=True)
     for i, ex in enumerate(control_dataset(kind, n, seed)):
-        name = f"{kind}_{i:05d}"
+        name = f"{kind.replace(',', '_')}_{i:05d}"
         Image.fromarray(ex.image).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")
         Image.fromarray(ex.condition).save(conditions / f"{name}.png")

@@ -290,3 +290,46 @@ def test_control_training_defaults_to_the_layout_timesteps(tmp_path):
     preset = config_with_preset("quick", method="controlnet", data=str(images), control_data=str(conditions))
     assert preset.timestep_bias == "later" and preset.lr == 1e-4
     assert config_with_preset(None, data=str(images)).timestep_bias == "none"  # other methods: unchanged
+
+
+def test_few_shot_starts_from_a_trained_adapter_and_tunes_only_its_biases(tmp_path, monkeypatch):
+    """UFC-style adaptation to a new condition kind: the module starts from an adapter trained on other kinds
+    (`init_from`) and only its bias vectors move (`tune="bias"`); the weights stay those it was trained with."""
+    from studio.adapters import read_adapter
+    from studio.train import train
+
+    box = world_condition("box", SPEC, 3)[..., 0] > 0
+    ys, xs = np.nonzero(world.render_mask(SPEC, 3))
+    assert box[ys.min(), xs.min():xs.max() + 1].all() and box[ys.min():ys.max() + 1, xs.max()].all()
+    assert not box[ys.min() + 3:ys.max() - 2, xs.min() + 3:xs.max() - 2].any()  # an outline, 2 px wide
+    scribble = world_condition("scribble", SPEC, 3)[..., 0] > 0
+    inside = world.render_mask(SPEC, 3)
+    assert 50 < scribble.sum() < 0.5 * inside.sum() and not (scribble & ~inside).any()  # strokes over the shape
+    assert (world_condition("scribble", SPEC, 3) == world_condition("scribble", SPEC, 3)).all()
+    assert not (world_condition("scribble", SPEC, 4) == world_condition("scribble", SPEC, 3)).all()
+    seen_images, seen_conditions = write_control_set(tmp_path / "seen", "mask,edges", 4)
+    names = sorted(p.name for p in seen_conditions.iterdir())
+    assert len(names) == 4 and names[0].startswith("mask_edges_")
+    common = dict(method="t2i_adapter", steps=2, batch_size=2, lr=1e-2, preview_every=0, checkpoint_every=100,
+                  progress_bar=False, tensorboard=False)
+    source = train(data=str(seen_images), control_data=str(seen_conditions), name="seen",
+                   output_dir=str(tmp_path / "seen_run"), adapter={"condition": "mask,edges"}, **common).adapter_path
+    images, conditions = write_control_set(tmp_path / "new", "box", 4)
+    captured = _capture_pipeline(monkeypatch)
+    result = train(data=str(images), control_data=str(conditions), name="few", output_dir=str(tmp_path / "few_run"),
+                   adapter={"condition": "box", "init_from": str(source), "tune": "bias"}, **common)
+    start, tuned = read_adapter(source), read_adapter(result.adapter_path)
+    biases = [k for k in start.tensors if k.endswith("bias")]
+    assert result.trainable_parameters == sum(start.tensors[k].numel() for k in biases) < 0.05 * sum(
+        t.numel() for t in start.tensors.values())
+    assert all(torch.equal(start.tensors[k], tuned.tensors[k]) for k in start.tensors if k not in biases)
+    assert any(not torch.equal(start.tensors[k], tuned.tensors[k]) for k in biases)
+    assert tuned.config["condition"] == "box" and tuned.config["adapter_config"] == start.config["adapter_config"]
+    module = captured["pipe"]._studio_control["modules"]["few"].module
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {k.split(".", 1)[1] for k in biases}
+    with pytest.raises(AdapterError, match="t2i_adapter adapter; a controlnext adapter starts only"):
+        train(**{**common, "method": "controlnext"}, data=str(images), control_data=str(conditions), name="x",
+              output_dir=str(tmp_path / "x"), adapter={"init_from": str(source)})
+    with pytest.raises(AdapterError, match="tune takes all or bias"):
+        train(data=str(images), control_data=str(conditions), name="y", output_dir=str(tmp_path / "y"),
+              adapter={"tune": "weights"}, **common)

@@ -8,8 +8,27 @@ from typing import Any
 from studio.adapters.base import AdapterConfig, AdapterError
 
 
+TUNE = ("all", "bias")
+
+
 @dataclass
-class ControlNeXtConfig(AdapterConfig):
+class ControlConfig(AdapterConfig):
+    """What every control method has. `condition`: the kind of control image it was trained on (mask, edges,
+    canny, ...). Few-shot adaptation to a new kind (UFC, Nguyen et al. 2025): `init_from` a trained control
+    adapter of the same method, and `tune="bias"` trains only the bias vector of every layer (the small set of
+    task parameters; the weights stay those learnt on the seen kinds)."""
+
+    condition: str = ""
+    init_from: str = ""
+    tune: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.tune not in TUNE:
+            raise AdapterError(f"control tune takes {' or '.join(TUNE)}, got {self.tune!r}")
+
+
+@dataclass
+class ControlNeXtConfig(ControlConfig):
     """A small conv encoder of the control image whose feature, cross-normalised to the UNet's hidden state after
     `conv_in` (its mean and std per sample), is added to it through a 1×1 conv that starts at 0 (so the
     untrained adapter leaves the base output unchanged). `unet_trainable`: regexes on UNet parameter names also
@@ -17,24 +36,24 @@ class ControlNeXtConfig(AdapterConfig):
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one stride-2 stage between each
     unet_trainable: list[str] = field(default_factory=list)
-    condition: str = ""            # what kind of control image it was trained on (mask, edges, canny, ...)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise AdapterError(f"ControlNeXt channels need at least two positive widths, got {self.channels}")
         self.channels = [int(c) for c in self.channels]
 
 
 @dataclass
-class ControlNetConfig(AdapterConfig):
+class ControlNetConfig(ControlConfig):
     """diffusers `ControlNetModel.from_unet`: a trainable copy of the UNet's encoder with zero convolutions.
     `controlnet_config` is filled in when the adapter is attached (the diffusers config it was built with)."""
 
     embedding_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
-    condition: str = ""
     controlnet_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.embedding_channels) < 2 or min(self.embedding_channels) < 1:
             raise AdapterError(f"ControlNet embedding_channels need at least two positive widths, "
                                f"got {self.embedding_channels}")
@@ -42,15 +61,15 @@ class ControlNetConfig(AdapterConfig):
 
 
 @dataclass
-class T2IAdapterConfig(AdapterConfig):
+class T2IAdapterConfig(ControlConfig):
     """diffusers `T2IAdapter` ("full_adapter"): the control image pixel-unshuffled to latent resolution, then one
     feature per UNet down block (its channels), added inside the blocks (`down_intrablock_additional_residuals`).
     It takes no timestep. Not zero-initialised (as in the paper): scale 0 is the identity, step 0 is not."""
 
     num_res_blocks: int = 2
-    condition: str = ""
     adapter_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if int(self.num_res_blocks) < 1:
             raise AdapterError(f"T2I-Adapter num_res_blocks must be at least 1, got {self.num_res_blocks}")

@@ -36,13 +36,13 @@ class ControlNetMethod(ControlMethod):
         config.controlnet_config = _config_dict(model)  # saved with the adapter: it rebuilds without the UNet
         return model
 
-    def attach(self, pipe, config: ControlNetConfig, adapter: str) -> None:
+    def _attach_trainable(self, pipe, config: ControlNetConfig, adapter: str) -> None:
         factor = getattr(pipe, "vae_scale_factor", 8)
         if 2 ** (len(config.embedding_channels) - 1) != factor:
             raise AdapterError(f"ControlNet embedding_channels {config.embedding_channels} downsample by "
                                f"{2 ** (len(config.embedding_channels) - 1)}, the model's latents are 1/{factor} of "
                                f"the image: give {factor.bit_length()} widths")
-        super().attach(pipe, config, adapter)
+        super()._attach_trainable(pipe, config, adapter)
         self._entry(pipe, adapter).module.train()
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: ControlNetConfig | None = None,

@@ -81,18 +81,24 @@ class ControlNeXtMethod(ControlMethod):
                                f"the model's latents are 1/{factor} of the image: give {factor.bit_length()} widths")
         return ControlNeXtEncoder(pipe.unet.config.block_out_channels[0], config.channels)
 
-    def attach(self, pipe, config: ControlNeXtConfig, adapter: str) -> None:
+    def _attach_trainable(self, pipe, config: ControlNeXtConfig, adapter: str) -> None:
         unet_params = _unet_params(pipe, config.unet_trainable)
-        super().attach(pipe, config, adapter)
+        super()._attach_trainable(pipe, config, adapter)
         entry = self._entry(pipe, adapter)
         for name, p in unet_params.items():
             entry.originals[name] = p.detach().clone()
             p.requires_grad_(True)
 
+    def _train_biases_only(self, pipe, adapter: str) -> None:
+        super()._train_biases_only(pipe, adapter)
+        unet = dict(pipe.unet.named_parameters())
+        for name in self._entry(pipe, adapter).originals:
+            unet[name].requires_grad_(name.endswith("bias"))
+
     def trainable_parameters(self, pipe, adapter: str) -> list[nn.Parameter]:
         entry = self._entry(pipe, adapter)
         unet = dict(pipe.unet.named_parameters())
-        return super().trainable_parameters(pipe, adapter) + [unet[n] for n in entry.originals]
+        return super().trainable_parameters(pipe, adapter) + [unet[n] for n in entry.originals if unet[n].requires_grad]
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         entry = self._entry(pipe, adapter)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, base_fingerprint, describe_base
+from studio.adapters.base import AdapterError, AdapterMethod, base_fingerprint, describe_base, read_adapter
 from studio.adapters.control import inject
 
 # The engine's timestep settings a control adapter trains with by default (its presets, `studio bench control`):
@@ -41,10 +41,41 @@ class ControlMethod(AdapterMethod):
         return entry
 
     def attach(self, pipe, config, adapter: str) -> None:
+        """Attach for training: a new module, or one that starts from `config.init_from`; with `tune="bias"`
+        only its biases train."""
+        start = self._initial_tensors(pipe, config)
+        self._attach_trainable(pipe, config, adapter)
+        if start is not None:
+            self.set_state(pipe, adapter, start)
+        if config.tune == "bias":
+            self._train_biases_only(pipe, adapter)
+        inject.state(pipe)["training"] = adapter
+
+    def _attach_trainable(self, pipe, config, adapter: str) -> None:
         torch_module = self.build(pipe, config)
         torch_module.requires_grad_(True)
         self._add(pipe, adapter, torch_module, config)
-        inject.state(pipe)["training"] = adapter
+
+    def _initial_tensors(self, pipe, config) -> dict[str, torch.Tensor] | None:
+        """The tensors of `config.init_from` (None without it); its architecture settings are copied into
+        `config`, so the new module has the same shapes."""
+        if not config.init_from:
+            return None
+        file = read_adapter(config.init_from)
+        if file.method != self.name:
+            raise AdapterError(f"init_from {config.init_from} is a {file.method} adapter; a {self.name} adapter "
+                               f"starts only from another {self.name} adapter")
+        self.check_base(pipe, file.base, str(config.init_from))
+        own = ("condition", "init_from", "tune")
+        start = self.config_class.from_dict({k: v for k, v in file.config.items() if k not in own})
+        for key, value in start.to_dict().items():
+            if key not in own:
+                setattr(config, key, value)
+        return file.tensors
+
+    def _train_biases_only(self, pipe, adapter: str) -> None:
+        for name, p in self._entry(pipe, adapter).module.named_parameters():
+            p.requires_grad_(name.endswith("bias"))
 
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
         return [p for p in self._entry(pipe, adapter).module.parameters() if p.requires_grad]
