@@ -205,84 +205,83 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
     return record(title, header, rows, write=write)
 
 
-def two_shape_scenes(n: int, seed: int = B5_SEED + 1) -> list[tuple[world.Spec, world.Spec, int, str]]:
-    """n scenes of two different base shapes of one colour in opposite halves (left/right or top/bottom):
-    (first, second, layout seed, caption naming both)."""
-    import random
-
-    rng = random.Random(seed)
-    scenes = []
-    for _ in range(n):
-        a, b = rng.sample(world.BASE_SHAPES, 2)
-        colour = rng.choice(list(world.COLOURS))
-        background = rng.choice([c for c in world.BACKGROUNDS if c != colour])
-        pa, pb = rng.choice([("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")])
-        first = world.Spec(a, colour, background, rng.choice(world.SIZES), pa)
-        second = world.Spec(b, colour, background, rng.choice(world.SIZES), pb)
-        text = (f"{world.caption(first, background=False)} and {world.caption(second, background=False)} "
-                f"on a {background} background")
-        scenes.append((first, second, rng.randrange(2**31), text))
-    return scenes
-
-
 def _half(position: str) -> tuple[slice, slice]:
     middle = world.IMAGE_SIZE // 2
     return {"left": (slice(None), slice(0, middle)), "right": (slice(None), slice(middle, None)),
             "top": (slice(0, middle), slice(None)), "bottom": (slice(middle, None), slice(None))}[position]
 
 
-def bench_multi_condition(first_adapter: str | Path, second_adapter: str | Path | None = None,
-                          first_kind: str = "mask", second_kind: str = "edges", n: int = 32, scale: float = 1.0,
-                          eval_steps: int = 25, guidance: float = 5.0, batch: int = 16, write: bool = True,
-                          log=None) -> str:
-    """Two conditions at once: the `first_kind` condition of one shape and the `second_kind` condition of another
-    in the opposite half, each through its adapter (the same file for both when `second_adapter` is None),
-    summed. Each shape's IoU is measured in its half of the image, with both conditions, with each alone and
-    with the caption alone, on `n` two-shape scenes."""
+def evaluate_two_conditions(pipe, inputs: list[tuple[str, torch.Tensor]], scenes, scale: float = 1.0,
+                            steps: int = 25, guidance: float = 5.0, batch: int = 16) -> np.ndarray:
+    """Per two-shape scene (specs, seed, caption), the IoU of each shape in its half of the generated image, with
+    the control `inputs` (adapter name, one condition image per scene) summed at `scale`. Shape n x 2."""
     from studio.adapters.control import set_control
-    from studio.conditions import world_condition
     from studio.evaluate import generate_images
+
+    scores = []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        set_control(pipe, [{"adapter": name, "image": images[i:i + batch], "scale": scale} for name, images in inputs])
+        generated = generate_images(pipe, [c[2] for c in chunk], [c[1] for c in chunk], steps, guidance, batch=batch)
+        for image, (specs, seed, _) in zip(generated, chunk):
+            found = generated_mask((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            scores.append([iou(found[_half(spec.position)], world.render_mask(spec, seed)[_half(spec.position)])
+                           for spec in specs])
+    set_control(pipe, None)
+    return np.array(scores)
+
+
+def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Path] = (), first_kind: str = "mask",
+                          second_kind: str = "edges", n: int = 32, scale: float = 1.0, examples: int = 512,
+                          two_shapes: float = 0.5, steps: int = 1200, batch_size: int = 8, lr: float = 1e-3,
+                          eval_steps: int = 25, guidance: float = 5.0, out: str | Path = "runs/bench_multicontrol",
+                          reuse: bool = False, write: bool = True, log=None) -> str:
+    """Two conditions at once: the `first_kind` condition of one shape and the `second_kind` condition of another
+    shape in the opposite half, as two control inputs summed, on `n` two-shape scenes of held-out attribute
+    combinations. Each shape's IoU is measured in its half, with both inputs, with each alone and with the caption
+    alone. `adapter`: the T2I-Adapter given both inputs; None trains one (`examples` pairs of both kinds, a
+    `two_shapes` fraction of them two-shape scenes). `also`: more adapters measured the same way."""
+    import random
+
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
+    from studio.conditions import scene_condition, write_control_set
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))
-    first_adapter = Path(first_adapter)
-    second_adapter = Path(second_adapter) if second_adapter else first_adapter
-    pipe = load_pipeline("shapes", adapters={first_adapter: 1.0, second_adapter: 1.0})
-    scenes = two_shape_scenes(n)
+    out = Path(out)
+    rows, what_trained = [], {}
+    if adapter is None:
+        kinds = f"{first_kind},{second_kind}"
+        images, conditions = write_control_set(out / "data_scenes", kinds, examples, two_shapes=two_shapes)
+        adapter = out / "t2i_adapter_scenes" / "t2i_adapter_scenes.safetensors"
+        params, seconds, note = _train_or_reuse(adapter, "t2i_adapter", images, conditions, steps, batch_size, lr,
+                                                dict(LAYOUT_TIMESTEPS), {"condition": kinds}, reuse)
+        what_trained[Path(adapter)] = (f"trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% two-shape "
+                                       f"scenes ({steps} x {batch_size}, {seconds / 60:.1f} min{note})")
+    rng = random.Random(B5_SEED + 1)
+    scenes = []
+    for _ in range(n):
+        specs = world.random_pair(rng, heldout=True)
+        scenes.append((specs, rng.randrange(2**31), world.scene_caption(specs)))
 
-    def condition(kind: str, spec: world.Spec, seed: int) -> torch.Tensor:
-        return torch.from_numpy(world_condition(kind, spec, seed)).permute(2, 0, 1).float() / 255
+    def conditions_of(kind: str, k: int) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(scene_condition([kind], [specs[k]], seed)).permute(2, 0, 1).float() / 255
+                            for specs, seed, _ in scenes])
 
-    firsts = torch.stack([condition(first_kind, a, s) for a, _, s, _ in scenes])
-    seconds = torch.stack([condition(second_kind, b, s) for _, b, s, _ in scenes])
-    variants = {"caption only": [], f"{first_kind} only": [(first_adapter.stem, firsts)],
-                f"{second_kind} only": [(second_adapter.stem, seconds)],
-                f"both ({first_kind} + {second_kind}, scale {scale:g} each)": [(first_adapter.stem, firsts),
-                                                                             (second_adapter.stem, seconds)]}
-    rows = []
-    for what, inputs in variants.items():
-        scores = []
-        for i in range(0, n, batch):
-            chunk = scenes[i:i + batch]
-            set_control(pipe, [{"adapter": name, "image": images[i:i + batch], "scale": scale}
-                               for name, images in inputs])
-            generated = generate_images(pipe, [c[3] for c in chunk], [c[2] for c in chunk], eval_steps, guidance,
-                                        batch=batch)
-            for image, (a, b, seed, _) in zip(generated, chunk):
-                found = generated_mask((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-                pair = []
-                for spec in (a, b):
-                    half = _half(spec.position)
-                    pair.append(iou(found[half], world.render_mask(spec, seed)[half]))
-                scores.append(pair)
-        s = np.array(scores)
-        both = float(np.mean((s >= 0.6).all(axis=1)))
-        log(f"{what}: first {s[:, 0].mean():.3f}, second {s[:, 1].mean():.3f}, both >= 0.6 {both:.2f}")
-        rows.append([what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}", f"{100 * both:.0f}%"])
-    set_control(pipe, None)
-    header = ["control", f"IoU of the {first_kind}-conditioned shape", f"IoU of the {second_kind}-conditioned shape",
-              "scenes with both IoU >= 0.6"]
-    adapters = first_adapter.name if second_adapter == first_adapter else f"{first_adapter.name} + {second_adapter.name}"
-    title = (f"B5 multi-condition ({adapters}; {n} two-shape scenes, each shape's IoU in its half; {eval_steps} "
-             f"steps, guidance {guidance:g})")
+    firsts, seconds_ = conditions_of(first_kind, 0), conditions_of(second_kind, 1)
+    for path in [Path(adapter)] + [Path(a) for a in also]:
+        pipe = load_pipeline("shapes", adapters={path: 1.0})
+        name = path.stem
+        variants = {"caption only": [], f"{first_kind} only": [(name, firsts)], f"{second_kind} only": [(name, seconds_)],
+                    f"{first_kind} + {second_kind}": [(name, firsts), (name, seconds_)]}
+        for what, inputs in variants.items():
+            s = evaluate_two_conditions(pipe, inputs, scenes, scale, eval_steps, guidance)
+            both = float(np.mean((s >= 0.6).all(axis=1)))
+            log(f"{path.name} {what}: first {s[:, 0].mean():.3f}, second {s[:, 1].mean():.3f}, both >= 0.6 {both:.2f}")
+            rows.append([what_trained.get(path, path.name), what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}",
+                         f"{100 * both:.0f}%"])
+    header = ["adapter", "control inputs", f"IoU of the {first_kind}-conditioned shape",
+              f"IoU of the {second_kind}-conditioned shape", "scenes with both IoU >= 0.6"]
+    title = (f"B5 multi-condition ({n} two-shape scenes of held-out combinations, each shape's condition a separate "
+             f"input at scale {scale:g}, IoU in its half; {eval_steps} steps, guidance {guidance:g})")
     return record(title, header, rows, write=write)

@@ -430,9 +430,10 @@ def cmd_bench_multicontrol(args) -> None:
 
     check_kind(args.first_kind)
     check_kind(args.second_kind)
-    print(bench_multi_condition(args.adapter, args.second_adapter, first_kind=args.first_kind,
-                                second_kind=args.second_kind, n=args.n, scale=args.scale, eval_steps=args.eval_steps,
-                                write=not args.no_write))
+    print(bench_multi_condition(args.adapter, args.also or [], first_kind=args.first_kind,
+                                second_kind=args.second_kind, n=args.n, scale=args.scale, examples=args.examples,
+                                two_shapes=args.two_shapes, steps=args.steps, eval_steps=args.eval_steps,
+                                out=args.out, reuse=args.reuse, write=not args.no_write))
 
 
 def cmd_bench_control(args) -> None:
@@ -716,16 +717,21 @@ def build_parser() -> argparse.ArgumentParser:
     bfs.add_argument("--reuse", action="store_true", help="reuse adapters already trained with the same settings")
     bfs.add_argument("--no-write", action="store_true")
     bfs.set_defaults(func=cmd_bench_fewshot)
-    bmc = bsub.add_parser("multicontrol", help="B5 multi-condition: two conditions of two shapes at once, both obeyed?")
-    bmc.add_argument("--adapter", default="runs/bench_fewshot/t2i_adapter_seen/t2i_adapter_seen.safetensors",
-                     help="the control adapter of the first condition (default: the one `bench fewshot` trains on "
-                          "mask and edges)")
-    bmc.add_argument("--second-adapter", default=None, help="the second condition's adapter (default: --adapter)")
+    bmc = bsub.add_parser("multicontrol", help="B5 multi-condition: a mask of one shape and the edges of another as "
+                                               "two control inputs, both obeyed?")
+    bmc.add_argument("--adapter", default=None, help="a T2I-Adapter for both inputs (default: train one on one- and "
+                                                     "two-shape scenes of both kinds)")
+    bmc.add_argument("--also", action="append", help="another adapter measured the same way (repeatable)")
     bmc.add_argument("--first-kind", default="mask")
     bmc.add_argument("--second-kind", default="edges")
-    bmc.add_argument("--n", type=int, default=32, help="two-shape scenes")
-    bmc.add_argument("--scale", type=float, default=1.0, help="conditioning scale of each")
+    bmc.add_argument("--n", type=int, default=32, help="two-shape scenes judged")
+    bmc.add_argument("--scale", type=float, default=1.0, help="conditioning scale of each input")
+    bmc.add_argument("--examples", type=int, default=512, help="rendered training pairs (without --adapter)")
+    bmc.add_argument("--two-shapes", type=float, default=0.5, help="the fraction of them that are two-shape scenes")
+    bmc.add_argument("--steps", type=int, default=1200, help="training steps (without --adapter)")
     bmc.add_argument("--eval-steps", type=int, default=25)
+    bmc.add_argument("--out", default="runs/bench_multicontrol")
+    bmc.add_argument("--reuse", action="store_true", help="reuse an adapter already trained with the same settings")
     bmc.add_argument("--no-write", action="store_true")
     bmc.set_defaults(func=cmd_bench_multicontrol)
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")

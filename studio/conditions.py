@@ -169,11 +169,20 @@ def annotate(kind: str, image) -> np.ndarray:
 
 @dataclass
 class ControlExample:
-    spec: world.Spec
+    specs: list[world.Spec]  # one shape, or a two-shape scene
     seed: int
     image: np.ndarray       # the render, HxWx3 uint8
     condition: np.ndarray   # its condition image, HxWx3 uint8
     caption: str
+
+    @property
+    def spec(self) -> world.Spec:
+        return self.specs[0]
+
+
+def scene_condition(kinds: list[str], specs: list[world.Spec], seed: int) -> np.ndarray:
+    """The condition image of a scene: shape k's `kinds[k]` condition, the images overlaid (their maximum)."""
+    return np.maximum.reduce([world_condition(kind, spec, seed) for kind, spec in zip(kinds, specs)])
 
 
 def control_specs(n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[tuple[world.Spec, int]]:
@@ -182,22 +191,31 @@ def control_specs(n: int, seed: int = CONTROL_SEED, heldout: bool | None = False
     return [(world.random_spec(rng, world.BASE_SHAPES, heldout=heldout), rng.randrange(2**31)) for _ in range(n)]
 
 
-def control_dataset(kind: str, n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[ControlExample]:
-    """n renders with their `kind` condition images and full captions ("mask,edges": the kinds in turn)."""
+def control_dataset(kind: str, n: int, seed: int = CONTROL_SEED, heldout: bool | None = False,
+                    two_shapes: float = 0.0) -> list[ControlExample]:
+    """n renders with their `kind` condition images and full captions ("mask,edges": the kinds in turn). A
+    `two_shapes` fraction of them are two-shape scenes (world.random_pair), whose condition image overlays each
+    shape's condition (with several kinds, of two kinds)."""
     kinds = condition_kinds(kind)
-    return [ControlExample(spec, s, world.render(spec, s), world_condition(kinds[i % len(kinds)], spec, s),
-                           world.caption(spec))
-            for i, (spec, s) in enumerate(control_specs(n, seed, heldout))]
+    pairs = random.Random(seed + 1)
+    out = []
+    for i, (spec, s) in enumerate(control_specs(n, seed, heldout)):
+        specs = world.random_pair(pairs, heldout) if two_shapes and pairs.random() < two_shapes else [spec]
+        of_kind = [kinds[(i + k) % len(kinds)] for k in range(len(specs))]
+        out.append(ControlExample(specs, s, world.render_scene(specs, s), scene_condition(of_kind, specs, s),
+                                  world.scene_caption(specs)))
+    return out
 
 
-def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL_SEED) -> tuple[Path, Path]:
+def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL_SEED,
+                      two_shapes: float = 0.0) -> tuple[Path, Path]:
     """Write a control training set: `folder/images/NAME.png` + `NAME.txt`, `folder/conditions/NAME.png`.
     Returns (images folder, conditions folder), what `studio train --control-data` reads."""
     folder = Path(folder)
     images, conditions = folder / "images", folder / "conditions"
     images.mkdir(parents=True, exist_ok=True)
     conditions.mkdir(parents=True, exist_ok=True)
-    for i, ex in enumerate(control_dataset(kind, n, seed)):
+    for i, ex in enumerate(control_dataset(kind, n, seed, two_shapes=two_shapes)):
         name = f"{kind.replace(',', '_')}_{i:05d}"
         Image.fromarray(ex.image).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")

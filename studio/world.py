@@ -237,16 +237,49 @@ def layout(spec: Spec, seed: int) -> tuple[float, float, float, float]:
 
 def render(spec: Spec, seed: int = 0, *, jitter_colour: bool = True) -> np.ndarray:
     """Render a spec to an HxWx3 uint8 image; the same (spec, seed) always gives the same pixels."""
-    cx, cy, radius, angle = layout(spec, seed)
+    return render_scene([spec], seed, jitter_colour=jitter_colour)
+
+
+def render_scene(specs: list[Spec], seed: int = 0, *, jitter_colour: bool = True) -> np.ndarray:
+    """Several shapes on the first one's background, drawn in order, each laid out by layout(spec, seed)."""
     rng = np.random.default_rng(seed + 7_919)
-    fg = np.array(COLOURS[spec.colour], dtype=np.float64)
-    bg = np.array(BACKGROUNDS[spec.background], dtype=np.float64)
-    if jitter_colour:
-        fg = fg + rng.uniform(-8, 8, 3)
-        bg = bg + rng.uniform(-8, 8, 3)
-    alpha = shape_coverage(spec.shape, cx, cy, radius, angle)[..., None]
-    img = alpha * fg + (1 - alpha) * bg
+    bg = np.array(BACKGROUNDS[specs[0].background], dtype=np.float64)
+    img = None
+    for k, spec in enumerate(specs):
+        fg = np.array(COLOURS[spec.colour], dtype=np.float64)
+        if jitter_colour:
+            fg = fg + rng.uniform(-8, 8, 3)
+            if k == 0:
+                bg = bg + rng.uniform(-8, 8, 3)
+        if img is None:
+            img = np.broadcast_to(bg, (IMAGE_SIZE, IMAGE_SIZE, 3))
+        cx, cy, radius, angle = layout(spec, seed)
+        alpha = shape_coverage(spec.shape, cx, cy, radius, angle)[..., None]
+        img = alpha * fg + (1 - alpha) * img
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def scene_caption(specs: list[Spec]) -> str:
+    """"a large red circle on the left and a small red square on the right on a blue background"."""
+    if len(specs) == 1:
+        return caption(specs[0])
+    return " and ".join(caption(s, background=False) for s in specs) + f" on a {specs[0].background} background"
+
+
+OPPOSITE_HALVES = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
+
+
+def random_pair(rng: random.Random, heldout: bool | None = False) -> list[Spec]:
+    """Two different base shapes of one colour in opposite halves (left/right or top/bottom), on one background;
+    heldout as in random_spec (for both shapes' combinations)."""
+    while True:
+        a, b = rng.sample(BASE_SHAPES, 2)
+        colour = rng.choice(list(COLOURS))
+        background = rng.choice([c for c in BACKGROUNDS if c != colour])
+        if heldout is not None and any(is_heldout_combo(s, colour, background) != heldout for s in (a, b)):
+            continue
+        pa, pb = rng.choice(OPPOSITE_HALVES)
+        return [Spec(a, colour, background, rng.choice(SIZES), pa), Spec(b, colour, background, rng.choice(SIZES), pb)]
 
 
 def render_mask(spec: Spec, seed: int = 0) -> np.ndarray:

@@ -55,6 +55,28 @@ def test_conditions_from_the_world_and_the_annotators():
     assert all((d.condition[..., 0] > 0).sum() == world.render_mask(d.spec, d.seed).sum() for d in data)
 
 
+def test_two_shape_scenes_and_their_overlaid_conditions():
+    import random
+
+    specs = world.random_pair(random.Random(0), heldout=True)
+    assert specs[0].shape != specs[1].shape and specs[0].colour == specs[1].colour
+    assert {specs[0].position, specs[1].position} in ({"left", "right"}, {"top", "bottom"})
+    image = world.render_scene(specs, 5)
+    for spec in specs:  # each shape drawn where its mask says, in its colour
+        colour = np.array(world.COLOURS[spec.colour])
+        assert np.abs(np.median(image[world.render_mask(spec, 5)], axis=0) - colour).max() <= 12
+    assert (world.render_scene(specs[:1], 5) == world.render(specs[0], 5)).all()
+    assert world.scene_caption(specs) == (f"{world.caption(specs[0], background=False)} and "
+                                          f"{world.caption(specs[1], background=False)} on a {specs[0].background} background")
+    data = control_dataset("mask,edges", 6, two_shapes=1.0)
+    assert all(len(d.specs) == 2 for d in data)
+    d = data[0]  # the first shape's mask and the second's outline, in one image
+    cond = d.condition[..., 0] > 0
+    first, second = (world.render_mask(s, d.seed) for s in d.specs)
+    assert (cond[first]).all() and cond[second].mean() < 0.6 and not (cond & ~first & ~second).any()
+    assert [len(e.specs) for e in control_dataset("mask", 6)] == [1] * 6
+
+
 @pytest.mark.parametrize("method,config", [("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())])
 def test_zero_initialised_paths_leave_the_base_output_unchanged(method, config):
     pipe = load_pipeline("shapes")
