@@ -232,8 +232,10 @@ def cmd_train(args) -> None:
           f"{result.trainable_parameters:,} trainable parameters", file=sys.stderr)
 
 
-def control_train_config(args):
-    """The TrainConfig of `studio control-train` (rendering its shapes-world data when no --data is given)."""
+def control_train_config(args, render: bool = True):
+    """The TrainConfig of `studio control-train` (rendering its shapes-world data when no --data is given).
+    With render=False the data is not rendered yet, only its folders named: a check of the settings before a
+    queued job renders it (the web UI's Control tab calls this twice, on the page and in the job)."""
     if not hasattr(args, "method"):
         args.method = "controlnext"
     if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
@@ -249,7 +251,13 @@ def control_train_config(args):
         if getattr(args, "model", "shapes") != "shapes":
             raise StudioError("without --data, control-train renders the shapes world: give --data and "
                               "--control-data for another model")
-        images, conditions = write_control_set(Path(args.output_dir) / "data", args.condition, args.examples)
+        if args.examples < 1:
+            raise StudioError(f"--examples must be at least 1 (got {args.examples})")
+        folder = Path(args.output_dir) / "data"
+        if render:
+            images, conditions = write_control_set(folder, args.condition, args.examples)
+        else:
+            images, conditions = folder / "images", folder / "conditions"
         args.data, args.control_data = str(images), str(conditions)
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
 

@@ -61,3 +61,33 @@ def test_train_and_generate_in_a_real_browser(page_url, tmp_path):
         browser.close()
     for name in ("train-tab.png", "generate-tab.png", "library-tab.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+def test_draw_a_control_image_and_preview_it_in_a_real_browser(page_url):
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(page_url)
+        page.get_by_role("tab", name="Control").click()
+        page.locator("#control-image button[aria-label='Brush']").click()
+        box = page.locator("#control-image canvas").first.bounding_box()
+        x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2 - 40
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(1, 21):  # a white stroke on the black canvas
+            page.mouse.move(x + 6 * i, y + 4 * i)
+        page.mouse.up()
+        page.get_by_role("button", name="Preview condition").click()
+        condition = page.locator("#control-condition img").first
+        expect(condition).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "control-tab.png"), full_page=True)
+        src = condition.get_attribute("src")
+        browser.close()
+    path = src.split("/file=", 1)[1]  # the condition the server computed from what was drawn
+    pixels = np.asarray(Image.open(path).convert("L"))
+    assert pixels.shape == (128, 128) and 100 < (pixels > 128).sum() < 0.5 * pixels.size

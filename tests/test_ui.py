@@ -233,3 +233,98 @@ def test_method_settings_of_another_method_are_refused_in_the_page(client, star_
     reply = client.predict(good, "", "oft_bad", "sks", "", "soda", "quick", 0, 0, 0, 0, 0, 0, False, captions, "",
                            "", 16, api_name="/train")
     assert "OFT setting" in reply
+
+
+def _editor(path):
+    """What the Control tab's image editor sends for an uploaded picture (nothing drawn over it)."""
+    from gradio_client import handle_file
+
+    return {"background": handle_file(str(path)), "layers": [], "composite": None}
+
+
+def _disc(path, size=(128, 128)):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size)
+    ImageDraw.Draw(image).ellipse((size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4), fill="white")
+    image.save(path)
+    return path
+
+
+def _control(client, adapter, image, preprocess="none", scale=1.0, prompt="a large red circle on a gray background",
+             seed=1, batch=1, steps=4):
+    return client.predict("shapes", adapter, image, preprocess, scale, 0.0, 1.0, prompt, "", steps, 5.0, seed, batch,
+                          api_name="/control_generate")
+
+
+def test_control_tab_previews_conditions(client, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    photo = Image.new("RGB", (96, 80), "gray")
+    photo.paste(Image.new("RGB", (40, 30), "red"), (20, 20))
+    photo.save(tmp_path / "photo.png")
+    condition, note = client.predict(_editor(tmp_path / "photo.png"), "canny", "", 0, api_name="/control_preview")
+    canny = Image.open(condition)
+    assert canny.size == (96, 80) and "condition 96x80" in note
+    edges = np.asarray(canny.convert("L")) > 0
+    assert edges.any() and not edges[:10].any()  # the red box's outline, nothing on the flat border
+    condition, note = client.predict(None, "mask", "a small blue square at the left on a white background", 3,
+                                     api_name="/control_preview")
+    assert Image.open(condition).size == (128, 128)
+
+
+def test_control_tab_bad_input_is_a_message_and_the_server_keeps_serving(client, tmp_path):
+    with pytest.raises(Exception, match="give a control image"):
+        client.predict(None, "canny", "", 0, api_name="/control_preview")
+    with pytest.raises(Exception, match="'hed' needs an annotator with downloaded weights"):
+        client.predict(_editor(_disc(tmp_path / "disc.png")), "hed", "", 0, api_name="/control_preview")
+    with pytest.raises(Exception, match="must name a shape, a colour and a background"):
+        client.predict(None, "edges", "something nice", 0, api_name="/control_preview")
+    with pytest.raises(Exception, match="pick a control adapter"):
+        _control(client, None, _editor(tmp_path / "disc.png"))
+    reply = client.predict("bad", "t2i_adapter", "hed", "quick", 2, 4, 0, api_name="/control_train")
+    assert "downloaded weights" in reply and "Traceback" not in reply
+    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 0, 0, api_name="/control_train")
+    assert "examples must be at least 1" in reply
+    condition, _ = client.predict(_editor(tmp_path / "disc.png"), "lineart", "", 0, api_name="/control_preview")
+    assert condition  # still serving
+
+
+def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_app, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    started = time.time()
+    reply = client.predict("disc_control", "t2i_adapter", "mask", "quick", 4, 8, 0, api_name="/control_train")
+    assert "queued control adapter **disc_control**" in reply, reply
+    status, _, _ = _wait_for_job(client, timeout=300)
+    assert "done" in status, status
+    assert (running_app[1] / "adapters" / "disc_control.safetensors").is_file() and time.time() - started < 120
+    table, _, _ = client.predict(api_name="/library")
+    rows = table["data"] if isinstance(table, dict) else table
+    assert rows[0][:3] == ["disc_control", "t2i_adapter", "shapes"]
+    client.predict(api_name="/control_adapters")  # what opening the Control tab does: the new adapter is listed
+    disc = _editor(_disc(tmp_path / "disc.png"))
+    gallery, condition, note = _control(client, "disc_control", disc, batch=2)
+    assert len(gallery) == 2 and "controlled by disc_control at 1" in note
+    image = Image.open(_image_path(gallery[1]))
+    assert image.size == (128, 128) and Image.open(condition).size == (128, 128)
+    settings = json.loads(image.text["parameters"])
+    assert settings["seed"] == 2 and settings["control"][0]["adapter"] == "disc_control"
+    # scale 0 is the uncontrolled model: the same image Generate makes with the same seed
+    plain, _ = _generate(client, "a large red circle on a gray background", steps=4)
+    off, _, _ = _control(client, "disc_control", disc, scale=0.0)
+    pixels = [np.asarray(Image.open(_image_path(g[0])), dtype=int) for g in (plain, off, gallery)]
+    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+    # two conditions are summed: the adapter twice at half scale is the adapter once at full scale
+    halves, _, note = client.predict("shapes", "disc_control", disc, "none", 0.5, 0.0, 1.0,
+                                     "a large red circle on a gray background", "", 4, 5.0, 1, 1, "disc_control", disc,
+                                     "none", 0.5, api_name="/control_generate")
+    assert "disc_control at 0.5 + disc_control at 0.5" in note
+    assert np.abs(np.asarray(Image.open(_image_path(halves[0])), dtype=int) - pixels[2]).max() <= 1
+    # a condition rendered from the prompt, and a control image of another shape than the output is refused
+    gallery, _, _ = _control(client, "disc_control", None, preprocess="mask")
+    assert len(gallery) == 1
+    with pytest.raises(Exception, match="aspect ratio differs"):
+        _control(client, "disc_control", _editor(_disc(tmp_path / "wide.png", (128, 64))))

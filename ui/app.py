@@ -31,12 +31,20 @@ class PipelineCache:
         self._adapters: dict[tuple[str, str, float], str] = {}  # (pipeline, file, mtime) -> adapter name
         self.lock = threading.Lock()
 
-    def get(self, model: str, adapters: dict[str, float] | None = None, one_step: str | None = None):
+    def get(self, model: str, adapters: dict[str, float] | None = None, one_step: str | None = None,
+            control: list[dict] | None = None):
         """The pipeline for `model` with these adapters active; with `one_step` (a HiPA file), a separate
-        pipeline with that adaptor and the one-step scheduler."""
+        pipeline with that adaptor and the one-step scheduler; with `control` ([{"adapter": control adapter file,
+        "image", "scale", "start", "end"}]), a separate pipeline with those control adapters and exactly these
+        control inputs set (a ControlNeXt file may tune UNet layers, so control never shares the plain pipeline)."""
         from studio.adapters import load_adapters, set_adapter_weights
 
-        pipe_key = model if not one_step else f"{model}|{Path(one_step).resolve()}|{Path(one_step).stat().st_mtime}"
+        if control is not None:
+            pipe_key = f"{model}|control"
+        elif one_step:
+            pipe_key = f"{model}|{Path(one_step).resolve()}|{Path(one_step).stat().st_mtime}"
+        else:
+            pipe_key = model
         if pipe_key not in self._pipes:
             self._pipes[pipe_key] = load_pipeline(model, one_step=one_step)
         pipe = self._pipes[pipe_key]
@@ -48,13 +56,43 @@ class PipelineCache:
             weights[self._adapters[key]] = weight
         if one_step:  # the one-step adaptor stays on beside whatever concept adapters are chosen
             weights.update({n: 1.0 for n, info in pipe._studio_adapters.items() if info["method"] == "hipa"})
+        inputs = []
+        for item in control or []:
+            name = self._control_adapter(pipe_key, pipe, item["adapter"])
+            inputs.append({**item, "adapter": name})
+            weights[name] = float(item.get("scale", 1.0))
         if self._adapters or adapters:
             set_adapter_weights(pipe, weights)
+        if control is not None:
+            from studio.adapters.control import set_control
+
+            set_control(pipe, inputs)
         if any(info["method"] == "spm" for info in getattr(pipe, "_studio_adapters", {}).values()):
             from studio.pipelines.membranes import use_membranes
 
             use_membranes(pipe)  # membranes act per prompt (Facilitated Transport)
         return pipe
+
+    def _control_adapter(self, pipe_key: str, pipe, path: str) -> str:
+        """The name of control adapter file `path` in the pipeline, loaded on first use; an older version of the
+        same file (retrained under its name) is taken out first, UNet deltas and all."""
+        from studio.adapters import attached_adapters, get_method, load_adapters, read_adapter
+        from studio.pipelines.control import CONTROL_METHODS
+
+        resolved = str(Path(path).resolve())
+        key = (pipe_key, resolved, Path(path).stat().st_mtime)
+        if key not in self._adapters:
+            method = read_adapter(path).method
+            if method not in CONTROL_METHODS:
+                raise StudioError(f"{Path(path).stem} is a {method} adapter, not a control adapter "
+                                  f"({', '.join(CONTROL_METHODS)})")
+            for old in [k for k in self._adapters if k[:2] == key[:2]]:
+                name = self._adapters.pop(old)
+                info = attached_adapters(pipe).pop(name, None)
+                if info:
+                    get_method(info["method"]).remove(pipe, name)
+            self._adapters[key] = load_adapters(pipe, {path: 0.0})[0]
+        return self._adapters[key]
 
 
 class Workspace:
@@ -137,8 +175,70 @@ def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None
     return dest
 
 
+# The Control tab's preprocessings: (label, value); any other value typed in is checked by studio.conditions
+CONTROL_PREPROCESS = [("none (the image is the condition)", "none"), ("canny (edges of the image)", "canny"),
+                      ("lineart (line drawing of the image)", "lineart"),
+                      ("mask: render the prompt's shape (shapes world)", "mask"),
+                      ("edges: render the prompt's shape's outline (shapes world)", "edges"),
+                      ("box: render the prompt's shape's bounding box (shapes world)", "box"),
+                      ("scribble: render strokes over the prompt's shape (shapes world)", "scribble")]
+
+
+def editor_image(value):
+    """The picture in the page's image editor (upload or drawing, strokes over the upload, transparent parts on
+    black) as an RGB PIL image, or None when there is none."""
+    from PIL import Image
+
+    if value is None:
+        return None
+    picture = value
+    if isinstance(value, dict):
+        picture = value.get("composite")
+        if picture is None:
+            picture = value.get("background")
+    if picture is None:
+        return None
+    if isinstance(picture, (str, Path)):
+        picture = Image.open(picture)
+    elif not isinstance(picture, Image.Image):
+        import numpy as np
+
+        picture = Image.fromarray(np.asarray(picture, dtype=np.uint8))
+    if "A" in picture.getbands() or "transparency" in picture.info:
+        rgba = picture.convert("RGBA")
+        if rgba.getchannel("A").getbbox() is None:
+            return None  # an empty canvas
+        picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return picture.convert("RGB")
+
+
+def control_condition(image, preprocess: str, prompt: str, seed: int):
+    """The condition image (HxWx3 uint8) the Control tab hands the adapter: the image itself, a weight-free
+    annotator's output on it, or the shapes world's mask / edges / box / scribble of the shape the prompt
+    describes."""
+    import numpy as np
+
+    from studio import world
+    from studio.conditions import WORLD_CONDITIONS, annotate, check_kind, world_condition
+
+    kind = (preprocess or "none").strip()
+    if kind in WORLD_CONDITIONS:
+        spec = world.parse_caption(prompt or "")
+        if spec is None:
+            raise StudioError(f"to render a {kind} from the prompt it must name a shape, a colour and a background, "
+                              "e.g. \"a large red circle on a gray background\"")
+        return world_condition(kind, spec, int(seed))
+    if kind != "none":
+        check_kind(kind)  # an annotator that needs downloaded weights is refused before any image is read
+    picture = editor_image(image)
+    if picture is None:
+        raise StudioError("give a control image: upload one or draw on the canvas")
+    return np.array(picture) if kind == "none" else annotate(kind, picture)
+
+
 def build_app(model: str = "shapes", workspace: str | Path | None = None):
     import gradio as gr
+    from PIL import Image
 
     from studio.adapters import get_method, method_names
     from studio.train import PRESETS, Trainer, config_with_preset
@@ -153,7 +253,14 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         if settings.get("kind") == "distill":
             return run_distill_job(settings, on_event, should_stop)
         name = settings["name"]
-        config = config_with_preset(settings.pop("preset"), **settings)
+        if settings.get("kind") == "control":  # `studio control-train`'s own config: it renders the data
+            from studio.cli import control_train_config
+
+            on_event({"kind": "phase", "message": f"rendering {settings['examples']} {settings['condition']} "
+                                                  "training pairs"})
+            config = control_train_config(control_train_args(settings))
+        else:
+            config = config_with_preset(settings.pop("preset"), **settings)
         result = Trainer(config, on_event, should_stop).run()
         if result.stopped:
             return None
@@ -164,6 +271,16 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         if previews:
             shutil.copyfile(previews[-1], target.with_suffix(".png"))
         return target
+
+    def control_train_args(settings: dict):
+        """The `studio control-train` arguments of a Control-tab training (flags not given stay unset)."""
+        import argparse
+
+        values = {k: settings[k] for k in ("name", "method", "condition", "examples", "seed", "preset")}
+        if settings.get("steps"):
+            values["steps"] = settings["steps"]
+        return argparse.Namespace(**values, model=model, output_dir=str(ws.runs / settings["name"]),
+                                  config_file=None, progress_bar=False)
 
     def run_erase(settings: dict, on_event, should_stop):
         from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
@@ -315,6 +432,73 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
 
+    def start_control_train(name, method, condition, preset, steps, examples, seed):
+        from studio.cli import control_train_config
+
+        try:
+            condition = (condition or "").strip()
+            name = safe_name(name or f"{method}_{condition}")
+            settings = {"kind": "control", "name": name, "method": method, "condition": condition,
+                        "preset": preset or None, "examples": int(examples or 0), "seed": int(seed or 0)}
+            if steps:
+                settings["steps"] = int(steps)
+            control_train_config(control_train_args(settings), render=False).validate()  # refuse bad settings now
+            if (ws.runs / name).exists():
+                shutil.rmtree(ws.runs / name)
+            job = jobs.submit(name, settings)
+            return f"queued control adapter **{name}** ({method} on {condition} conditions, job {job.id})"
+        except (StudioError, ValueError) as exc:
+            gr.Warning(str(exc))
+            return f"⚠️ {exc}"
+
+    def control_choices():
+        from studio.pipelines.control import CONTROL_METHODS
+
+        names = [e["name"] for e in library_entries(ws.library) if e["method"] in CONTROL_METHODS]
+        return gr.update(choices=names), gr.update(choices=names)  # the first and the second condition's
+
+    def preview_condition(image, preprocess, prompt, seed):
+        try:
+            condition = control_condition(image, preprocess, prompt, seed)
+        except (StudioError, ValueError) as exc:
+            raise gr.Error(str(exc))
+        h, w = condition.shape[:2]
+        empty = " (empty: all black)" if not condition.any() else ""
+        return condition, f"condition {w}x{h}{empty}"
+
+    def run_control(model_src, adapter, image, preprocess, scale, start, end, prompt, negative, steps, guidance,
+                    seed, batch, adapter2=None, image2=None, preprocess2="none", scale2=1.0):
+        """Generate under the first condition (and the second's, summed, when a second adapter is picked)."""
+        settings = GenerationSettings(prompt, negative, int(steps), float(guidance), int(seed), int(batch))
+        rows = [(adapter, image, preprocess, scale)] + ([(adapter2, image2, preprocess2, scale2)] if adapter2 else [])
+        try:
+            settings.validate()
+            if not adapter:
+                raise StudioError("pick a control adapter from the library (or train one below)")
+            source = (model_src or "").strip() or "shapes"
+            stem = ws.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+            control, used = [], []
+            for i, (name, picture, kind, weight) in enumerate(rows):
+                condition = control_condition(picture, kind, prompt, seed)
+                control.append({"adapter": str(ws.adapter(name)), "image": condition, "scale": float(weight),
+                                "start": float(start), "end": float(end)})
+                path = stem.with_name(stem.name + ("-condition.png" if i == 0 else f"-condition-{i + 1}.png"))
+                used.append({"adapter": name, "image": path.name, "preprocess": kind, "scale": float(weight),
+                             "start": float(start), "end": float(end), "_array": condition, "_path": path})
+            with cache.lock:
+                images = generate(cache.get(source, control=control), settings)
+            paths = output_paths(stem.with_suffix(".png"), len(images))
+            for item in used:  # each condition is kept beside the images, which name it in their settings
+                with atomic_path(item.pop("_path")) as tmp:
+                    Image.fromarray(item.pop("_array")).save(tmp, format="PNG")
+            save_images(images, paths, settings, source, {"control": used})
+        except (StudioError, ValueError) as exc:
+            raise gr.Error(str(exc))
+        how = " + ".join(f"{u['adapter']} at {u['scale']:g}" for u in used)
+        return [str(p) for p in paths], str(ws.outputs / used[0]["image"]), (
+            f"{len(images)} image(s), seed {settings.seed}..{settings.seed + settings.batch - 1}, "
+            f"controlled by {how} (steps {float(start):g}–{float(end):g})")
+
     def one_step_choices():
         return gr.update(choices=[e["name"] for e in library_entries(ws.library) if e["method"] == "hipa"])
 
@@ -358,10 +542,13 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         return job.summary(), round(100 * fraction, 1), list(job.previews[:8])
 
     def library_table():
+        from studio.pipelines.control import CONTROL_METHODS
+
         rows = [[e["name"], e["method"], e["base"], e["trigger"], e["steps"], e["date"]]
                 for e in library_entries(ws.library)]
         names = [r[0] for r in rows]
-        return rows, gr.update(choices=names), gr.update(choices=names)
+        plain = [r[0] for r in rows if r[1] not in CONTROL_METHODS]  # control adapters need an image: Control tab
+        return rows, gr.update(choices=names), gr.update(choices=plain)
 
     def run_generate(model_src, prompt, negative, steps, guidance, seed, batch, adapters=None, weight=1.0,
                      one_step=None):
@@ -570,6 +757,91 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             compare.click(compare_erase, [model_box, membrane_pick, test_prompts, erase_steps_g, erase_guidance,
                                           erase_seed], [erase_gallery, erase_strengths], api_name="compare_erase")
 
+        with gr.Tab("Control") as control_tab:
+            gr.Markdown("Steer the layout with a control image: upload one or draw on the canvas (white on black, as "
+                        "masks and edges are), pick how it becomes the condition, preview it, generate. A control "
+                        "adapter is trained for the kinds of condition it saw (mask, edges, box, scribble, canny, lineart; "
+                        "mask,edges for both): train one below.")
+            with gr.Row():
+                with gr.Column():
+                    with gr.Row():
+                        control_pick = gr.Dropdown([], value=None, label="Control adapter (from the library)",
+                                                   scale=4)
+                        control_refresh = gr.Button("↻", scale=0, min_width=40)
+                    control_image = gr.ImageEditor(
+                        value={"background": Image.new("RGB", (128, 128)), "layers": [], "composite": None},
+                        type="pil", sources=["upload", "clipboard"], canvas_size=(128, 128), height=360,
+                        brush=gr.Brush(default_size=6, colors=["#ffffff", "#000000"], default_color="#ffffff"),
+                        label="Control image (upload, or draw)", elem_id="control-image")
+                    control_preprocess = gr.Dropdown(CONTROL_PREPROCESS, value="none", allow_custom_value=True,
+                                                     label="Preprocess (the image becomes the condition)")
+                    control_prompt = gr.Textbox(value="a large red circle on a gray background",
+                                                label="Prompt (also what mask / edges render)")
+                    control_negative = gr.Textbox(value="", label="Negative prompt (control)")
+                    with gr.Row():
+                        control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
+                        control_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (fraction of steps)")
+                        control_end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (fraction of steps)")
+                    with gr.Accordion("Second condition (optional: its effect is added to the first's)",
+                                      open=False):
+                        control_pick2 = gr.Dropdown([], value=None, label="Second control adapter")
+                        control_image2 = gr.ImageEditor(
+                            value={"background": Image.new("RGB", (128, 128)), "layers": [], "composite": None},
+                            type="pil", sources=["upload", "clipboard"], canvas_size=(128, 128), height=300,
+                            brush=gr.Brush(default_size=6, colors=["#ffffff", "#000000"], default_color="#ffffff"),
+                            label="Second control image")
+                        with gr.Row():
+                            control_preprocess2 = gr.Dropdown(CONTROL_PREPROCESS, value="none",
+                                                              allow_custom_value=True, label="Second preprocess")
+                            control_scale2 = gr.Slider(0, 2, value=1.0, step=0.05, label="Second conditioning scale")
+                    with gr.Row():
+                        control_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
+                        control_guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance scale")
+                    with gr.Row():
+                        control_seed = gr.Number(value=0, precision=0, label="Seed (also of the rendered shape)")
+                        control_batch = gr.Slider(1, 8, value=4, step=1, label="Images")
+                    with gr.Row():
+                        control_preview_btn = gr.Button("Preview condition")
+                        control_go = gr.Button("Generate with control", variant="primary")
+                with gr.Column():
+                    control_condition_img = gr.Image(label="Condition", type="filepath", format="png", height=260,
+                                                     interactive=False, elem_id="control-condition")
+                    control_gallery = gr.Gallery(label="Controlled images", columns=4, height="auto", format="png",
+                                                 elem_id="control-gallery")
+                    control_status = gr.Markdown()
+            with gr.Accordion("Train a control adapter", open=False):
+                gr.Markdown("Trains on shapes-world renders and their condition images, drawn here (what "
+                            "`studio control-train` does without --data); the adapter goes into the library.")
+                with gr.Row():
+                    ct_name = gr.Textbox(value="mask_control", label="Adapter name")
+                    ct_method = gr.Dropdown(["t2i_adapter", "controlnext", "controlnet"], value="t2i_adapter",
+                                            label="Control method")
+                    ct_condition = gr.Dropdown(["mask", "edges", "mask,edges", "box", "scribble", "canny", "lineart"],
+                                               value="mask",
+                                               allow_custom_value=True, label="Condition kind")
+                with gr.Row():
+                    ct_preset = gr.Dropdown(list(PRESETS), value="quick", label="Training preset")
+                    ct_steps = gr.Number(value=0, precision=0, label="Training steps (0: preset)")
+                    ct_examples = gr.Number(value=256, precision=0, label="Rendered examples")
+                    ct_seed = gr.Number(value=0, precision=0, label="Training seed")
+                with gr.Row():
+                    ct_start = gr.Button("Train control adapter", variant="primary")
+                    ct_stop = gr.Button("Stop")
+                ct_status = gr.Markdown("", elem_id="control-train-status")
+            control_refresh.click(control_choices, None, [control_pick, control_pick2], show_progress="hidden",
+                                  api_name="control_adapters")
+            control_preview_btn.click(preview_condition, [control_image, control_preprocess, control_prompt,
+                                                          control_seed], [control_condition_img, control_status],
+                                      api_name="control_preview")
+            control_go.click(run_control, [model_box, control_pick, control_image, control_preprocess, control_scale,
+                                           control_start, control_end, control_prompt, control_negative,
+                                           control_steps, control_guidance, control_seed, control_batch,
+                                           control_pick2, control_image2, control_preprocess2, control_scale2],
+                             [control_gallery, control_condition_img, control_status], api_name="control_generate")
+            ct_start.click(start_control_train, [ct_name, ct_method, ct_condition, ct_preset, ct_steps, ct_examples,
+                                                 ct_seed], ct_status, api_name="control_train")
+            ct_stop.click(stop_training, None, ct_status, api_name="control_stop")
+
         with gr.Tab("Library") as library_tab:
             table = gr.Dataframe(headers=["name", "method", "base model", "trigger", "steps", "trained"],
                                  interactive=False, label="Trained adapters", elem_id="library-table")
@@ -609,6 +881,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         timer.tick(lambda: job_status()[0], None, erase_status, show_progress="hidden")
         refresh.click(membrane_choices, None, membrane_pick, show_progress="hidden", api_name="membranes")
         library_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
+        control_tab.select(control_choices, None, [control_pick, control_pick2], show_progress="hidden")
+        timer.tick(lambda: job_status()[0], None, ct_status, show_progress="hidden")
+        refresh.click(control_choices, None, [control_pick, control_pick2], show_progress="hidden")
     app.studio_jobs = jobs
     app.studio_workspace = ws
     return app
