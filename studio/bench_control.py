@@ -81,7 +81,9 @@ def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, i
             or any(cfg.get(k) != v for k, v in settings.items())
             or any(file.config.get(k) != v for k, v in adapter.items())):
         return None
-    params = sum(t.numel() for t in file.tensors.values())
+    params = int(file.metadata.get("trainable_parameters", 0)) or sum(t.numel() for t in file.tensors.values())
+    if file.config.get("tune") == "bias" and "trainable_parameters" not in file.metadata:  # written before it was kept
+        params = sum(t.numel() for k, t in file.tensors.items() if k.endswith("bias"))
     if "training_seconds" in file.metadata:
         return params, float(file.metadata["training_seconds"]), " (earlier run)"
     started = (path.parent / "config.yaml").stat().st_mtime

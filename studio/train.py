@@ -582,7 +582,8 @@ class Trainer:
             extra = {"base_model_name": cfg.model, "architecture": architecture(pipe), "trigger": cfg.trigger or "",
                      "steps": str(step), "training_config": json.dumps(asdict(cfg), sort_keys=True),
                      "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "training_seconds": f"{time.perf_counter() - started:.1f}"}
+                     "training_seconds": f"{time.perf_counter() - started:.1f}",
+                     "trainable_parameters": str(n_trainable)}
             save_adapter(adapter_path, cfg.method, adapter_config, method.state_dict(pipe, cfg.name), base, extra)
         acc.wait_for_everyone()
         acc.end_training()
