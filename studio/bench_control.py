@@ -234,15 +234,16 @@ def evaluate_two_conditions(pipe, inputs: list[tuple[str, torch.Tensor]], scenes
 
 
 def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Path] = (), first_kind: str = "mask",
-                          second_kind: str = "edges", n: int = 32, scale: float = 1.0, examples: int = 512,
-                          two_shapes: float = 0.5, steps: int = 1200, batch_size: int = 8, lr: float = 1e-3,
+                          second_kind: str = "edges", n: int = 32, scale: float = 1.0, method: str = "t2i_adapter",
+                          examples: int = 512, two_shapes: float = 0.5, steps: int = 1200, batch_size: int = 8,
+                          lr: float | None = None,
                           eval_steps: int = 25, guidance: float = 5.0, out: str | Path = "runs/bench_multicontrol",
                           reuse: bool = False, write: bool = True, log=None) -> str:
     """Two conditions at once: the `first_kind` condition of one shape and the `second_kind` condition of another
     shape in the opposite half, as two control inputs summed, on `n` two-shape scenes of held-out attribute
     combinations. Each shape's IoU is measured in its half, with both inputs, with each alone and with the caption
-    alone. `adapter`: the T2I-Adapter given both inputs; None trains one (`examples` pairs of both kinds, a
-    `two_shapes` fraction of them two-shape scenes). `also`: more adapters measured the same way."""
+    alone. `adapter`: the control adapter given both inputs; None trains one of `method` (`examples` pairs of
+    both kinds, a `two_shapes` fraction of them two-shape scenes). `also`: more adapters measured the same way."""
     import random
 
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
@@ -255,11 +256,13 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
     if adapter is None:
         kinds = f"{first_kind},{second_kind}"
         images, conditions = write_control_set(out / "data_scenes", kinds, examples, two_shapes=two_shapes)
-        adapter = out / "t2i_adapter_scenes" / "t2i_adapter_scenes.safetensors"
-        params, seconds, note = _train_or_reuse(adapter, "t2i_adapter", images, conditions, steps, batch_size, lr,
+        adapter = out / f"{method}_scenes" / f"{method}_scenes.safetensors"
+        lr = lr or METHOD_LR[method]
+        params, seconds, note = _train_or_reuse(adapter, method, images, conditions, steps, batch_size, lr,
                                                 dict(LAYOUT_TIMESTEPS), {"condition": kinds}, reuse)
-        what_trained[Path(adapter)] = (f"trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% two-shape "
-                                       f"scenes ({steps} x {batch_size}, {seconds / 60:.1f} min{note})")
+        what_trained[Path(adapter)] = (f"{method} trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% "
+                                       f"two-shape scenes ({steps} x {batch_size}, lr {lr:g}, {seconds / 60:.1f} "
+                                       f"min{note})")
     rng = random.Random(B5_SEED + 1)
     scenes = []
     for _ in range(n):

@@ -438,8 +438,11 @@ def cmd_bench_multicontrol(args) -> None:
 
     check_kind(args.first_kind)
     check_kind(args.second_kind)
+    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
+        raise StudioError(f"bench multicontrol: --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
     print(bench_multi_condition(args.adapter, args.also or [], first_kind=args.first_kind,
-                                second_kind=args.second_kind, n=args.n, scale=args.scale, examples=args.examples,
+                                second_kind=args.second_kind, n=args.n, scale=args.scale, method=args.method,
+                                examples=args.examples,
                                 two_shapes=args.two_shapes, steps=args.steps, eval_steps=args.eval_steps,
                                 out=args.out, reuse=args.reuse, write=not args.no_write))
 
@@ -727,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfs.set_defaults(func=cmd_bench_fewshot)
     bmc = bsub.add_parser("multicontrol", help="B5 multi-condition: a mask of one shape and the edges of another as "
                                                "two control inputs, both obeyed?")
-    bmc.add_argument("--adapter", default=None, help="a T2I-Adapter for both inputs (default: train one on one- and "
-                                                     "two-shape scenes of both kinds)")
+    bmc.add_argument("--adapter", default=None, help="a control adapter for both inputs (default: train one of "
+                                                     "--method on one- and two-shape scenes of both kinds)")
+    bmc.add_argument("--method", default="t2i_adapter", help="the method trained without --adapter")
     bmc.add_argument("--also", action="append", help="another adapter measured the same way (repeatable)")
     bmc.add_argument("--first-kind", default="mask")
     bmc.add_argument("--second-kind", default="edges")
