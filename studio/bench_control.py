@@ -21,15 +21,20 @@ FEW_SHOT_SEED = CONTROL_SEED + 2
 METHOD_LR = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3}
 
 
-def generated_mask(image: np.ndarray) -> np.ndarray:
-    """The shape's mask in a generated image (HxWx3 uint8): pixels far in colour from the background, whose
-    colour is the median of the border pixels."""
-    img = image.astype(np.float32)
+def generated_mask(image: torch.Tensor) -> np.ndarray:
+    """The shape's mask in a generated image (3xHxW in [0, 1], as the pipeline returns it, read as 8-bit
+    pixels): pixels far in colour from the background, whose colour is the median of the border pixels."""
+    img = (image.permute(1, 2, 0).numpy() * 255).round()
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = np.median(border, axis=0)
     distance = np.linalg.norm(img - background, axis=2)
     threshold = max(40.0, 0.5 * float(np.percentile(distance, 99)))
     return distance > threshold
+
+
+def _score_cells(r: dict[str, float]) -> list[str]:
+    """An evaluate_control result as table cells: mask IoU, images with IoU >= 0.8, colour accuracy."""
+    return [f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%", f"{100 * r['colour']:.1f}%"]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,8 +59,7 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
         images = generate_images(pipe, [e.caption for e in chunk], [e.seed for e in chunk], steps, guidance, batch=batch)
         preds = judge_images(judge, images)[1]
         for j, e in enumerate(chunk):
-            generated = (images[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            ious.append(iou(generated_mask(generated), world.render_mask(e.spec, e.seed)))
+            ious.append(iou(generated_mask(images[j]), world.render_mask(e.spec, e.seed)))
             colours.append(preds["colour"][j] == e.spec.colour)
     return {"iou": float(np.mean(ious)), "iou_08": float(np.mean(np.array(ious) >= 0.8)),
             "colour": float(np.mean(colours))}
@@ -81,9 +85,8 @@ def _reusable(path: Path, method: str, steps: int, batch_size: int, lr: float, i
             or any(cfg.get(k) != v for k, v in settings.items())
             or any(file.config.get(k) != v for k, v in adapter.items())):
         return None
+    # files written before the engine kept the count: every tensor (a bias-tuned file holds more than it trained)
     params = int(file.metadata.get("trainable_parameters", 0)) or sum(t.numel() for t in file.tensors.values())
-    if file.config.get("tune") == "bias" and "trainable_parameters" not in file.metadata:  # written before it was kept
-        params = sum(t.numel() for k, t in file.tensors.items() if k.endswith("bias"))
     if "training_seconds" in file.metadata:
         return params, float(file.metadata["training_seconds"]), " (earlier run)"
     started = (path.parent / "config.yaml").stat().st_mtime
@@ -129,8 +132,7 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     rows = []
     base = evaluate_control(load_pipeline("shapes"), judge, held_out, None, steps=eval_steps)
     log(f"no control: {base}")
-    rows.append(["none (caption only)", "-", "-", "-", f"{base['iou']:.3f}", f"{100 * base['iou_08']:.0f}%",
-                 f"{100 * base['colour']:.1f}%"])
+    rows.append(["none (caption only)", "-", "-", "-", *_score_cells(base)])
     lrs = {**METHOD_LR, **(lr or {})}
     for method in methods:
         name = f"{method}_{condition}"
@@ -143,8 +145,7 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
         log(f"{method}: {r}")
         extra = "".join(f", {k} {v}" for k, v in {**settings, **(adapter or {})}.items())
         rows.append([method, f"{params:,}", f"{steps} x {batch_size}, lr {lrs[method]:g}{extra}",
-                     f"{seconds / 60:.1f} min{note}", f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
-                     f"{100 * r['colour']:.1f}%"])
+                     f"{seconds / 60:.1f} min{note}", *_score_cells(r)])
     header = ["method", "trainable params", "training (steps x batch)", "training time", "mask IoU",
               "images with IoU >= 0.8", "colour accuracy"]
     title = (f"B5 control ({condition} condition; {examples} rendered training pairs; {n} held-out renders, "
@@ -161,13 +162,13 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
     parameters), the adapter fine-tuned whole on them, and the adapter used on the new kind unchanged. Mask IoU
     and colour accuracy on `n` held-out renders with the new kind's condition."""
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.conditions import condition_kinds, write_control_set
+    from studio.conditions import ConditionError, check_kind, condition_kinds, write_control_set
     from studio.judge import load_judge
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))
-    if new in condition_kinds(seen):
-        raise ValueError(f"the new condition kind {new!r} is one of the seen kinds ({seen})")
+    if check_kind(new) in condition_kinds(seen):
+        raise ConditionError(f"the new condition kind {new!r} is one of the seen kinds ({seen})")
     out = Path(out)
     judge = load_judge()
     settings = dict(LAYOUT_TIMESTEPS)
@@ -182,8 +183,7 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
 
     def row(what: str, params: str, training: str, seconds: str, r: dict[str, float]) -> list[str]:
         log(f"{what}: {r}")
-        return [what, params, training, seconds, f"{r['iou']:.3f}", f"{100 * r['iou_08']:.0f}%",
-                f"{100 * r['colour']:.1f}%"]
+        return [what, params, training, seconds, *_score_cells(r)]
 
     rows = [row("none (caption only)", "-", "-", "-", evaluate(None))]
     source = out / f"{method}_seen" / f"{method}_seen.safetensors"
@@ -226,9 +226,9 @@ def evaluate_two_conditions(pipe, inputs: list[tuple[str, torch.Tensor]], scenes
         set_control(pipe, [{"adapter": name, "image": images[i:i + batch], "scale": scale} for name, images in inputs])
         generated = generate_images(pipe, [c[2] for c in chunk], [c[1] for c in chunk], steps, guidance, batch=batch)
         for image, (specs, seed, _) in zip(generated, chunk):
-            found = generated_mask((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            scores.append([iou(found[_half(spec.position)], world.render_mask(spec, seed)[_half(spec.position)])
-                           for spec in specs])
+            found = generated_mask(image)
+            halves = [_half(spec.position) for spec in specs]
+            scores.append([iou(found[h], world.render_mask(spec, seed)[h]) for spec, h in zip(specs, halves)])
     set_control(pipe, None)
     return np.array(scores)
 
@@ -247,7 +247,7 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
     import random
 
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.conditions import scene_condition, write_control_set
+    from studio.conditions import world_condition, write_control_set
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))
@@ -270,7 +270,7 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
         scenes.append((specs, rng.randrange(2**31), world.scene_caption(specs)))
 
     def conditions_of(kind: str, k: int) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(scene_condition([kind], [specs[k]], seed)).permute(2, 0, 1).float() / 255
+        return torch.stack([torch.from_numpy(world_condition(kind, specs[k], seed)).permute(2, 0, 1).float() / 255
                             for specs, seed, _ in scenes])
 
     firsts, seconds_ = conditions_of(first_kind, 0), conditions_of(second_kind, 1)

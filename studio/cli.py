@@ -232,14 +232,21 @@ def cmd_train(args) -> None:
           f"{result.trainable_parameters:,} trainable parameters", file=sys.stderr)
 
 
+def check_control_method(method: str, command: str) -> str:
+    from studio.pipelines.control import CONTROL_METHODS
+
+    if method not in CONTROL_METHODS:
+        raise StudioError(f"{command} takes {', '.join(CONTROL_METHODS)}, got {method!r}")
+    return method
+
+
 def control_train_config(args, render: bool = True):
     """The TrainConfig of `studio control-train` (rendering its shapes-world data when no --data is given).
     With render=False the data is not rendered yet, only its folders named: a check of the settings before a
     queued job renders it (the web UI's Control tab calls this twice, on the page and in the job)."""
     if not hasattr(args, "method"):
         args.method = "controlnext"
-    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
-        raise StudioError(f"control-train --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
+    check_control_method(args.method, "control-train --method")
     name = getattr(args, "name", None) or f"{args.method}_{args.condition.replace(',', '_')}"
     args.name = name
     if not hasattr(args, "output_dir"):
@@ -418,14 +425,8 @@ def cmd_bench_concept(args) -> None:
 
 def cmd_bench_fewshot(args) -> None:
     from studio.bench_control import bench_few_shot
-    from studio.conditions import condition_kinds
 
-    condition_kinds(args.seen)
-    condition_kinds(args.new)
-    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
-        raise StudioError(f"bench fewshot: --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
-    if args.new in condition_kinds(args.seen):
-        raise StudioError(f"bench fewshot: the new condition {args.new!r} is one of the seen ones ({args.seen})")
+    check_control_method(args.method, "bench fewshot --method")
     print(bench_few_shot(args.method, seen=args.seen, new=args.new, shots=args.shots, examples=args.examples,
                          source_steps=args.source_steps, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          bias_lr=args.bias_lr, n=args.n, eval_steps=args.eval_steps, out=args.out,
@@ -438,8 +439,7 @@ def cmd_bench_multicontrol(args) -> None:
 
     check_kind(args.first_kind)
     check_kind(args.second_kind)
-    if args.method not in ("controlnext", "controlnet", "t2i_adapter"):
-        raise StudioError(f"bench multicontrol: --method takes controlnext, controlnet or t2i_adapter, got {args.method!r}")
+    check_control_method(args.method, "bench multicontrol --method")
     print(bench_multi_condition(args.adapter, args.also or [], first_kind=args.first_kind,
                                 second_kind=args.second_kind, n=args.n, scale=args.scale, method=args.method,
                                 examples=args.examples,
@@ -453,9 +453,8 @@ def cmd_bench_control(args) -> None:
 
     condition_kinds(args.condition)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in ("controlnext", "controlnet", "t2i_adapter")]
-    if bad:
-        raise StudioError(f"bench control: --methods takes controlnext, controlnet, t2i_adapter (got {', '.join(bad)})")
+    for method in methods:
+        check_control_method(method, "bench control --methods")
     print(bench_control(methods, condition=args.condition, n=args.n, examples=args.examples, steps=args.steps,
                         batch_size=args.batch_size, out=args.out, eval_steps=args.eval_steps, write=not args.no_write,
                         reuse=args.reuse, lr={m: args.lr for m in methods} if args.lr else None,

@@ -243,16 +243,13 @@ def render(spec: Spec, seed: int = 0, *, jitter_colour: bool = True) -> np.ndarr
 def render_scene(specs: list[Spec], seed: int = 0, *, jitter_colour: bool = True) -> np.ndarray:
     """Several shapes on the first one's background, drawn in order, each laid out by layout(spec, seed)."""
     rng = np.random.default_rng(seed + 7_919)
-    bg = np.array(BACKGROUNDS[specs[0].background], dtype=np.float64)
-    img = None
+    img = np.array(BACKGROUNDS[specs[0].background], dtype=np.float64)
     for k, spec in enumerate(specs):
         fg = np.array(COLOURS[spec.colour], dtype=np.float64)
-        if jitter_colour:
+        if jitter_colour:  # drawn in this order (first colour, background, further colours): render() as it was
             fg = fg + rng.uniform(-8, 8, 3)
             if k == 0:
-                bg = bg + rng.uniform(-8, 8, 3)
-        if img is None:
-            img = np.broadcast_to(bg, (IMAGE_SIZE, IMAGE_SIZE, 3))
+                img = img + rng.uniform(-8, 8, 3)
         cx, cy, radius, angle = layout(spec, seed)
         alpha = shape_coverage(spec.shape, cx, cy, radius, angle)[..., None]
         img = alpha * fg + (1 - alpha) * img
