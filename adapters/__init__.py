@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from studio.adapters import control, hipa, hra, lora, oft, sara, soda, spm  # noqa: F401  (registers the methods)
+from studio.adapters.trigger import TRIGGER_KEY, check_trigger_vector, set_trigger_vector
 from studio.adapters.base import (AdapterConfig, AdapterError, AdapterFile, AdapterMethod, adapter_name_for,
                                   base_fingerprint, get_method, method_names, read_adapter, register, save_adapter)
 
@@ -30,13 +31,20 @@ def load_adapters(pipe, adapters: dict[str | Path, float] | list[str | Path]) ->
     if not isinstance(adapters, dict):
         adapters = {path: 1.0 for path in adapters}
     files = [(path, float(weight), read_adapter(path)) for path, weight in adapters.items()]
+    for path, _, file in files:
+        if TRIGGER_KEY in file.tensors:
+            check_trigger_vector(pipe, file.metadata.get("trigger", ""), file.tensors[TRIGGER_KEY], Path(path).name)
     attached = attached_adapters(pipe)
     names = []
     for path, weight, file in files:
         method = get_method(file.method)
         name = adapter_name_for(path, set(attached))
         config = method.config_class.from_dict(file.config)
-        method.load_state_dict(pipe, name, file.tensors, config=config, base=file.base, source=Path(path).name)
+        tensors = dict(file.tensors)
+        vector = tensors.pop(TRIGGER_KEY, None)
+        method.load_state_dict(pipe, name, tensors, config=config, base=file.base, source=Path(path).name)
+        if vector is not None:
+            set_trigger_vector(pipe, file.metadata.get("trigger", ""), vector, Path(path).name)
         attached[name] = {"method": file.method, "path": str(path), "weight": weight}
         names.append(name)
     set_adapter_weights(pipe, {name: info["weight"] for name, info in attached.items()})

@@ -7,6 +7,7 @@ from pathlib import Path
 from studio.adapters.base import AdapterError, read_adapter, write_safetensors
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.convert import to_diffusers, to_kohya
+from studio.adapters.trigger import TRIGGER_KEY
 
 FORMATS = ("kohya", "diffusers")
 
@@ -14,7 +15,9 @@ FORMATS = ("kohya", "diffusers")
 def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> Path:
     """Write `path` in `fmt`; LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs
     (written out they act at a fixed strength: other tools have no per-prompt permeability). Other methods
-    bake to a LoRA first."""
+    bake to a LoRA first. A trained trigger token goes beside it as a textual-inversion file named after the
+    trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI `embedding:sks`, diffusers
+    `pipe.load_textual_inversion(path, token="sks")`)."""
     if fmt not in FORMATS:
         raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     path = Path(path)
@@ -27,8 +30,21 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     out = Path(out) if out else path.with_name(f"{path.stem}.{fmt}.safetensors")
     if out.resolve() == path.resolve():
         raise AdapterError(f"export would overwrite its input {path}; choose another --out")
+    tensors = dict(file.tensors)
+    vector = tensors.pop(TRIGGER_KEY, None)
     if fmt == "kohya":
-        tensors, metadata = to_kohya(file.tensors, config, file.base, name=path.stem)
+        tensors, metadata = to_kohya(tensors, config, file.base, name=path.stem)
     else:
-        tensors, metadata = to_diffusers(file.tensors, config)
+        tensors, metadata = to_diffusers(tensors, config)
+    if vector is not None:
+        trigger = file.metadata.get("trigger", "")
+        embedding = trigger_embedding_path(out, trigger)
+        if not trigger or embedding.resolve() in (path.resolve(), out.resolve()):
+            raise AdapterError(f"{path.name}: its trigger token cannot be written as {embedding.name}")
+        write_safetensors(embedding, {"emb_params": vector}, {"studio_source": path.name, "trigger": trigger})
     return write_safetensors(out, tensors, {**metadata, "studio_source": path.name})
+
+
+def trigger_embedding_path(out: Path, trigger: str) -> Path:
+    """Where export writes an adapter's trigger token: beside the export, named as the word."""
+    return Path(out).with_name(f"{trigger}.safetensors")

@@ -361,9 +361,16 @@ def cmd_bench_erase(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from studio.adapters.io import export_adapter
+    from studio.adapters import read_adapter
+    from studio.adapters.io import export_adapter, trigger_embedding_path
+    from studio.adapters.trigger import TRIGGER_KEY
 
-    print(export_adapter(args.adapter, args.format, args.out))
+    out = export_adapter(args.adapter, args.format, args.out)
+    print(out)
+    file = read_adapter(args.adapter)
+    if TRIGGER_KEY in file.tensors:
+        print(f"{trigger_embedding_path(out, file.metadata['trigger'])} (the trigger token '{file.metadata['trigger']}'"
+              " as a textual-inversion embedding: load it beside the LoRA)")
 
 
 def cmd_bake(args) -> None:

@@ -22,6 +22,7 @@ import yaml
 
 from studio import data
 from studio.adapters.base import token_ids
+from studio.adapters.trigger import TRIGGER_KEY, TriggerEmbedding, detach_trigger_embedding, trigger_tensors
 from studio.files import atomic_dir, atomic_path
 from studio.loading import StudioError
 
@@ -45,6 +46,10 @@ class TrainConfig:
     images: list[str] = field(default_factory=list)  # explicit image files instead of a folder
     trigger: str | None = None
     instance_prompt: str | None = None
+    # pivotal tuning: the trigger becomes a new token whose embedding trains beside the adapter
+    trigger_token: bool = False
+    trigger_token_lr: float | None = None    # None: lr
+    trigger_token_init: str | None = None    # words whose mean embedding starts it; None: the trigger's old tokens
     skip_bad_images: bool = False
     control_data: str | None = None  # control images named as the training images (control methods)
     resolution: int | None = None   # None: the model's native size
@@ -159,6 +164,8 @@ class TrainConfig:
                                 "one image named as each training image")
         if self.control_data and not conditioned:
             raise TrainingError(f"{self.method} adapters take no control images; --control-data is for control methods")
+        if self.trigger_token and not self.trigger:
+            raise TrainingError("trigger_token trains the trigger word as a new token: give the trigger (--trigger sks)")
         if self.prior_preservation and not self.class_prompts and not self.class_data_dir:
             raise TrainingError("prior preservation needs class prompts (--class-prompts 'a photo of a dog') "
                                 "or a folder of class images (--class-data-dir)")
@@ -446,6 +453,8 @@ class Trainer:
         if not params:
             raise TrainingError(f"the {cfg.method} adapter has no trainable parameters on this model")
         n_trainable = sum(p.numel() for p in params)
+        trigger_vector = self._attach_trigger_token(pipe)
+        n_trainable += trigger_vector.numel() if trigger_vector is not None else 0
         train_text = any(p.requires_grad for p in pipe.text_encoder.parameters())
         if not train_text:
             with torch.no_grad():
@@ -459,6 +468,9 @@ class Trainer:
 
         optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       kind=cfg.optimizer) or self._optimizer(params))
+        if trigger_vector is not None:
+            optimizer.add_param_group({"params": [trigger_vector], "lr": cfg.trigger_token_lr or cfg.lr,
+                                       "weight_decay": 0.0})
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=cfg.steps)
         unet = acc.prepare(pipe.unet)
@@ -577,6 +589,8 @@ class Trainer:
 
         unet.eval()
         adapter_path = self.out / f"{cfg.name}.safetensors"
+        tensors = {**method.state_dict(pipe, cfg.name), **trigger_tensors(pipe)}
+        detach_trigger_embedding(pipe)
         if acc.is_main_process and not stopped:
             self._preview(pipe, step, resolution)
             extra = {"base_model_name": cfg.model, "architecture": architecture(pipe), "trigger": cfg.trigger or "",
@@ -584,12 +598,23 @@ class Trainer:
                      "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "training_seconds": f"{time.perf_counter() - started:.1f}",
                      "trainable_parameters": str(n_trainable)}
-            save_adapter(adapter_path, cfg.method, adapter_config, method.state_dict(pipe, cfg.name), base, extra)
+            save_adapter(adapter_path, cfg.method, adapter_config, tensors, base, extra)
         acc.wait_for_everyone()
         acc.end_training()
         result = TrainResult(adapter_path, step, loss_value, time.perf_counter() - started, n_trainable, stopped)
         self.on_event({"kind": "done", "step": step, "adapter": str(adapter_path), "stopped": stopped})
         return result
+
+    def _attach_trigger_token(self, pipe) -> torch.nn.Parameter | None:
+        from studio.adapters import AdapterError
+        from studio.adapters.trigger import attach_trigger_embedding
+
+        if not self.config.trigger_token:
+            return None
+        try:
+            return attach_trigger_embedding(pipe, self.config.trigger, self.config.trigger_token_init).vector
+        except AdapterError as e:
+            raise TrainingError(str(e)) from None
 
     def _embed_all(self, pipe, captions: list[str], device) -> list[torch.Tensor]:
         out = []
@@ -651,7 +676,8 @@ class Trainer:
             with atomic_dir(final) as tmp:
                 save_adapter(tmp / "adapter.safetensors", self.config.method,
                              method.config_class.from_dict(self.config.adapter),
-                             method.state_dict(pipe, self.config.name), base)
+                             {**method.state_dict(pipe, self.config.name), **trigger_tensors(pipe)}, base,
+                             {"trigger": self.config.trigger or ""})
                 save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
                 state = {"step": step, "optimizer": opt_info, "lr_scheduler": lr_scheduler.state_dict(),
                          "config": asdict(self.config), "world_size": acc.num_processes}
@@ -688,6 +714,13 @@ class Trainer:
         if state["step"] > self.config.steps:
             raise TrainingError(f"{path} is at step {state['step']}, beyond this run's {self.config.steps} steps")
         tensors = read_adapter(path / "adapter.safetensors").tensors
+        vector = tensors.pop(TRIGGER_KEY, None)
+        module = pipe.text_encoder.get_input_embeddings()
+        if (vector is None) != (not isinstance(module, TriggerEmbedding)):
+            raise TrainingError(f"{path} and this run differ in trigger_token; start a new output folder")
+        if vector is not None:
+            with torch.no_grad():
+                module.vector.copy_(vector.reshape(-1))
         current = method.state_dict(pipe, self.config.name)
         if set(current) != set(tensors):
             raise TrainingError(f"{path} holds different adapter tensors than this run creates")

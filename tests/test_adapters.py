@@ -173,3 +173,37 @@ def test_shape_mismatch_and_unreadable_files_are_refused(adapter_file, tmp_path)
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(AdapterError, match="safetensors files only"):
         read_adapter(tmp_path / "model.ckpt")
+
+
+def test_a_trigger_token_exports_as_an_embedding_diffusers_loads(adapter_file, tmp_path):
+    """A LoRA trained with its trigger as a new token: the export writes the LoRA and `sks.safetensors`
+    (emb_params), and diffusers' own load_lora_weights + load_textual_inversion give our loader's image."""
+    path, tensors, _, _ = adapter_file
+    pipe = load_pipeline("shapes")
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vector = torch.randn(1, width, generator=torch.Generator().manual_seed(5)) * 0.3
+    with_token = save_adapter(tmp_path / "star.safetensors", "lora", LoraConfig(rank=4, alpha=8.0),
+                              {**tensors, "trigger_embedding": vector}, base_fingerprint(pipe), {"trigger": "sks"})
+
+    def draw(p):
+        return p("a red sks on a blue background", num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+
+    ours = draw(load_pipeline("shapes", adapters=[with_token]))
+    assert np.abs(ours - draw(load_pipeline("shapes", adapters=[path]))).max() > 0.02  # the token matters
+    out = export_adapter(with_token, "diffusers", tmp_path / "export" / "star.diffusers.safetensors")
+    embedding = out.with_name("sks.safetensors")
+    with safe_open(str(embedding), framework="pt") as f:
+        assert list(f.keys()) == ["emb_params"]
+    assert "trigger_embedding" not in read_adapter(out).tensors
+    theirs = load_pipeline("shapes")
+    theirs.load_lora_weights(str(out), adapter_name="star")
+    theirs.load_textual_inversion(str(embedding), token="sks")
+    assert np.abs(draw(theirs) - ours).max() < 1e-4
+    wide = save_adapter(tmp_path / "wide.safetensors", "lora", LoraConfig(rank=4, alpha=8.0),
+                        {**tensors, "trigger_embedding": torch.zeros(1, width + 1)}, base_fingerprint(pipe),
+                        {"trigger": "sks"})
+    fresh = load_pipeline("shapes")
+    with pytest.raises(AdapterError, match=f"width {width + 1}, the loaded text encoder's is {width}"):
+        load_adapters(fresh, [wide])
+    assert not any("lora" in n for n, _ in fresh.unet.named_parameters())  # refused before anything attached

@@ -377,3 +377,50 @@ def test_biased_run_resumes_exactly(tmp_path, star_data):
     uniform = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "uniform"),
                     **{**settings, "timestep_bias": "none", "x0_weighting": False})
     assert _max_diff(_tensors(uniform.adapter_path), _tensors(whole.adapter_path)) > 1e-6
+
+
+# ---- the trigger as a trained token (pivotal tuning) ----
+
+def test_trigger_token_trains_its_own_row_and_loads_back(tmp_path, star_data):
+    from studio.adapters import load_adapters
+    from studio.adapters.base import token_ids
+    from studio.loading import load_pipeline
+
+    result = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "tt"), trigger_token=True,
+                   trigger_token_lr=1e-2, **FAST)
+    file = read_adapter(result.adapter_path)
+    vector = file.tensors["trigger_embedding"]
+    base = load_pipeline("shapes")
+    table = base.text_encoder.get_input_embeddings().weight
+    start = table[base.tokenizer("sks", add_special_tokens=False).input_ids].mean(0).detach()
+    assert vector.shape == (1, table.shape[1]) and file.metadata["trigger"] == "sks"
+    assert float((vector[0] - start).abs().max()) > 1e-3  # it trained
+    assert result.trainable_parameters == sum(t.numel() for t in file.tensors.values())
+
+    pipe = load_pipeline("shapes")
+    load_adapters(pipe, [result.adapter_path])
+    (token,) = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    loaded = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(loaded[token], vector[0])
+    assert torch.equal(loaded[:table.shape[0]], table)  # every other row as the base model's
+    plain = ["a red circle on a blue background"]
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(token_ids(pipe, plain))[0], base.text_encoder(token_ids(base, plain))[0])
+        trig = ["a red sks on a blue background"]
+        assert not torch.allclose(pipe.text_encoder(token_ids(pipe, trig))[0], base.text_encoder(token_ids(base, trig))[0])
+
+
+def test_trigger_token_resumes_exactly(tmp_path, star_data):
+    settings = {**FAST, "steps": 4, "checkpoint_every": 2, "trigger_token": True}
+    whole = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "whole"), **settings)
+    train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "part"), **{**settings, "steps": 2})
+    resumed = train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "part"), resume="latest", **settings)
+    assert _max_diff(_tensors(resumed.adapter_path), _tensors(whole.adapter_path)) < 1e-6
+    with pytest.raises(TrainingError, match="differ in trigger_token"):
+        train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "part"), resume="latest",
+              **{**settings, "steps": 6, "trigger_token": False})
+
+
+def test_trigger_token_needs_a_trigger(star_data):
+    with pytest.raises(TrainingError, match="give the trigger"):
+        config_with_preset(None, data=str(star_data), trigger_token=True).validate()
