@@ -34,12 +34,12 @@ def _generate(client, prompt, steps=6, batch=1, adapters=(), weight=1.0, model="
     return client.predict(model, prompt, "", steps, 5.0, 1, batch, list(adapters), weight, api_name="/generate")
 
 
-def _train(client, files, name, folder="", trigger="sks", steps=0, captions=None):
+def _train(client, files, name, folder="", trigger="sks", steps=0, captions=None, trigger_token=False):
     from gradio_client import handle_file
 
     return client.predict([handle_file(str(f)) for f in files], folder, name, trigger, "", "lora", "quick", steps, 0,
-                          0, 0, 0, 0, False, {"headers": ["image", "caption"], "data": captions or []},
-                          api_name="/train")
+                          0, 0, 0, 0, False, {"headers": ["image", "caption"], "data": captions or []}, "", "", 0,
+                          trigger_token, api_name="/train")
 
 
 def _wait_for_job(client, until=("done", "failed"), timeout=600):
@@ -156,7 +156,8 @@ def test_stop_keeps_a_checkpoint(client, star_files, running_app):
 def test_train_the_quick_preset_then_generate_with_it(client, star_files, running_app):
     from gradio_client import Client
 
-    reply = _train(client, star_files, "star", steps=120)  # the preset's settings, fewer steps: one preview
+    # the preset's settings, fewer steps: one preview; the trigger trained as a token
+    reply = _train(client, star_files, "star", steps=120, trigger_token=True)
     assert "queued **star**" in reply
     status, percent, _ = _wait_for_job(client, until=("step",), timeout=300)
     assert 0 < percent < 100
@@ -179,8 +180,12 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     from PIL import Image
 
     assert json.loads(Image.open(_image_path(gallery[0])).text["parameters"])["adapters"] == {"star": 1.0}
+    from studio.adapters import read_adapter
+
+    assert "trigger_embedding" in read_adapter(running_app[1] / "adapters" / "star.safetensors").tensors
     path, _ = client.predict("star", api_name="/export_kohya")
     assert str(path).endswith(".safetensors")
+    assert (running_app[1] / "exports" / "sks.safetensors").is_file()  # the token, as an embedding beside it
     table, _, _, note = client.predict("star", "star_v2", api_name="/rename")
     assert "renamed star to star_v2" in note
     with pytest.raises(Exception, match="tick 'really delete' first"):

@@ -334,7 +334,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     # ---- handlers (every StudioError becomes a message in the page, never a traceback) ----
 
     def start_training(files, folder, name, trigger, instance_prompt, method, preset, steps, lr, rank, batch,
-                       preview_every, seed, resume, captions=None, sara_budget="", soda_rotate="", oft_block=0):
+                       preview_every, seed, resume, captions=None, sara_budget="", soda_rotate="", oft_block=0,
+                       trigger_token=False):
         try:
             name = safe_name(name)
             if files:
@@ -355,6 +356,10 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         "output_dir": str(ws.runs / name), "progress_bar": False, "seed": int(seed),
                         "resume": "latest" if resume else None,
                         "preview_prompts": [instance_prompt or f"a {trigger}"]}
+            if trigger_token:
+                if not trigger:
+                    raise StudioError("training the trigger as a token needs a trigger word")
+                settings["trigger_token"] = True
             if steps:
                 settings["steps"] = int(steps)
             if lr:
@@ -657,6 +662,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                             soda_rotate = gr.Dropdown(["", "input", "both"], value="", label="SODA: singular "
                                                       "bases rotated (input: the paper's; empty: preset)")
                             oft_block = gr.Number(value=0, precision=0, label="OFT block size (0: preset, 32)")
+                        trigger_token = gr.Checkbox(label="Train the trigger word as a new token (pivotal tuning: "
+                                                    "better editability, other prompts untouched)", value=False)
                         resume = gr.Checkbox(label="Resume this name's last checkpoint", value=False)
                     with gr.Row():
                         start = gr.Button("Start training", variant="primary")
@@ -669,7 +676,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             files.change(upload_captions, files, captions, show_progress="hidden")
             start.click(start_training, [files, folder, name, trigger, instance_prompt, method, preset, steps_t, lr,
                                          rank, batch_t, preview_every, seed_t, resume, captions, sara_budget,
-                                         soda_rotate, oft_block],
+                                         soda_rotate, oft_block, trigger_token],
                         train_status,
                         api_name="train")
             stop.click(stop_training, None, train_status, api_name="stop")
