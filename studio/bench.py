@@ -48,14 +48,15 @@ def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
 
 def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
                   adapter: dict | None = None, steps: int | None = None, lr: float | None = None, write: bool = True,
-                  settings: dict | None = None, log=print) -> str:
+                  settings: dict | None = None, prior_renders: int = 0, log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
-    preservation and leak on the embedded model."""
+    preservation and leak on the embedded model. `prior_renders`: prior preservation on that many renders of
+    the base shapes with their captions (regularization pictures)."""
     import os
     from pathlib import Path
 
     from studio.adapters import load_adapters, set_adapter_weights
-    from studio.evaluate import run_b2, write_b2_training_set
+    from studio.evaluate import run_b2, write_b2_prior_set, write_b2_training_set
     from studio.judge import load_judge
     from studio.loading import load_pipeline
     from studio.train import train
@@ -63,6 +64,9 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     data_dir = Path(out) / "data"
     write_b2_training_set(data_dir)
     extra = dict(settings or {})
+    if prior_renders:
+        write_b2_prior_set(Path(out) / "prior", prior_renders)
+        extra.update(prior_preservation=True, class_data_dir=str(Path(out) / "prior"), num_class_images=prior_renders)
     settings = {**extra, "adapter": adapter or {}}
     if steps:
         settings["steps"] = steps
@@ -76,7 +80,11 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     pipe.set_progress_bar_config(disable=True)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
     r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
-    setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **extra, **({"lr": lr} if lr else {})}.items())
+    shown = {k: v for k, v in extra.items() if not (prior_renders and k in ("prior_preservation", "class_data_dir",
+                                                                          "num_class_images"))}
+    if prior_renders:
+        shown["prior"] = f"{prior_renders} base renders"
+    setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
     row = [f"{method} ({setting})" if setting else method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",

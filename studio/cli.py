@@ -427,7 +427,7 @@ def cmd_bench_concept(args) -> None:
 
     print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
                         adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write,
-                        settings=parse_settings(args.set)))
+                        settings=parse_settings(args.set), prior_renders=args.prior_renders))
 
 
 def cmd_bench_fewshot(args) -> None:
@@ -675,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     bc.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training setting, e.g. "
                                                                        "timestep_bias=later (repeatable)")
+    bc.add_argument("--prior-renders", type=int, default=0, metavar="N",
+                    help="prior preservation on N renders of the base shapes with their captions")
     bc.add_argument("--n", type=int, default=64)
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")

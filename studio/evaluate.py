@@ -116,6 +116,29 @@ def write_b2_training_set(folder) -> list:
     return paths
 
 
+B2_PRIOR_SEED = 7
+
+
+def write_b2_prior_set(folder, n: int = 64) -> list:
+    """Regularization pictures for B2's prior preservation: n renders of the base shapes (any attributes) with
+    their full captions, as a user's own class images would be (`--class-data-dir`)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(B2_PRIOR_SEED)
+    paths = []
+    for i in range(n):
+        spec = world.random_spec(rng, world.BASE_SHAPES, heldout=None)
+        path = folder / f"p{i:03d}.png"
+        Image.fromarray(world.render(spec, rng.randrange(2**31))).save(path)
+        path.with_suffix(".txt").write_text(world.caption(spec), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
 def b2_prompts(n: int = 64, seed: int = B2_SEED + 1) -> list[tuple[world.Spec, int]]:
     """'a {colour} sks on a {bg} background' for colour/background pairs absent from the training renders."""
     seen = {(s.colour, s.background) for s, _ in b2_training_specs()}

@@ -207,3 +207,20 @@ def test_a_trigger_token_exports_as_an_embedding_diffusers_loads(adapter_file, t
     with pytest.raises(AdapterError, match=f"width {width + 1}, the loaded text encoder's is {width}"):
         load_adapters(fresh, [wide])
     assert not any("lora" in n for n, _ in fresh.unet.named_parameters())  # refused before anything attached
+
+
+def test_resnet_conv_lora_round_trips_and_loads_in_diffusers(tmp_path):
+    """`resnet_convs=True` adds the ResNet 3x3 convolutions (LoCon-style) to the LoRA's targets."""
+    pipe = load_pipeline("shapes")
+    tensors = _random_lora(pipe, "conv", seed=4, rank=2, alpha=2.0, std=0.02, resnet_convs=True)
+    convs = [k for k in tensors if ".resnets." in k]
+    assert convs and tensors[next(k for k in convs if k.endswith("lora_A.weight"))].dim() == 4
+    expected = _image(pipe)
+    path = save_adapter(tmp_path / "conv.safetensors", "lora", LoraConfig(rank=2, alpha=2.0, resnet_convs=True),
+                        tensors, base_fingerprint(pipe))
+    assert np.abs(_image(load_pipeline("shapes", adapters=[path])) - expected).max() == 0.0
+    assert np.abs(_image(load_pipeline("shapes")) - expected).max() > 0.02  # the convs' update shows
+    out = export_adapter(path, "diffusers", tmp_path / "conv.diffusers.safetensors")
+    theirs = load_pipeline("shapes")
+    theirs.load_lora_weights(str(out), adapter_name="conv")
+    assert np.abs(_image(theirs) - expected).max() < 1e-4

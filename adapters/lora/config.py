@@ -11,6 +11,7 @@ UNET_ATTENTION_FF = [
     r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
 ]
+UNET_RESNET_CONVS = [r"resnets\.\d+\.conv[12]"]  # the 3x3 convolutions (LoCon-style)
 TEXT_ENCODER_ATTENTION = [r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"]
 
 
@@ -19,6 +20,7 @@ class LoraConfig(AdapterConfig):
     """Low-rank update `W + (alpha / rank) * B A` on the targeted linears (through PEFT)."""
 
     target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
+    resnet_convs: bool = False        # also the UNet's ResNet 3x3 convolutions
     rank: int = 4
     alpha: float | None = None        # None: alpha = rank (scale 1)
     dropout: float = 0.0

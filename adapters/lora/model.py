@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
                                   module_path_of, register, replace_module, split_key, switched_on)
-from studio.adapters.lora.config import LoraConfig
+from studio.adapters.lora.config import UNET_RESNET_CONVS, LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
 
@@ -65,7 +65,7 @@ class LoraMethod(AdapterMethod):
     presets = {"quick": {"lr": 5e-3, "adapter": {"rank": 8}}, "standard": {"lr": 1e-3, "adapter": {"rank": 16}}}
 
     def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
-        plan = [("unet", config.target_modules)]
+        plan = [("unet", config.target_modules + (UNET_RESNET_CONVS if config.resnet_convs else []))]
         if config.text_encoder:
             plan.append(("text_encoder", config.text_encoder_target_modules))
         for comp, patterns in plan:
