@@ -68,7 +68,9 @@ def test_stacking_order_does_not_matter(membrane_files):
     circle, red = membrane_files
     one = _images(load_pipeline("shapes", membranes=[circle, red]), PROMPTS)
     two = _images(load_pipeline("shapes", membranes=[red, circle]), PROMPTS)
-    assert np.abs(one - two).max() < 1e-5
+    # the same sum in another order: float reassociation only, through 25 steps (1.2e-5 seen on a busy CPU;
+    # one 8-bit level is 3.9e-3, and a real dependence on order shows as > 0.05 like the line below)
+    assert np.abs(one - two).max() < 1e-4
     assert np.abs(one - _images(load_pipeline("shapes", membranes=[circle]), PROMPTS)).max() > 0.05
 
 
