@@ -48,10 +48,12 @@ def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
 
 def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
                   adapter: dict | None = None, steps: int | None = None, lr: float | None = None, write: bool = True,
-                  settings: dict | None = None, prior_renders: int = 0, log=print) -> str:
+                  settings: dict | None = None, prior_renders: int = 0, prior_paired: bool = False,
+                  log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
     preservation and leak on the embedded model. `prior_renders`: prior preservation on that many renders of
-    the base shapes with their captions (regularization pictures)."""
+    the base shapes with their captions (regularization pictures); `prior_paired`: and on the 8 training
+    renders redrawn as each base shape (write_b2_prior_set)."""
     import os
     from pathlib import Path
 
@@ -64,9 +66,11 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     data_dir = Path(out) / "data"
     write_b2_training_set(data_dir)
     extra = dict(settings or {})
+    if prior_paired and not prior_renders:
+        raise ValueError("prior_paired adds to the prior renders: give prior_renders too")
     if prior_renders:
-        write_b2_prior_set(Path(out) / "prior", prior_renders)
-        extra.update(prior_preservation=True, class_data_dir=str(Path(out) / "prior"), num_class_images=prior_renders)
+        prior = write_b2_prior_set(Path(out) / "prior", prior_renders, paired=prior_paired)
+        extra.update(prior_preservation=True, class_data_dir=str(Path(out) / "prior"), num_class_images=len(prior))
     settings = {**extra, "adapter": adapter or {}}
     if steps:
         settings["steps"] = steps
@@ -83,7 +87,7 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     shown = {k: v for k, v in extra.items() if not (prior_renders and k in ("prior_preservation", "class_data_dir",
                                                                           "num_class_images"))}
     if prior_renders:
-        shown["prior"] = f"{prior_renders} base renders"
+        shown["prior"] = f"{prior_renders} base renders" + (" + the 8 redrawn as each base shape" if prior_paired else "")
     setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]

@@ -427,7 +427,8 @@ def cmd_bench_concept(args) -> None:
 
     print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
                         adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write,
-                        settings=parse_settings(args.set), prior_renders=args.prior_renders))
+                        settings=parse_settings(args.set), prior_renders=args.prior_renders,
+                        prior_paired=args.prior_paired))
 
 
 def cmd_bench_fewshot(args) -> None:
@@ -677,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "timestep_bias=later (repeatable)")
     bc.add_argument("--prior-renders", type=int, default=0, metavar="N",
                     help="prior preservation on N renders of the base shapes with their captions")
+    bc.add_argument("--prior-paired", action="store_true",
+                    help="with --prior-renders: also the 8 training renders redrawn as each base shape")
     bc.add_argument("--n", type=int, default=64)
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")

@@ -119,9 +119,12 @@ def write_b2_training_set(folder) -> list:
 B2_PRIOR_SEED = 7
 
 
-def write_b2_prior_set(folder, n: int = 64) -> list:
+def write_b2_prior_set(folder, n: int = 64, paired: bool = False) -> list:
     """Regularization pictures for B2's prior preservation: n renders of the base shapes (any attributes) with
-    their full captions, as a user's own class images would be (`--class-data-dir`)."""
+    their full captions, as a user's own class images would be (`--class-data-dir`). `paired`: also each
+    training render redrawn as every base shape (same colour, background, size, position and seed), so the
+    shape word is all that tells the trigger's pictures from the regularization ones."""
+    import dataclasses
     from pathlib import Path
 
     from PIL import Image
@@ -129,11 +132,16 @@ def write_b2_prior_set(folder, n: int = 64) -> list:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(B2_PRIOR_SEED)
+    drawn = [(f"p{i:03d}", world.random_spec(rng, world.BASE_SHAPES, heldout=None), rng.randrange(2**31))
+             for i in range(n)]
+    if paired:
+        twins = [(dataclasses.replace(spec, shape=shape), seed) for spec, seed in b2_training_specs()
+                 for shape in world.BASE_SHAPES]
+        drawn += [(f"q{k:03d}", spec, seed) for k, (spec, seed) in enumerate(twins)]
     paths = []
-    for i in range(n):
-        spec = world.random_spec(rng, world.BASE_SHAPES, heldout=None)
-        path = folder / f"p{i:03d}.png"
-        Image.fromarray(world.render(spec, rng.randrange(2**31))).save(path)
+    for stem, spec, seed in drawn:
+        path = folder / f"{stem}.png"
+        Image.fromarray(world.render(spec, seed)).save(path)
         path.with_suffix(".txt").write_text(world.caption(spec), encoding="utf-8")
         paths.append(path)
     return paths
