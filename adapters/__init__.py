@@ -31,20 +31,21 @@ def load_adapters(pipe, adapters: dict[str | Path, float] | list[str | Path]) ->
     if not isinstance(adapters, dict):
         adapters = {path: 1.0 for path in adapters}
     files = [(path, float(weight), read_adapter(path)) for path, weight in adapters.items()]
+    triggers = {}  # path -> (word, vector), every one checked before anything attaches
     for path, _, file in files:
         if TRIGGER_KEY in file.tensors:
-            check_trigger_vector(pipe, file.metadata.get("trigger", ""), file.tensors[TRIGGER_KEY], Path(path).name)
+            triggers[path] = (file.metadata.get("trigger", ""), file.tensors[TRIGGER_KEY])
+            check_trigger_vector(pipe, *triggers[path], Path(path).name)
     attached = attached_adapters(pipe)
     names = []
     for path, weight, file in files:
         method = get_method(file.method)
         name = adapter_name_for(path, set(attached))
         config = method.config_class.from_dict(file.config)
-        tensors = dict(file.tensors)
-        vector = tensors.pop(TRIGGER_KEY, None)
+        tensors = {k: v for k, v in file.tensors.items() if k != TRIGGER_KEY}
         method.load_state_dict(pipe, name, tensors, config=config, base=file.base, source=Path(path).name)
-        if vector is not None:
-            set_trigger_vector(pipe, file.metadata.get("trigger", ""), vector, Path(path).name)
+        if path in triggers:
+            set_trigger_vector(pipe, *triggers[path])
         attached[name] = {"method": file.method, "path": str(path), "weight": weight}
         names.append(name)
     set_adapter_weights(pipe, {name: info["weight"] for name, info in attached.items()})

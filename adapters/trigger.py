@@ -49,7 +49,6 @@ def add_trigger_token(pipe, trigger: str) -> tuple[int, torch.Tensor]:
         raise AdapterError(f"a trigger token is one word without spaces, got {trigger!r}")
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     table = encoder.get_input_embeddings()
-    table = table.base if isinstance(table, TriggerEmbedding) else table
     before = tokenizer(trigger, add_special_tokens=False).input_ids
     init = table.weight[before].mean(dim=0).detach()
     tokenizer.add_tokens([trigger])
@@ -72,16 +71,13 @@ def attach_trigger_embedding(pipe, trigger: str, init_words: str | None = None) 
     return module
 
 
-def detach_trigger_embedding(pipe) -> torch.Tensor | None:
-    """Write a trained trigger vector into the embedding table and put the plain table back; returns the vector
-    (None when none was attached)."""
+def detach_trigger_embedding(pipe) -> None:
+    """Write a trained trigger vector into the embedding table and put the plain table back (if one trains)."""
     module = pipe.text_encoder.get_input_embeddings()
-    if not isinstance(module, TriggerEmbedding):
-        return None
-    with torch.no_grad():
-        module.base.weight[module.token_id] = module.vector.to(module.base.weight.dtype)
-    pipe.text_encoder.set_input_embeddings(module.base)
-    return module.vector.detach()
+    if isinstance(module, TriggerEmbedding):
+        with torch.no_grad():
+            module.base.weight[module.token_id] = module.vector.to(module.base.weight.dtype)
+        pipe.text_encoder.set_input_embeddings(module.base)
 
 
 def trigger_tensors(pipe) -> dict[str, torch.Tensor]:
@@ -97,21 +93,19 @@ def check_trigger_vector(pipe, trigger: str, vector: torch.Tensor, source: str) 
     if not trigger:
         raise AdapterError(f"{source} holds a trigger embedding but names no trigger word")
     _single_text_encoder(pipe)
-    vector = vector.reshape(-1)
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    module = pipe.text_encoder.get_input_embeddings()
+    width = module.weight.shape[1]
     if vector.numel() != width:
         raise AdapterError(f"{source}: its trigger embedding has width {vector.numel()}, the loaded text encoder's "
                            f"is {width}")
-    module = pipe.text_encoder.get_input_embeddings()
     if isinstance(module, TriggerEmbedding):
         raise AdapterError("a trigger embedding is training in this pipeline; load adapters into another")
 
 
-def set_trigger_vector(pipe, trigger: str, vector: torch.Tensor, source: str) -> None:
-    """Load a trained trigger token (from an adapter file) into `pipe`: the word becomes that token."""
-    check_trigger_vector(pipe, trigger, vector, source)
-    vector = vector.reshape(-1)
+def set_trigger_vector(pipe, trigger: str, vector: torch.Tensor) -> None:
+    """Load a trained trigger token (from an adapter file, after check_trigger_vector) into `pipe`: the word
+    becomes that token."""
     token_id, _ = add_trigger_token(pipe, trigger)
     with torch.no_grad():
         table = pipe.text_encoder.get_input_embeddings().weight
-        table[token_id] = vector.to(device=table.device, dtype=table.dtype)
+        table[token_id] = vector.reshape(-1).to(device=table.device, dtype=table.dtype)

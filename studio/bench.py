@@ -68,10 +68,12 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     extra = dict(settings or {})
     if prior_paired and not prior_renders:
         raise ValueError("prior_paired adds to the prior renders: give prior_renders too")
+    prior = {}
     if prior_renders:
-        prior = write_b2_prior_set(Path(out) / "prior", prior_renders, paired=prior_paired)
-        extra.update(prior_preservation=True, class_data_dir=str(Path(out) / "prior"), num_class_images=len(prior))
-    settings = {**extra, "adapter": adapter or {}}
+        folder = Path(out) / "prior"
+        files = write_b2_prior_set(folder, prior_renders, paired=prior_paired)
+        prior = {"prior_preservation": True, "class_data_dir": str(folder), "num_class_images": len(files)}
+    settings = {**extra, **prior, "adapter": adapter or {}}
     if steps:
         settings["steps"] = steps
     if lr:
@@ -84,8 +86,7 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     pipe.set_progress_bar_config(disable=True)
     name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
     r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
-    shown = {k: v for k, v in extra.items() if not (prior_renders and k in ("prior_preservation", "class_data_dir",
-                                                                          "num_class_images"))}
+    shown = dict(extra)
     if prior_renders:
         shown["prior"] = f"{prior_renders} base renders" + (" + the 8 redrawn as each base shape" if prior_paired else "")
     setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())

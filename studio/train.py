@@ -22,7 +22,8 @@ import yaml
 
 from studio import data
 from studio.adapters.base import token_ids
-from studio.adapters.trigger import TRIGGER_KEY, TriggerEmbedding, detach_trigger_embedding, trigger_tensors
+from studio.adapters.trigger import (TRIGGER_KEY, TriggerEmbedding, attach_trigger_embedding,
+                                    detach_trigger_embedding, trigger_tensors)
 from studio.files import atomic_dir, atomic_path
 from studio.loading import StudioError
 
@@ -607,7 +608,6 @@ class Trainer:
 
     def _attach_trigger_token(self, pipe) -> torch.nn.Parameter | None:
         from studio.adapters import AdapterError
-        from studio.adapters.trigger import attach_trigger_embedding
 
         if not self.config.trigger_token:
             return None

@@ -357,8 +357,6 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         "resume": "latest" if resume else None,
                         "preview_prompts": [instance_prompt or f"a {trigger}"]}
             if trigger_token:
-                if not trigger:
-                    raise StudioError("training the trigger as a token needs a trigger word")
                 settings["trigger_token"] = True
             if steps:
                 settings["steps"] = int(steps)
