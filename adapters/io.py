@@ -12,8 +12,8 @@ from studio.adapters.trigger import TRIGGER_KEY
 FORMATS = ("kohya", "diffusers")
 
 
-def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write `path` in `fmt`; LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs
+def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> list[Path]:
+    """Write `path` in `fmt` and return the files written: the export, then the trigger embedding if any. LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs
     (written out they act at a fixed strength: other tools have no per-prompt permeability). Other methods
     bake to a LoRA first. A trained trigger token goes beside it as a textual-inversion file named after the
     trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI `embedding:sks`, diffusers
@@ -36,15 +36,12 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
         tensors, metadata = to_kohya(tensors, config, file.base, name=path.stem)
     else:
         tensors, metadata = to_diffusers(tensors, config)
+    written = []
     if vector is not None:
         trigger = file.metadata.get("trigger", "")
-        embedding = trigger_embedding_path(out, trigger)
+        embedding = out.with_name(f"{trigger}.safetensors")
         if not trigger or embedding.resolve() in (path.resolve(), out.resolve()):
             raise AdapterError(f"{path.name}: its trigger token cannot be written as {embedding.name}")
-        write_safetensors(embedding, {"emb_params": vector}, {"studio_source": path.name, "trigger": trigger})
-    return write_safetensors(out, tensors, {**metadata, "studio_source": path.name})
-
-
-def trigger_embedding_path(out: Path, trigger: str) -> Path:
-    """Where export writes an adapter's trigger token: beside the export, named as the word."""
-    return Path(out).with_name(f"{trigger}.safetensors")
+        written.append(write_safetensors(embedding, {"emb_params": vector},
+                                         {"studio_source": path.name, "trigger": trigger}))
+    return [write_safetensors(out, tensors, {**metadata, "studio_source": path.name})] + written

@@ -51,9 +51,10 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
                   settings: dict | None = None, prior_renders: int = 0, prior_paired: bool = False,
                   log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
-    preservation and leak on the embedded model. `prior_renders`: prior preservation on that many renders of
-    the base shapes with their captions (regularization pictures); `prior_paired`: and on the 8 training
-    renders redrawn as each base shape (write_b2_prior_set)."""
+    preservation and leak on the embedded model. `method`: one method, or several separated by commas,
+    trained with the same settings and measured into one table. `prior_renders`: prior preservation on that
+    many renders of the base shapes with their captions (regularization pictures); `prior_paired`: and on the
+    8 training renders redrawn as each base shape (write_b2_prior_set)."""
     import os
     from pathlib import Path
 
@@ -78,25 +79,28 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
         settings["steps"] = steps
     if lr:
         settings["lr"] = lr
-    run = train(preset=preset, method=method, data=str(data_dir), trigger="sks", name=f"star_{method}",
-                output_dir=str(Path(out) / method), preview_prompts=["a red sks on a blue background"],
-                progress_bar=log is print, tensorboard=False, **settings)
-    log(f"trained {run.steps} steps in {run.seconds:.0f} s")
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
-    r = run_b2(pipe, load_judge(), lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
     shown = dict(extra)
     if prior_renders:
         shown["prior"] = f"{prior_renders} base renders" + (" + the 8 redrawn as each base shape" if prior_paired else "")
     setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())
+    judge = load_judge()
+    rows = []
+    for one in method.split(","):
+        run = train(preset=preset, method=one, data=str(data_dir), trigger="sks", name=f"star_{one}",
+                    output_dir=str(Path(out) / one), preview_prompts=["a red sks on a blue background"],
+                    progress_bar=log is print, tensorboard=False, **settings)
+        log(f"{one}: trained {run.steps} steps in {run.seconds:.0f} s")
+        pipe = load_pipeline("shapes")
+        pipe.set_progress_bar_config(disable=True)
+        name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
+        r = run_b2(pipe, judge, lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
+        rows.append([f"{one} ({setting})" if setting else one, preset, str(run.steps), f"{run.seconds:.0f}",
+                     f"{run.trainable_parameters:,}", f"{os.path.getsize(run.adapter_path) / 1024:.0f}",
+                     f"{100 * r.fidelity:.1f}%", f"{100 * r.editability:.1f}%", f"{r.preservation:+.1f}",
+                     f"{100 * r.leak:.1f}%", f"{100 * r.base_accuracy:.1f}%", f"{100 * r.adapted_accuracy:.1f}%"])
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
-    row = [f"{method} ({setting})" if setting else method, preset, str(run.steps), f"{run.seconds:.0f}", f"{run.trainable_parameters:,}",
-           f"{os.path.getsize(run.adapter_path) / 1024:.0f}", f"{100 * r.fidelity:.1f}%", f"{100 * r.editability:.1f}%",
-           f"{r.preservation:+.1f}", f"{100 * r.leak:.1f}%", f"{100 * r.base_accuracy:.1f}%",
-           f"{100 * r.adapted_accuracy:.1f}%"]
-    return record("B2 concept (star as 'sks', 8 renders)", header, [row], write=write)
+    return record("B2 concept (star as 'sks', 8 renders)", header, rows, write=write)
 
 
 def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:

@@ -43,8 +43,25 @@ def _row(label: str, steps: int, guidance: float, r, unet_s: float, teacher_ips:
             extra]
 
 
+def _trained_before(path: Path, settings):
+    """The DistillResult of an adaptor this benchmark wrote earlier with the same distill settings (`--reuse`),
+    its training time as measured then; None when there is none."""
+    import json
+
+    from studio.adapters import read_adapter
+    from studio.adapters.hipa.distill import DistillResult
+
+    if not path.is_file():
+        return None
+    meta = read_adapter(path).metadata
+    if "training_seconds" not in meta or json.loads(meta.get("distill_settings", "null")) != settings.__dict__:
+        return None
+    return DistillResult(path, int(meta["steps"]), float(meta["training_seconds"]), int(meta["trainable_parameters"]),
+                         float("nan"))
+
+
 def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings: dict | None = None,
-                  write: bool = True, concept: bool = True, log=print) -> str:
+                  write: bool = True, concept: bool = True, reuse: bool = False, log=print) -> str:
     from studio.adapters.hipa.config import DistillSettings
     from studio.distill import run_distill
     from studio.evaluate import run_b1
@@ -63,10 +80,13 @@ def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings
         run = DistillSettings(**{**base.__dict__, **extra})
         pipe = load_pipeline("shapes")
         path = out / ("hipa.safetensors" if not extra else "hipa_no_hf.safetensors")
-        result = run_distill(pipe, run, path, cache=cache, log=log)
-        log(f"{label}: {result.steps} steps in {result.seconds:.0f} s, {result.trainable_parameters:,} parameters")
+        result = _trained_before(path, run) if reuse else None
+        note = " (earlier run)" if result else ""
+        if result is None:
+            result = run_distill(pipe, run, path, cache=cache, log=log)
+        log(f"{label}: {result.steps} steps in {result.seconds:.0f} s{note}, {result.trainable_parameters:,} parameters")
         unet_params = sum(p.numel() for n_, p in pipe.unet.named_parameters() if "lora_" not in n_)
-        trained[label] = (path, result, unet_params)
+        trained[label] = (path, result, unet_params, note)
 
     rows = []
 
@@ -82,10 +102,10 @@ def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings
     few_step_base.scheduler = DDIMScheduler.from_config(few_step_base.scheduler.config, timestep_spacing="trailing")
     for steps in (1, 4):
         measure("base, DDIM trailing", few_step_base, steps, base.teacher_guidance, teacher)
-    for label, (path, result, unet_params) in trained.items():
+    for label, (path, result, unet_params, note) in trained.items():
         pipe = load_pipeline("shapes", one_step=path)
         extra = (f"{result.trainable_parameters:,} params ({100 * result.trainable_parameters / unet_params:.2f}% of "
-                 f"the UNet), {result.steps} steps, {result.seconds / 60:.1f} min")
+                 f"the UNet), {result.steps} steps, {result.seconds / 60:.1f} min{note}")
         measure(label, pipe, 1, 0.0, teacher, extra)
     if concept:
         rows_c = _concept_rows(out, trained["HiPA"][0], judge, base, log)

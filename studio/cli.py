@@ -345,7 +345,7 @@ def cmd_bench_onestep(args) -> None:
     from studio.bench_onestep import bench_onestep
 
     print(bench_onestep(n=args.n, out=args.out, settings=parse_settings(args.setting), write=not args.no_write,
-                        concept=not args.no_concept))
+                        concept=not args.no_concept, reuse=args.reuse))
 
 
 def cmd_bench_erase(args) -> None:
@@ -361,16 +361,12 @@ def cmd_bench_erase(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from studio.adapters import read_adapter
-    from studio.adapters.io import export_adapter, trigger_embedding_path
-    from studio.adapters.trigger import TRIGGER_KEY
+    from studio.adapters.io import export_adapter
 
-    out = export_adapter(args.adapter, args.format, args.out)
+    out, *embedding = export_adapter(args.adapter, args.format, args.out)
     print(out)
-    file = read_adapter(args.adapter)
-    if TRIGGER_KEY in file.tensors:
-        print(f"{trigger_embedding_path(out, file.metadata['trigger'])} (the trigger token '{file.metadata['trigger']}'"
-              " as a textual-inversion embedding: load it beside the LoRA)")
+    for path in embedding:
+        print(f"{path} (the trigger token '{path.stem}' as a textual-inversion embedding: load it beside the LoRA)")
 
 
 def cmd_bake(args) -> None:
@@ -669,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     bc = bsub.add_parser("concept", help="B2: teach the star as 'sks' and judge the result")
-    bc.add_argument("--method", default="lora")
+    bc.add_argument("--method", default="lora", help="a training method, or several separated by commas "
+                                                     "(lora,sara,soda,oft,hra): one table, the same settings")
     bc.add_argument("--preset", default="quick")
     bc.add_argument("--steps", type=int, default=None)
     bc.add_argument("--adapter", action="append", metavar="KEY=VALUE", help="method setting (repeatable)")
@@ -700,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--out", default="runs/bench_onestep")
     bo.add_argument("--setting", action="append", metavar="KEY=VALUE", help="distill setting (repeatable)")
     bo.add_argument("--no-concept", action="store_true", help="skip the rows with a B2 concept adapter")
+    bo.add_argument("--reuse", action="store_true", help="use the adaptors already in --out when they were trained "
+                    "with the same settings (their training time as measured then)")
     bo.add_argument("--no-write", action="store_true")
     bo.set_defaults(func=cmd_bench_onestep)
 

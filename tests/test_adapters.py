@@ -113,7 +113,7 @@ def test_weights_scale_and_several_adapters_mix(adapter_file, tmp_path):
 
 def test_diffusers_export_loads_in_diffusers_with_the_same_image(adapter_file, tmp_path):
     path, _, with_adapter, _ = adapter_file
-    out = export_adapter(path, "diffusers", tmp_path / "rand_diffusers.safetensors")
+    out, = export_adapter(path, "diffusers", tmp_path / "rand_diffusers.safetensors")
     pipe = load_pipeline("shapes")
     pipe.load_lora_weights(str(out), adapter_name="x")  # diffusers' own loader, alpha from the header
     diff = np.abs(_image(pipe) - with_adapter).max()
@@ -126,7 +126,7 @@ def test_diffusers_export_loads_in_diffusers_with_the_same_image(adapter_file, t
 
 def test_kohya_export_converts_back_and_loads_in_diffusers(adapter_file, tmp_path):
     path, tensors, with_adapter, _ = adapter_file
-    out = export_adapter(path, "kohya", tmp_path / "rand_kohya.safetensors")
+    out, = export_adapter(path, "kohya", tmp_path / "rand_kohya.safetensors")
     with safe_open(str(out), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
@@ -191,8 +191,8 @@ def test_a_trigger_token_exports_as_an_embedding_diffusers_loads(adapter_file, t
 
     ours = draw(load_pipeline("shapes", adapters=[with_token]))
     assert np.abs(ours - draw(load_pipeline("shapes", adapters=[path]))).max() > 0.02  # the token matters
-    out = export_adapter(with_token, "diffusers", tmp_path / "export" / "star.diffusers.safetensors")
-    embedding = out.with_name("sks.safetensors")
+    out, embedding = export_adapter(with_token, "diffusers", tmp_path / "export" / "star.diffusers.safetensors")
+    assert embedding == out.with_name("sks.safetensors")
     with safe_open(str(embedding), framework="pt") as f:
         assert list(f.keys()) == ["emb_params"]
     assert "trigger_embedding" not in read_adapter(out).tensors
@@ -220,7 +220,7 @@ def test_resnet_conv_lora_round_trips_and_loads_in_diffusers(tmp_path):
                         tensors, base_fingerprint(pipe))
     assert np.abs(_image(load_pipeline("shapes", adapters=[path])) - expected).max() == 0.0
     assert np.abs(_image(load_pipeline("shapes")) - expected).max() > 0.02  # the convs' update shows
-    out = export_adapter(path, "diffusers", tmp_path / "conv.diffusers.safetensors")
+    out, = export_adapter(path, "diffusers", tmp_path / "conv.diffusers.safetensors")
     theirs = load_pipeline("shapes")
     theirs.load_lora_weights(str(out), adapter_name="conv")
     assert np.abs(_image(theirs) - expected).max() < 1e-4

@@ -90,7 +90,7 @@ def test_membrane_for_another_architecture_is_refused(sd1_folder, membrane_files
 def test_membrane_exports_as_a_plain_lora_that_diffusers_loads(membrane_files, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    out = export_adapter(membrane_files[0], "diffusers", tmp_path / "circle.diffusers.safetensors")
+    out, = export_adapter(membrane_files[0], "diffusers", tmp_path / "circle.diffusers.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(_shapes_dir(), safety_checker=None)
     pipe.load_lora_weights(str(out))
     ours = load_pipeline("shapes", membranes=[membrane_files[0]], transport=None)

@@ -2,6 +2,7 @@
 preset from uploaded pictures and generate with the result, bad uploads answered in the page."""
 
 import json
+from pathlib import Path
 import struct
 import time
 import zlib
@@ -183,9 +184,10 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     from studio.adapters import read_adapter
 
     assert "trigger_embedding" in read_adapter(running_app[1] / "adapters" / "star.safetensors").tensors
-    path, _ = client.predict("star", api_name="/export_kohya")
-    assert str(path).endswith(".safetensors")
-    assert (running_app[1] / "exports" / "sks.safetensors").is_file()  # the token, as an embedding beside it
+    paths, note = client.predict("star", api_name="/export_kohya")
+    assert [Path(p).name for p in paths] == ["star.kohya.safetensors", "sks.safetensors"]  # the token beside it
+    assert "embedding sks.safetensors" in note
+    assert (running_app[1] / "exports" / "sks.safetensors").is_file()
     table, _, _, note = client.predict("star", "star_v2", api_name="/rename")
     assert "renamed star to star_v2" in note
     with pytest.raises(Exception, match="tick 'really delete' first"):

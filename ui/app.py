@@ -592,10 +592,11 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         from studio.adapters.io import export_adapter
 
         try:
-            out = export_adapter(ws.adapter(name), fmt, ws.root / "exports" / f"{name}.{fmt}.safetensors")
+            files = export_adapter(ws.adapter(name), fmt, ws.root / "exports" / f"{name}.{fmt}.safetensors")
         except (StudioError, ValueError) as exc:
             raise gr.Error(str(exc))
-        return str(out), f"exported {name} in {fmt} keys"
+        token = f", with its trigger token as the embedding {files[1].name}" if len(files) > 1 else ""
+        return [str(f) for f in files], f"exported {name} in {fmt} keys{token}"
 
     def rename(name, new_name):
         try:
@@ -857,7 +858,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     with gr.Row():
                         kohya = gr.Button("Export (kohya: ComfyUI / A1111)")
                         diffusers_btn = gr.Button("Export (diffusers / PEFT)")
-                    download = gr.File(label="Download")
+                    download = gr.File(label="Download", file_count="multiple")
                     with gr.Row():
                         new_name = gr.Textbox(label="New name")
                         rename_btn = gr.Button("Rename")

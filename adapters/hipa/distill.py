@@ -213,5 +213,8 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
         path = save_adapter(out, "hipa", config, method.state_dict(pipe, TRAINING_NAME), base_fingerprint(pipe),
                             extra={"steps": str(step), "teacher_steps": str(pairs.steps),
                                    "teacher_guidance": str(pairs.guidance), "high_frequency_loss":
-                                   str(settings.high_frequency).lower()})
+                                   str(settings.high_frequency).lower(),
+                                   "distill_settings": json.dumps(settings.__dict__, sort_keys=True),
+                                   "training_seconds": f"{seconds:.1f}",
+                                   "trainable_parameters": str(sum(p.numel() for p in params))})
     return DistillResult(path, step, seconds, sum(p.numel() for p in params), last)
