@@ -101,7 +101,8 @@ def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bo
             proc = subprocess.run([sys.executable, "-m", "studio.bench_train", model, method, str(steps)],
                                   capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                killed = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else "no output"
+                tail = (proc.stderr.strip().splitlines() or [killed])[-1]
                 results.append({"model": model, "method": method, "error": tail})
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
