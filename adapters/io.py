@@ -13,11 +13,12 @@ FORMATS = ("kohya", "diffusers")
 
 
 def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> list[Path]:
-    """Write `path` in `fmt` and return the files written: the export, then the trigger embedding if any. LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs
-    (written out they act at a fixed strength: other tools have no per-prompt permeability). Other methods
-    bake to a LoRA first. A trained trigger token goes beside it as a textual-inversion file named after the
-    trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI `embedding:sks`, diffusers
-    `pipe.load_textual_inversion(path, token="sks")`)."""
+    """Write `path` in `fmt`; returns the files written: the export, then the trigger embedding if any.
+    LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs (written out they act at a
+    fixed strength: other tools have no per-prompt permeability); other methods are refused (`studio bake`
+    turns them into a LoRA first). A trained trigger token goes beside the export as a textual-inversion file
+    named after the trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI
+    `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`)."""
     if fmt not in FORMATS:
         raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     path = Path(path)

@@ -208,6 +208,7 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
         for p in params:
             p.requires_grad_(False)
     seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in params)
     path = None
     if out is not None:
         path = save_adapter(out, "hipa", config, method.state_dict(pipe, TRAINING_NAME), base_fingerprint(pipe),
@@ -216,5 +217,5 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
                                    str(settings.high_frequency).lower(),
                                    "distill_settings": json.dumps(settings.__dict__, sort_keys=True),
                                    "training_seconds": f"{seconds:.1f}",
-                                   "trainable_parameters": str(sum(p.numel() for p in params))})
-    return DistillResult(path, step, seconds, sum(p.numel() for p in params), last)
+                                   "trainable_parameters": str(trainable)})
+    return DistillResult(path, step, seconds, trainable, last)
