@@ -236,14 +236,16 @@ def evaluate_two_conditions(pipe, inputs: list[tuple[str, torch.Tensor]], scenes
 def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Path] = (), first_kind: str = "mask",
                           second_kind: str = "edges", n: int = 32, scale: float = 1.0, method: str = "t2i_adapter",
                           examples: int = 512, two_shapes: float = 0.5, steps: int = 1200, batch_size: int = 8,
-                          lr: float | None = None,
+                          lr: float | None = None, separate: bool = False, init_from: str | Path | None = None,
                           eval_steps: int = 25, guidance: float = 5.0, out: str | Path = "runs/bench_multicontrol",
                           reuse: bool = False, write: bool = True, log=None) -> str:
     """Two conditions at once: the `first_kind` condition of one shape and the `second_kind` condition of another
     shape in the opposite half, as two control inputs summed, on `n` two-shape scenes of held-out attribute
     combinations. Each shape's IoU is measured in its half, with both inputs, with each alone and with the caption
     alone. `adapter`: the control adapter given both inputs; None trains one of `method` (`examples` pairs of
-    both kinds, a `two_shapes` fraction of them two-shape scenes). `also`: more adapters measured the same way."""
+    both kinds, a `two_shapes` fraction of them two-shape scenes; with `separate`, a scene's two conditions are two
+    inputs summed, as at generation, not one overlaid image; `init_from`: a trained adapter of `method` it starts
+    from). `also`: more adapters measured the same way."""
     import random
 
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
@@ -255,14 +257,19 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
     rows, what_trained = [], {}
     if adapter is None:
         kinds = f"{first_kind},{second_kind}"
-        images, conditions = write_control_set(out / "data_scenes", kinds, examples, two_shapes=two_shapes)
-        adapter = out / f"{method}_scenes" / f"{method}_scenes.safetensors"
+        tag = ("_separate" if separate else "") + (f"_from_{Path(init_from).stem}" if init_from else "")
+        start = {"init_from": str(init_from)} if init_from else {}
+        images, conditions = write_control_set(out / f"data_scenes{tag}", kinds, examples, two_shapes=two_shapes,
+                                               separate=separate)
+        adapter = out / f"{method}_scenes{tag}" / f"{method}_scenes{tag}.safetensors"
         lr = lr or METHOD_LR[method]
         params, seconds, note = _train_or_reuse(adapter, method, images, conditions, steps, batch_size, lr,
-                                                dict(LAYOUT_TIMESTEPS), {"condition": kinds}, reuse)
-        what_trained[Path(adapter)] = (f"{method} trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% "
-                                       f"two-shape scenes ({steps} x {batch_size}, lr {lr:g}, {seconds / 60:.1f} "
-                                       f"min{note})")
+                                                dict(LAYOUT_TIMESTEPS), {"condition": kinds, **start}, reuse)
+        inputs = "as two summed inputs" if separate else "overlaid in one image"
+        origin = f"{Path(init_from).stem} " if init_from else ""
+        what_trained[Path(adapter)] = (f"{method} {origin}trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% "
+                                       f"two-shape scenes, their conditions {inputs} ({steps} x {batch_size}, "
+                                       f"lr {lr:g}, {seconds / 60:.1f} min{note})")
     rng = random.Random(B5_SEED + 1)
     scenes = []
     for _ in range(n):

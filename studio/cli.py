@@ -447,7 +447,9 @@ def cmd_bench_multicontrol(args) -> None:
     print(bench_multi_condition(args.adapter, args.also or [], first_kind=args.first_kind,
                                 second_kind=args.second_kind, n=args.n, scale=args.scale, method=args.method,
                                 examples=args.examples,
-                                two_shapes=args.two_shapes, steps=args.steps, eval_steps=args.eval_steps,
+                                two_shapes=args.two_shapes, separate=args.separate_inputs, init_from=args.init_from,
+                                steps=args.steps,
+                                eval_steps=args.eval_steps,
                                 out=args.out, reuse=args.reuse, write=not args.no_write))
 
 
@@ -750,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     bmc.add_argument("--scale", type=float, default=1.0, help="conditioning scale of each input")
     bmc.add_argument("--examples", type=int, default=512, help="rendered training pairs (without --adapter)")
     bmc.add_argument("--two-shapes", type=float, default=0.5, help="the fraction of them that are two-shape scenes")
+    bmc.add_argument("--separate-inputs", action="store_true",
+                     help="train on a scene's two conditions as two summed inputs (as generation uses them), not "
+                          "one overlaid image")
+    bmc.add_argument("--init-from", default=None, help="train starting from this adapter of --method")
     bmc.add_argument("--steps", type=int, default=1200, help="training steps (without --adapter)")
     bmc.add_argument("--eval-steps", type=int, default=25)
     bmc.add_argument("--out", default="runs/bench_multicontrol")

@@ -13,7 +13,7 @@ A control dataset (renders, their condition images and captions) is generated pr
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -172,17 +172,13 @@ class ControlExample:
     specs: list[world.Spec]  # one shape, or a two-shape scene
     seed: int
     image: np.ndarray       # the render, HxWx3 uint8
-    condition: np.ndarray   # its condition image, HxWx3 uint8
+    condition: np.ndarray   # its condition image, HxWx3 uint8 (a scene's: its shapes' conditions overlaid)
     caption: str
+    parts: list[np.ndarray] = field(default_factory=list)  # a scene's condition image per shape
 
     @property
     def spec(self) -> world.Spec:
         return self.specs[0]
-
-
-def scene_condition(kinds: list[str], specs: list[world.Spec], seed: int) -> np.ndarray:
-    """The condition image of a scene: shape k's `kinds[k]` condition, the images overlaid (their maximum)."""
-    return np.maximum.reduce([world_condition(kind, spec, seed) for kind, spec in zip(kinds, specs)])
 
 
 def control_specs(n: int, seed: int = CONTROL_SEED, heldout: bool | None = False) -> list[tuple[world.Spec, int]]:
@@ -202,14 +198,17 @@ def control_dataset(kind: str, n: int, seed: int = CONTROL_SEED, heldout: bool |
     for i, (spec, s) in enumerate(control_specs(n, seed, heldout)):
         specs = world.random_pair(pairs, heldout) if two_shapes and pairs.random() < two_shapes else [spec]
         of_kind = [kinds[(i + k) % len(kinds)] for k in range(len(specs))]
-        out.append(ControlExample(specs, s, world.render_scene(specs, s), scene_condition(of_kind, specs, s),
-                                  world.scene_caption(specs)))
+        parts = [world_condition(k, spec, s) for k, spec in zip(of_kind, specs)]
+        out.append(ControlExample(specs, s, world.render_scene(specs, s), np.maximum.reduce(parts),
+                                  world.scene_caption(specs), parts))
     return out
 
 
 def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL_SEED,
-                      two_shapes: float = 0.0) -> tuple[Path, Path]:
-    """Write a control training set: `folder/images/NAME.png` + `NAME.txt`, `folder/conditions/NAME.png`.
+                      two_shapes: float = 0.0, separate: bool = False) -> tuple[Path, Path]:
+    """Write a control training set: `folder/images/NAME.png` + `NAME.txt`, `folder/conditions/NAME.png`. With
+    `separate`, a two-shape scene's conditions are two inputs, summed as at generation: `NAME.png` (the first
+    shape's) and `NAME.2.png` (the second's), instead of one overlaid image.
     Returns (images folder, conditions folder), what `studio train --control-data` reads."""
     folder = Path(folder)
     images, conditions = folder / "images", folder / "conditions"
@@ -219,5 +218,9 @@ def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL
         name = f"{kind.replace(',', '_')}_{i:05d}"
         Image.fromarray(ex.image).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")
-        Image.fromarray(ex.condition).save(conditions / f"{name}.png")
+        if separate and len(ex.parts) > 1:
+            for k, part in enumerate(ex.parts):
+                Image.fromarray(part).save(conditions / (f"{name}.png" if k == 0 else f"{name}.{k + 1}.png"))
+        else:
+            Image.fromarray(ex.condition).save(conditions / f"{name}.png")
     return images, conditions

@@ -110,21 +110,33 @@ def scan_folder(folder: str | Path, **kwargs) -> list[Example]:
     return load_examples(candidates, **kwargs)
 
 
-def control_image(image_path: Path, folder: str | Path, size: tuple[int, int]) -> Image.Image:
+def control_image(image_path: Path, folder: str | Path, size: tuple[int, int], number: int = 1) -> Image.Image | None:
     """The control image of a training image of `size` (w, h): the file of the same name (any image type) in
-    `folder`, of the same aspect ratio."""
+    `folder`, of the same aspect ratio. `number` k > 1: its k-th control input (`NAME.k.png`, summed with the
+    first at training as several inputs are at generation), None when there is none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"control image folder not found: {folder}")
+    stem = Path(image_path).stem if number == 1 else f"{Path(image_path).stem}.{number}"
     for suffix in IMAGE_SUFFIXES:
-        candidate = folder / f"{Path(image_path).stem}{suffix}"
+        candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             image = open_image(candidate, 8)
             if abs(image.width / image.height - size[0] / size[1]) > 0.01 * size[0] / size[1]:
                 raise DataError(f"{candidate}: the control image is {image.width}x{image.height}, its training image "
                                 f"{size[0]}x{size[1]}: their aspect ratios differ")
             return image
-    raise DataError(f"{image_path}: no control image named {Path(image_path).stem}.* in {folder}")
+    if number > 1:
+        return None
+    raise DataError(f"{image_path}: no control image named {stem}.* in {folder}")
+
+
+def control_images(image_path: Path, folder: str | Path, size: tuple[int, int]) -> list[Image.Image]:
+    """All control inputs of a training image: `NAME.*`, then `NAME.2.*`, `NAME.3.*`, … while they exist."""
+    images = [control_image(image_path, folder, size)]
+    while (more := control_image(image_path, folder, size, len(images) + 1)) is not None:
+        images.append(more)
+    return images
 
 
 # ---- aspect-ratio buckets ----

@@ -406,7 +406,8 @@ class Trainer:
         out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
                "captions": [ex.caption for ex in examples]}
         if control:
-            out["control"] = [(data.to_bucket(data.control_image(ex.path, self.config.control_data, ex.image.size), size) + 1) / 2
+            out["control"] = [[(data.to_bucket(image, size) + 1) / 2
+                               for image in data.control_images(ex.path, self.config.control_data, ex.image.size)]
                               for ex, size in zip(examples, sizes)]
         return out
 
@@ -516,7 +517,13 @@ class Trainer:
             batch = {"latents": latents, "noise": noise[lo:hi].to(device), "timesteps": timesteps[lo:hi].to(device),
                      "captions": captions, "step": step}
             if "control" in source:
-                batch["control"] = torch.stack([source["control"][i] for i in indices[lo:hi]]).to(device)
+                inputs = [source["control"][i] for i in indices[lo:hi]]
+                batch["control"] = torch.stack([own[0] for own in inputs]).to(device)
+                # further inputs (summed with the first), with a 0/1 scale per example: present or not
+                batch["control_more"] = [
+                    (torch.stack([own[k] if k < len(own) else torch.zeros_like(own[0]) for own in inputs]).to(device),
+                     torch.tensor([float(k < len(own)) for own in inputs], device=device))
+                    for k in range(1, max(len(own) for own in inputs))]
 
             def default(b):
                 weights = x0_weights(noise_scheduler, b["timesteps"], t_weights) if cfg.x0_weighting else None

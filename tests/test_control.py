@@ -77,6 +77,47 @@ def test_two_shape_scenes_and_their_overlaid_conditions():
     assert [len(e.specs) for e in control_dataset("mask", 6)] == [1] * 6
 
 
+def test_scene_conditions_as_separate_inputs_train_summed_per_example(tmp_path, monkeypatch):
+    from studio import data
+    from studio.adapters.control import inject
+    from studio.train import train
+
+    images, conditions = write_control_set(tmp_path / "d", "mask,edges", 4, two_shapes=1.0, separate=True)
+    for i, ex in enumerate(control_dataset("mask,edges", 4, two_shapes=1.0)):
+        got = data.control_images(images / f"mask_edges_{i:05d}.png", conditions, (128, 128))
+        assert len(got) == 2 and all(np.array_equal(np.asarray(g.convert("RGB")), part) for g, part in zip(got, ex.parts))
+        assert np.array_equal(np.maximum(*ex.parts), ex.condition)  # the overlaid image is the parts' maximum
+    single, single_conditions = write_control_set(tmp_path / "s", "mask", 1)
+    assert len(data.control_images(single / "mask_00000.png", single_conditions, (128, 128))) == 1
+    # a per-example scale: 0 is as if that example had no such input, 1 a full input
+    torch.manual_seed(0)
+    pipe = load_pipeline("shapes")
+    get_method("controlnet").attach(pipe, ControlNetConfig(), "c")
+    _perturb(pipe, "c")
+    masks = torch.stack([inject.to_tensor(world_condition("mask", SPEC, s))[0] for s in (0, 1)])
+    edges = torch.stack([inject.to_tensor(world_condition("edges", SPEC, s))[0] for s in (2, 3)])
+    outs = {}
+    for what, more in (("one", []), ("two", [inject.ControlInput("c", edges, 1.0)]),
+                       ("mixed", [inject.ControlInput("c", edges, torch.tensor([1.0, 0.0]))])):
+        with inject.using(pipe, [inject.ControlInput("c", masks, 1.0)] + more):
+            outs[what] = unet_out(pipe)
+    assert (outs["two"] - outs["one"]).abs().max() > 1e-3
+    assert torch.allclose(outs["mixed"][0], outs["two"][0], atol=1e-5)
+    assert torch.allclose(outs["mixed"][1], outs["one"][1], atol=1e-5)
+    # the engine gives a scene's second condition as a second input, with scale 0 for one-shape examples
+    seen = []
+    real_using = inject.using
+    monkeypatch.setattr(inject, "using", lambda p, inputs: seen.append(inputs) or real_using(p, inputs))
+    mixed, mixed_conditions = write_control_set(tmp_path / "m", "mask,edges", 6, two_shapes=0.5, separate=True)
+    n_scenes = len(list(mixed_conditions.glob("*.2.png")))
+    assert 0 < n_scenes < 6
+    train(method="controlnet", data=str(mixed), control_data=str(mixed_conditions), name="m",
+          output_dir=str(tmp_path / "run"), steps=1, batch_size=6, lr=1e-4, preview_every=0, checkpoint_every=100,
+          progress_bar=False, tensorboard=False)
+    (first, second), = seen
+    assert first.image.shape[0] == 6 and second.scale.sum() == n_scenes
+
+
 @pytest.mark.parametrize("method,config", [("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())])
 def test_zero_initialised_paths_leave_the_base_output_unchanged(method, config):
     pipe = load_pipeline("shapes")

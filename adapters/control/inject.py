@@ -40,7 +40,7 @@ class ControlModule:
 class ControlInput:
     adapter: str
     image: torch.Tensor            # Bx3xHxW in [0, 1]
-    scale: float = 1.0
+    scale: float | torch.Tensor = 1.0  # a tensor: one scale per image (training: 0 where an example lacks this input)
     start: float = 0.0
     end: float = 1.0
     _sized: dict = field(default_factory=dict, repr=False)
@@ -60,6 +60,18 @@ class ControlInput:
         if batch % n == 0:
             return image.repeat(batch // n, 1, 1, 1)
         raise ControlError(f"{n} control images for a batch of {batch}: give one image, or one per generated image")
+
+    def scale_for(self, batch: int, like: torch.Tensor) -> float | torch.Tensor:
+        """The scale as a number, or per image as a batch x 1 x 1 x 1 tensor."""
+        if not torch.is_tensor(self.scale):
+            return self.scale
+        if self.scale.numel() != batch:
+            raise ControlError(f"{self.scale.numel()} control scales for a batch of {batch}")
+        return self.scale.to(like.device, like.dtype).view(batch, 1, 1, 1)
+
+    @property
+    def used(self) -> bool:
+        return bool((self.scale != 0).any()) if torch.is_tensor(self.scale) else self.scale != 0
 
 
 def state(pipe) -> dict:
@@ -192,7 +204,7 @@ def _active(pipe, timestep) -> list[ControlInput]:
     st = state(pipe)
     if st["suspended"]:
         return []
-    return [c for c in st["inputs"] if c.scale != 0 and step_fraction_keep(pipe, timestep, c.start, c.end)]
+    return [c for c in st["inputs"] if c.used and step_fraction_keep(pipe, timestep, c.start, c.end)]
 
 
 def install(pipe) -> None:
@@ -219,17 +231,18 @@ def install(pipe) -> None:
         for c in active:
             mod = st["modules"][c.adapter]
             image = c.at(height, width, sample.shape[0], sample)
+            scale = c.scale_for(sample.shape[0], sample)
             if mod.method == "controlnet":
                 d, m = mod.module(sample.to(mod.module.dtype), timestep, encoder_hidden_states=text.to(mod.module.dtype),
-                                  controlnet_cond=image.to(mod.module.dtype), conditioning_scale=c.scale,
+                                  controlnet_cond=image.to(mod.module.dtype), conditioning_scale=scale,
                                   return_dict=False)
                 down = list(d) if down is None else [a + b for a, b in zip(down, d)]
                 mid = m if mid is None else mid + m
             elif mod.method == "t2i_adapter":
-                feats = [c.scale * f for f in mod.module(image.to(sample.dtype))]
+                feats = [scale * f for f in mod.module(image.to(sample.dtype))]
                 intra = feats if intra is None else [a + b for a, b in zip(intra, feats)]
             else:
-                st["feature_inputs"].append((mod, image, c.scale))
+                st["feature_inputs"].append((mod, image, scale))
         if down is None and intra is None:
             return None
         kwargs = dict(kwargs)

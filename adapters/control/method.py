@@ -110,7 +110,9 @@ class ControlMethod(AdapterMethod):
         control = batch.get("control")
         if control is None:  # e.g. prior-preservation images: no control image, the base model's task
             return default_loss(batch)
-        with inject.using(pipe, [inject.ControlInput(name, control, 1.0)]):
+        inputs = [inject.ControlInput(name, control, 1.0)]
+        inputs += [inject.ControlInput(name, images, present) for images, present in batch.get("control_more", [])]
+        with inject.using(pipe, inputs):
             return default_loss(batch)
 
     @contextmanager
