@@ -41,18 +41,21 @@ def open_control_image(image):
 def load_control(pipe, control: dict | list[dict]) -> list[str]:
     """Attach control adapters and set their inputs. `control`: {"adapter": file or diffusers ControlNet folder,
     "image": control image (path, PIL, array or tensor), "scale": 1.0, "start": 0.0, "end": 1.0}, or a list of
-    such dicts (multi-condition: their effects are summed). Returns the adapters' names."""
+    such dicts (multi-condition: their effects are summed; the same file twice is loaded once and given both
+    images). Returns the adapters' names."""
     from studio.adapters import adapter_name_for, attached_adapters, load_adapters, read_adapter
     from studio.adapters.control.controlnet import load_controlnet_folder
 
     items = [control] if isinstance(control, dict) else list(control)
-    inputs, names = [], []
+    inputs, names, loaded = [], [], {}
     for item in items:
         if not isinstance(item, dict) or "adapter" not in item:
             raise ControlError("each control is a dict with at least \"adapter\" (a file) and \"image\"")
         path = Path(item["adapter"])
         scale = float(item.get("scale", 1.0))
-        if path.is_dir():
+        if path.resolve() in loaded:
+            name = loaded[path.resolve()]
+        elif path.is_dir():
             name = load_controlnet_folder(pipe, path, adapter_name_for(path, set(attached_adapters(pipe))), scale)
         else:
             method = read_adapter(path).method
@@ -60,6 +63,7 @@ def load_control(pipe, control: dict | list[dict]) -> list[str]:
                 raise ControlError(f"{path} is a {method} adapter, not a control adapter "
                                    f"({', '.join(CONTROL_METHODS)}); pass it as an adapter instead")
             name = load_adapters(pipe, {path: scale})[0]
+        loaded[path.resolve()] = name
         names.append(name)
         inputs.append({**{k: v for k, v in item.items() if k != "adapter"}, "adapter": name,
                        "image": open_control_image(item.get("image")), "scale": scale})

@@ -111,6 +111,22 @@ def _train_or_reuse(path: Path, method: str, images: Path, conditions: Path, ste
     return result.trainable_parameters, result.seconds, ""
 
 
+def _trained_as(path: Path) -> str:
+    """A trained adapter file described from its metadata: name, method, steps x batch, lr, training time."""
+    import json
+
+    from studio.adapters import read_adapter
+
+    file = read_adapter(path)
+    cfg = json.loads(file.metadata.get("training_config", "{}"))
+    if not cfg:
+        return path.name
+    seconds = float(file.metadata.get("training_seconds", 0))
+    time = f", {seconds / 60:.1f} min" if seconds else ""
+    start = f", from {Path(file.config['init_from']).stem}" if file.config.get("init_from") else ""
+    return f"{path.stem}: {file.method} ({cfg.get('steps')} x {cfg.get('batch_size')}, lr {cfg.get('lr'):g}{start}{time})"
+
+
 def bench_control(methods: list[str], condition: str = "mask", n: int = 64, examples: int = 512, steps: int = 400,
                   batch_size: int = 8, lr: dict[str, float] | None = None, out: str | Path = "runs/bench_control",
                   eval_steps: int = 25, write: bool = True, reuse: bool = False,
@@ -266,8 +282,8 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
         params, seconds, note = _train_or_reuse(adapter, method, images, conditions, steps, batch_size, lr,
                                                 dict(LAYOUT_TIMESTEPS), {"condition": kinds, **start}, reuse)
         inputs = "as two summed inputs" if separate else "overlaid in one image"
-        origin = f"{Path(init_from).stem} " if init_from else ""
-        what_trained[Path(adapter)] = (f"{method} {origin}trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% "
+        origin = f", from {Path(init_from).stem}," if init_from else ""
+        what_trained[Path(adapter)] = (f"{method}{origin} trained on {examples} {kinds} pairs, {100 * two_shapes:.0f}% "
                                        f"two-shape scenes, their conditions {inputs} ({steps} x {batch_size}, "
                                        f"lr {lr:g}, {seconds / 60:.1f} min{note})")
     rng = random.Random(B5_SEED + 1)
@@ -290,7 +306,7 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
             s = evaluate_two_conditions(pipe, inputs, scenes, scale, eval_steps, guidance)
             both = float(np.mean((s >= 0.6).all(axis=1)))
             log(f"{path.name} {what}: first {s[:, 0].mean():.3f}, second {s[:, 1].mean():.3f}, both >= 0.6 {both:.2f}")
-            rows.append([what_trained.get(path, path.name), what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}",
+            rows.append([what_trained.get(path) or _trained_as(path), what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}",
                          f"{100 * both:.0f}%"])
     header = ["adapter", "control inputs", f"IoU of the {first_kind}-conditioned shape",
               f"IoU of the {second_kind}-conditioned shape", "scenes with both IoU >= 0.6"]

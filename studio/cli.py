@@ -41,8 +41,9 @@ def _load(args):
 
 
 def control_args(args) -> list[dict] | None:
-    """--control FILE[:SCALE] (repeatable) paired in order with --control-image IMG; --control-start/-end."""
-    controls = parse_adapter_args(getattr(args, "control", None))
+    """--control FILE[:SCALE] (repeatable; the same file twice: one adapter, two inputs) paired in order with
+    --control-image IMG; --control-start/-end."""
+    controls = parse_adapter_list(getattr(args, "control", None))
     images = getattr(args, "control_image", None) or []
     if not controls:
         if images:
@@ -52,7 +53,7 @@ def control_args(args) -> list[dict] | None:
         raise StudioError(f"{len(controls)} --control adapter(s) but {len(images)} --control-image(s): give one "
                           "control image per adapter, in the same order")
     return [{"adapter": path, "image": image, "scale": scale, "start": args.control_start, "end": args.control_end}
-            for (path, scale), image in zip(controls.items(), images)]
+            for (path, scale), image in zip(controls, images)]
 
 
 def _steps_and_guidance(args) -> tuple[int, float]:
@@ -260,9 +261,13 @@ def control_train_config(args, render: bool = True):
                               "--control-data for another model")
         if args.examples < 1:
             raise StudioError(f"--examples must be at least 1 (got {args.examples})")
+        if not 0.0 <= getattr(args, "two_shapes", 0.0) <= 1.0:
+            raise StudioError(f"--two-shapes is a fraction between 0 and 1 (got {args.two_shapes})")
         folder = Path(args.output_dir) / "data"
-        if render:
-            images, conditions = write_control_set(folder, args.condition, args.examples)
+        if render:  # two-shape scenes: their two conditions are two inputs, summed as at generation
+            images, conditions = write_control_set(folder, args.condition, args.examples,
+                                                   two_shapes=getattr(args, "two_shapes", 0.0),
+                                                   separate=not getattr(args, "overlay_scenes", False))
         else:
             images, conditions = folder / "images", folder / "conditions"
         args.data, args.control_data = str(images), str(conditions)
@@ -406,16 +411,21 @@ def cmd_merge(args) -> None:
         print(out)
 
 
-def parse_adapter_args(items: list[str] | None) -> dict[str, float]:
-    """`file.safetensors` or `file.safetensors:0.8` -> {file: weight}."""
-    out = {}
+def parse_adapter_list(items: list[str] | None) -> list[tuple[str, float]]:
+    """`file.safetensors` or `file.safetensors:0.8` -> [(file, weight)], in order, repeats kept."""
+    out = []
     for item in items or []:
         path, sep, weight = item.rpartition(":")
         if sep and path and re.fullmatch(r"-?\d+(\.\d*)?|-?\.\d+", weight):
-            out[path] = float(weight)
+            out.append((path, float(weight)))
         else:  # no weight, or a ':' that belongs to the path
-            out[item] = 1.0
+            out.append((item, 1.0))
     return out
+
+
+def parse_adapter_args(items: list[str] | None) -> dict[str, float]:
+    """`file.safetensors` or `file.safetensors:0.8` -> {file: weight}."""
+    return dict(parse_adapter_list(items))
 
 
 def cmd_bench_concept(args) -> None:
@@ -608,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--condition", default="mask", help="mask, edges, box (exact, from the shapes world), canny, lineart; "
                     "several comma-separated: the training pairs alternate between them")
     ct.add_argument("--examples", type=int, default=256, help="rendered training pairs (without --data)")
+    ct.add_argument("--two-shapes", type=float, default=0.0,
+                    help="the fraction of rendered pairs that are two-shape scenes, their shapes' conditions two "
+                         "inputs summed (multi-condition control; best started from a trained adapter)")
+    ct.add_argument("--overlay-scenes", action="store_true",
+                    help="a scene's two conditions overlaid in one image instead (a ControlNet's first stage)")
     ct.set_defaults(func=cmd_control_train)
 
     er = sub.add_parser("erase", help="train a membrane that erases concepts (SPM), data-free")

@@ -2,6 +2,8 @@
 through one hook (identity at step 0 and at scale 0, resizing and refusing control images, the step window as
 diffusers' ControlNet pipeline has it), training through the engine, and files diffusers loads."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,8 @@ import torch
 from conftest import unet_out
 from studio import load_pipeline, world
 from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
-from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, export_controlnet,
-                                     set_control)
+from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, control_inputs,
+                                     export_controlnet, set_control)
 from studio.adapters.control.inject import ControlError
 from studio.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
 
@@ -308,6 +310,18 @@ def test_cli_generate_with_control(tmp_path, capsys):
     meta = json.loads(Image.open(out).info["parameters"])
     assert meta["control"] == [{"adapter": "mask.safetensors", "image": "cond.png", "scale": 0.5, "start": 0.0,
                                 "end": 0.5}]
+    # the same adapter twice: loaded once, given both images (multi-condition with one adapter)
+    Image.fromarray(world_condition("edges", SPEC, 1)).save(tmp_path / "cond2.png")
+    assert main(args + ["--control", f"{path}:1.0", "--control-image", str(tmp_path / "cond.png"),
+                        "--control", f"{path}:0.7", "--control-image", str(tmp_path / "cond2.png")]) == 0
+    meta = json.loads(Image.open(out).info["parameters"])
+    assert [(c["image"], c["scale"]) for c in meta["control"]] == [("cond.png", 1.0), ("cond2.png", 0.7)]
+    from studio.pipelines.control import load_control
+
+    fresh = load_pipeline("shapes")
+    assert load_control(fresh, [{"adapter": path, "image": tmp_path / "cond.png"},
+                                {"adapter": path, "image": tmp_path / "cond2.png", "scale": 0.7}]) == ["mask", "mask"]
+    assert [(c.adapter, c.scale) for c in control_inputs(fresh)] == [("mask", 1.0), ("mask", 0.7)]
     capsys.readouterr()
     assert main(args + ["--control", str(path)]) == 2
     assert "1 --control adapter(s) but 0 --control-image(s)" in capsys.readouterr().err
@@ -353,6 +367,16 @@ def test_control_training_defaults_to_the_layout_timesteps(tmp_path):
     preset = config_with_preset("quick", method="controlnet", data=str(images), control_data=str(conditions))
     assert preset.timestep_bias == "later" and preset.lr == 1e-4
     assert config_with_preset(None, data=str(images)).timestep_bias == "none"  # other methods: unchanged
+    # rendered data with two-shape scenes: each scene's second condition is a second input (NAME.2.png)
+    scenes = ["control-train", "--method", "t2i_adapter", "--condition", "mask,edges", "--examples", "8",
+              "--output-dir", str(tmp_path / "scenes")]
+    cfg = control_train_config(build_parser().parse_args(scenes + ["--two-shapes", "0.5"]))
+    seconds = sorted(p.name for p in Path(cfg.control_data).glob("*.2.png"))
+    assert seconds and all((Path(cfg.control_data) / name.replace(".2.png", ".png")).is_file() for name in seconds)
+    from studio.loading import StudioError
+
+    with pytest.raises(StudioError, match="--two-shapes is a fraction"):
+        control_train_config(build_parser().parse_args(scenes + ["--two-shapes", "2"]))
 
 
 def test_few_shot_starts_from_a_trained_adapter_and_tunes_only_its_biases(tmp_path, monkeypatch):
