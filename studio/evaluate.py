@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ class B1Result:
     n: int
     steps: int
     guidance: float
+    misreadings: dict[str, Counter] = field(default_factory=dict)  # attribute -> (prompted, read) -> count
 
 
 def pil_to_tensor(images) -> torch.Tensor:
@@ -76,8 +78,10 @@ def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float
     rng = random.Random(B1_SEED + 1)
     ref = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
     ref2 = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
+    misreadings = {k: Counter((getattr(s, k), preds[k][j]) for j, s in enumerate(specs) if preds[k][j] != getattr(s, k))
+                   for k in HEADS}
     return B1Result(acc, all_ok, frechet_distance(feats, ref), frechet_distance(ref2, ref), n / seconds, n, steps,
-                    guidance)
+                    guidance, misreadings)
 
 
 # ---- B2: teaching a concept ----

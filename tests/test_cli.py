@@ -156,3 +156,19 @@ def test_distill_then_generate_in_one_step(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = studio("distill", "--setting", "radius=0.9", "--out", str(tmp_path / "x.safetensors"))
     assert r.returncode == 2 and "radius" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_eval_lists_the_misreadings_it_counts(capsys, monkeypatch):
+    import studio.evaluate
+    from studio.cli import main
+
+    seen = {}
+    real = studio.evaluate.run_b1
+    monkeypatch.setattr(studio.evaluate, "run_b1", lambda *a, **k: seen.setdefault("r", real(*a, **k)))
+    assert main(["eval", "--n", "6", "--steps", "2", "--errors", "2", "--no-write"]) == 0
+    out, r = capsys.readouterr().out, seen["r"]
+    assert "| attribute | wrong |" in out
+    for head, acc in r.accuracy.items():  # every wrong reading is counted once
+        assert sum(r.misreadings[head].values()) == round((1 - acc) * r.n)
+        assert all(want != got for want, got in r.misreadings[head])
+    assert sum(sum(c.values()) for c in r.misreadings.values()) > 0  # 2 steps: the images are far from right
