@@ -99,18 +99,20 @@ def cmd_eval(args) -> None:
         raise StudioError("--n and --steps must be at least 1")
     pipe = _load(args)
     judge = load_judge(args.judge)
-    r = run_b1(pipe, judge, n=args.n, steps=steps, guidance=guidance, batch=args.batch)
+    r = run_b1(pipe, judge, n=args.n, steps=steps, guidance=guidance, batch=args.batch, combos=args.combos)
     heads = list(r.accuracy)
     header = ["model", "prompts", "steps", "guidance", *heads, "all", "FD", "FD floor", "img/s"]
     model = str(args.model) + (f" + one-step {Path(args.one_step).name}" if args.one_step else "")
     row = [model, str(r.n), str(r.steps), f"{r.guidance:g}", *(f"{100 * r.accuracy[h]:.1f}%" for h in heads),
            f"{100 * r.all_correct:.1f}%", f"{r.fd:.2f}", f"{r.fd_floor:.2f}", f"{r.images_per_second:.2f}"]
-    print(record("B1 base quality", header, [row], write=not args.no_write))
+    title = "B1 base quality" if args.combos == "heldout" else "B1 on pretraining combinations (a diagnostic)"
+    print(record(title, header, [row], write=not args.no_write))
     if args.errors:
         rows = [[h, f"{100 * (1 - r.accuracy[h]):.1f}%",
                  ", ".join(f"{want} → {got} ×{count}" for (want, got), count in r.misreadings[h].most_common(args.errors))
                  or "none"] for h in heads]
-        print(record(f"B1 misreadings ({model}, {r.n} prompts, {r.steps} steps, guidance {r.guidance:g})",
+        print(record(f"B1 misreadings ({model}, {r.n} prompts of {args.combos} combinations, {r.steps} steps, "
+                     f"guidance {r.guidance:g})",
                      ["attribute", "wrong", f"most frequent (prompted → read by the judge), up to {args.errors}"],
                      rows, write=not args.no_write))
 
@@ -588,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_membrane_args(e)
     e.add_argument("--one-step", default=None, metavar="FILE", help="a HiPA one-step adaptor (studio distill)")
     e.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
+    e.add_argument("--combos", choices=("heldout", "seen"), default="heldout",
+                   help="prompts of attribute combinations held out of pretraining (B1) or seen in it (a diagnostic)")
     e.add_argument("--errors", type=int, default=0, metavar="K",
                    help="also list each attribute's K most frequent misreadings (prompted → read)")
     e.add_argument("--no-write", action="store_true", help="print only; do not add a row to BENCHMARKS.md")

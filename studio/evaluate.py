@@ -17,10 +17,14 @@ from studio.judge import HEADS, Judge, accuracy, judge_images, to_tensor
 B1_SEED = 20_261_122
 
 
-def b1_prompts(n: int = 256, seed: int = B1_SEED) -> list[tuple[world.Spec, int]]:
-    """Fixed (spec, seed) pairs from attribute combinations never in the pretraining captions."""
+def b1_prompts(n: int = 256, seed: int = B1_SEED, combos: str = "heldout") -> list[tuple[world.Spec, int]]:
+    """Fixed (spec, seed) pairs from attribute combinations never in the pretraining captions (B1), or with
+    `combos="seen"` from those in them (a diagnostic: what the model does on what it was trained on)."""
+    if combos not in ("heldout", "seen"):
+        raise ValueError(f"combos is 'heldout' or 'seen', not {combos!r}")
     rng = random.Random(seed)
-    return [(world.random_spec(rng, world.BASE_SHAPES, heldout=True), rng.randrange(2**31)) for _ in range(n)]
+    heldout = combos == "heldout"
+    return [(world.random_spec(rng, world.BASE_SHAPES, heldout=heldout), rng.randrange(2**31)) for _ in range(n)]
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,8 +61,8 @@ def pil_to_tensor(images) -> torch.Tensor:
 
 
 def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float = 5.0, batch: int = 16,
-           progress=None) -> B1Result:
-    pairs = b1_prompts(n)
+           progress=None, combos: str = "heldout") -> B1Result:
+    pairs = b1_prompts(n, combos=combos)
     specs = [s for s, _ in pairs]
     generated = []
     seconds = 0.0

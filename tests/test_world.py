@@ -60,3 +60,5 @@ def test_b1_prompts_use_only_heldout_combinations_of_base_shapes():
     rng = random.Random(1)
     train = [world.random_spec(rng) for _ in range(500)]
     assert not any(world.is_heldout_combo(s.shape, s.colour, s.background) for s in train)
+    seen = b1_prompts(64, combos="seen")  # the diagnostic set: pretraining combinations only
+    assert not any(world.is_heldout_combo(s.shape, s.colour, s.background) for s, _ in seen)
