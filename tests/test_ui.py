@@ -290,10 +290,13 @@ def test_control_tab_bad_input_is_a_message_and_the_server_keeps_serving(client,
         client.predict(None, "edges", "something nice", 0, api_name="/control_preview")
     with pytest.raises(Exception, match="pick a control adapter"):
         _control(client, None, _editor(tmp_path / "disc.png"))
-    reply = client.predict("bad", "t2i_adapter", "hed", "quick", 2, 4, 0, api_name="/control_train")
+    reply = client.predict("bad", "t2i_adapter", "hed", "quick", 2, 4, 0, 0.0, False, "", api_name="/control_train")
     assert "downloaded weights" in reply and "Traceback" not in reply
-    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 0, 0, api_name="/control_train")
+    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 0, 0, 0.0, False, "", api_name="/control_train")
     assert "examples must be at least 1" in reply
+    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 4, 0, 0.0, False, "nope",
+                           api_name="/control_train")
+    assert "no adapter named 'nope' in the library" in reply
     condition, _ = client.predict(_editor(tmp_path / "disc.png"), "lineart", "", 0, api_name="/control_preview")
     assert condition  # still serving
 
@@ -303,7 +306,8 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     from PIL import Image
 
     started = time.time()
-    reply = client.predict("disc_control", "t2i_adapter", "mask", "quick", 4, 8, 0, api_name="/control_train")
+    reply = client.predict("disc_control", "t2i_adapter", "mask", "quick", 4, 8, 0, 0.0, False, "",
+                           api_name="/control_train")
     assert "queued control adapter **disc_control**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
@@ -312,6 +316,18 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     rows = table["data"] if isinstance(table, dict) else table
     assert rows[0][:3] == ["disc_control", "t2i_adapter", "shapes"]
     client.predict(api_name="/control_adapters")  # what opening the Control tab does: the new adapter is listed
+    # a second stage: from the first adapter, on two-shape scenes whose two conditions are two summed inputs
+    reply = client.predict("scenes_control", "t2i_adapter", "mask,edges", "quick", 2, 6, 0, 1.0, False,
+                           "disc_control", api_name="/control_train")
+    assert "queued control adapter **scenes_control**" in reply, reply
+    status, _, _ = _wait_for_job(client, timeout=300)
+    assert "done" in status, status
+    from studio.adapters import read_adapter
+
+    library = running_app[1] / "adapters"
+    assert read_adapter(library / "scenes_control.safetensors").config["init_from"] == str(
+        library / "disc_control.safetensors")
+    assert len(list((running_app[1] / "runs" / "scenes_control" / "data" / "conditions").glob("*.2.png"))) == 6
     disc = _editor(_disc(tmp_path / "disc.png"))
     gallery, condition, note = _control(client, "disc_control", disc, batch=2)
     assert len(gallery) == 2 and "controlled by disc_control at 1" in note

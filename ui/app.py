@@ -279,8 +279,11 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         values = {k: settings[k] for k in ("name", "method", "condition", "examples", "seed", "preset")}
         if settings.get("steps"):
             values["steps"] = settings["steps"]
+        if settings.get("start_from"):  # a library adapter of the same method: stage 2, or few-shot
+            values["adapter"] = [f"init_from={ws.library / (settings['start_from'] + '.safetensors')}"]
         return argparse.Namespace(**values, model=model, output_dir=str(ws.runs / settings["name"]),
-                                  config_file=None, progress_bar=False)
+                                  config_file=None, progress_bar=False, two_shapes=settings.get("two_shapes", 0.0),
+                                  overlay_scenes=settings.get("overlay_scenes", False))
 
     def run_erase(settings: dict, on_event, should_stop):
         from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
@@ -435,16 +438,22 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
 
-    def start_control_train(name, method, condition, preset, steps, examples, seed):
+    def start_control_train(name, method, condition, preset, steps, examples, seed, two_shapes=0.0,
+                            overlay_scenes=False, start_from=None):
         from studio.cli import control_train_config
 
         try:
             condition = (condition or "").strip()
             name = safe_name(name or f"{method}_{condition}")
             settings = {"kind": "control", "name": name, "method": method, "condition": condition,
-                        "preset": preset or None, "examples": int(examples or 0), "seed": int(seed or 0)}
+                        "preset": preset or None, "examples": int(examples or 0), "seed": int(seed or 0),
+                        "two_shapes": float(two_shapes or 0.0), "overlay_scenes": bool(overlay_scenes)}
             if steps:
                 settings["steps"] = int(steps)
+            if start_from:
+                if not (ws.library / f"{start_from}.safetensors").is_file():
+                    raise StudioError(f"no adapter named {start_from!r} in the library to start from")
+                settings["start_from"] = start_from
             control_train_config(control_train_args(settings), render=False).validate()  # refuse bad settings now
             if (ws.runs / name).exists():
                 shutil.rmtree(ws.runs / name)
@@ -458,7 +467,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         from studio.pipelines.control import CONTROL_METHODS
 
         names = [e["name"] for e in library_entries(ws.library) if e["method"] in CONTROL_METHODS]
-        return gr.update(choices=names), gr.update(choices=names)  # the first and the second condition's
+        # the first and the second condition's, and the adapters a training can start from
+        return gr.update(choices=names), gr.update(choices=names), gr.update(choices=[""] + names)
 
     def preview_condition(image, preprocess, prompt, seed):
         try:
@@ -831,11 +841,20 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                     ct_examples = gr.Number(value=256, precision=0, label="Rendered examples")
                     ct_seed = gr.Number(value=0, precision=0, label="Training seed")
                 with gr.Row():
+                    ct_two_shapes = gr.Slider(0, 1, value=0.0, step=0.05, label="Two-shape scenes (fraction)",
+                                              info="each scene's two conditions are two inputs, summed as at "
+                                                   "generation: multi-condition control")
+                    ct_overlay = gr.Checkbox(value=False, label="Overlay a scene's conditions in one image",
+                                             info="a ControlNet's first stage: it learns to read them")
+                    ct_start_from = gr.Dropdown([""], value="", allow_custom_value=True,
+                                                label="Start from (library adapter, same method)",
+                                                info="the second stage, or few-shot adaptation to a new kind")
+                with gr.Row():
                     ct_start = gr.Button("Train control adapter", variant="primary")
                     ct_stop = gr.Button("Stop")
                 ct_status = gr.Markdown("", elem_id="control-train-status")
-            control_refresh.click(control_choices, None, [control_pick, control_pick2], show_progress="hidden",
-                                  api_name="control_adapters")
+            control_refresh.click(control_choices, None, [control_pick, control_pick2, ct_start_from],
+                                  show_progress="hidden", api_name="control_adapters")
             control_preview_btn.click(preview_condition, [control_image, control_preprocess, control_prompt,
                                                           control_seed], [control_condition_img, control_status],
                                       api_name="control_preview")
@@ -845,7 +864,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                                            control_pick2, control_image2, control_preprocess2, control_scale2],
                              [control_gallery, control_condition_img, control_status], api_name="control_generate")
             ct_start.click(start_control_train, [ct_name, ct_method, ct_condition, ct_preset, ct_steps, ct_examples,
-                                                 ct_seed], ct_status, api_name="control_train")
+                                                 ct_seed, ct_two_shapes, ct_overlay, ct_start_from], ct_status,
+                           api_name="control_train")
             ct_stop.click(stop_training, None, ct_status, api_name="control_stop")
 
         with gr.Tab("Library") as library_tab:
@@ -887,9 +907,9 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         timer.tick(lambda: job_status()[0], None, erase_status, show_progress="hidden")
         refresh.click(membrane_choices, None, membrane_pick, show_progress="hidden", api_name="membranes")
         library_tab.select(library_table, None, [table, chosen, adapters], show_progress="hidden")
-        control_tab.select(control_choices, None, [control_pick, control_pick2], show_progress="hidden")
+        control_tab.select(control_choices, None, [control_pick, control_pick2, ct_start_from], show_progress="hidden")
         timer.tick(lambda: job_status()[0], None, ct_status, show_progress="hidden")
-        refresh.click(control_choices, None, [control_pick, control_pick2], show_progress="hidden")
+        refresh.click(control_choices, None, [control_pick, control_pick2, ct_start_from], show_progress="hidden")
     app.studio_jobs = jobs
     app.studio_workspace = ws
     return app
