@@ -465,10 +465,8 @@ def cmd_bench_multicontrol(args) -> None:
     check_control_method(args.method, "bench multicontrol --method")
     print(bench_multi_condition(args.adapter, args.also or [], first_kind=args.first_kind,
                                 second_kind=args.second_kind, n=args.n, scale=args.scale, method=args.method,
-                                examples=args.examples,
-                                two_shapes=args.two_shapes, separate=args.separate_inputs, init_from=args.init_from,
-                                steps=args.steps,
-                                eval_steps=args.eval_steps,
+                                examples=args.examples, two_shapes=args.two_shapes, separate=args.separate_inputs,
+                                init_from=args.init_from, steps=args.steps, eval_steps=args.eval_steps,
                                 out=args.out, reuse=args.reuse, write=not args.no_write))
 
 

@@ -218,6 +218,8 @@ def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL
         name = f"{kind.replace(',', '_')}_{i:05d}"
         Image.fromarray(ex.image).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")
+        for stale in conditions.glob(f"{name}.*.png"):  # further inputs of an earlier set in this folder
+            stale.unlink()
         if separate and len(ex.parts) > 1:
             for k, part in enumerate(ex.parts):
                 Image.fromarray(part).save(conditions / (f"{name}.png" if k == 0 else f"{name}.{k + 1}.png"))

@@ -91,6 +91,8 @@ def test_scene_conditions_as_separate_inputs_train_summed_per_example(tmp_path, 
         assert np.array_equal(np.maximum(*ex.parts), ex.condition)  # the overlaid image is the parts' maximum
     single, single_conditions = write_control_set(tmp_path / "s", "mask", 1)
     assert len(data.control_images(single / "mask_00000.png", single_conditions, (128, 128))) == 1
+    write_control_set(tmp_path / "d", "mask,edges", 4, two_shapes=1.0)  # overlaid, in the same folder:
+    assert not list(conditions.glob("*.2.png"))                        # no second inputs left from before
     # a per-example scale: 0 is as if that example had no such input, 1 a full input
     torch.manual_seed(0)
     pipe = load_pipeline("shapes")
@@ -118,6 +120,18 @@ def test_scene_conditions_as_separate_inputs_train_summed_per_example(tmp_path, 
           progress_bar=False, tensorboard=False)
     (first, second), = seen
     assert first.image.shape[0] == 6 and second.scale.sum() == n_scenes
+    # a training image named as another's second input is refused, not silently paired
+    import shutil
+
+    from studio.data import DataError
+
+    shutil.copy(mixed / "mask_edges_00001.png", mixed / "mask_edges_00000.2.png")
+    shutil.copy(mixed / "mask_edges_00001.txt", mixed / "mask_edges_00000.2.txt")
+    shutil.copy(mixed_conditions / "mask_edges_00001.png", mixed_conditions / "mask_edges_00000.2.png")
+    with pytest.raises(DataError, match="mask_edges_00000.2.png: named as the control input 2 of mask_edges_00000"):
+        train(method="controlnet", data=str(mixed), control_data=str(mixed_conditions), name="m2",
+              output_dir=str(tmp_path / "run2"), steps=1, batch_size=6, lr=1e-4, preview_every=0,
+              checkpoint_every=100, progress_bar=False, tensorboard=False)
 
 
 @pytest.mark.parametrize("method,config", [("controlnext", ControlNeXtConfig()), ("controlnet", ControlNetConfig())])
