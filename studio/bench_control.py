@@ -124,7 +124,8 @@ def _trained_as(path: Path) -> str:
     seconds = float(file.metadata.get("training_seconds", 0))
     time = f", {seconds / 60:.1f} min" if seconds else ""
     start = f", from {Path(file.config['init_from']).stem}" if file.config.get("init_from") else ""
-    return f"{path.stem}: {file.method} ({cfg.get('steps')} x {cfg.get('batch_size')}, lr {cfg.get('lr'):g}{start}{time})"
+    run = f"{cfg.get('steps')} x {cfg.get('batch_size')}, lr {cfg.get('lr'):g}"
+    return f"{path.stem}: {file.method} ({run}{start}{time})"
 
 
 def bench_control(methods: list[str], condition: str = "mask", n: int = 64, examples: int = 512, steps: int = 400,
@@ -306,8 +307,8 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
             s = evaluate_two_conditions(pipe, inputs, scenes, scale, eval_steps, guidance)
             both = float(np.mean((s >= 0.6).all(axis=1)))
             log(f"{path.name} {what}: first {s[:, 0].mean():.3f}, second {s[:, 1].mean():.3f}, both >= 0.6 {both:.2f}")
-            rows.append([what_trained.get(path) or _trained_as(path), what, f"{s[:, 0].mean():.3f}", f"{s[:, 1].mean():.3f}",
-                         f"{100 * both:.0f}%"])
+            rows.append([what_trained.get(path) or _trained_as(path), what, f"{s[:, 0].mean():.3f}",
+                         f"{s[:, 1].mean():.3f}", f"{100 * both:.0f}%"])
     header = ["adapter", "control inputs", f"IoU of the {first_kind}-conditioned shape",
               f"IoU of the {second_kind}-conditioned shape", "scenes with both IoU >= 0.6"]
     title = (f"B5 multi-condition ({n} two-shape scenes of held-out combinations, each shape's condition a separate "

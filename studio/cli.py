@@ -108,9 +108,11 @@ def cmd_eval(args) -> None:
     title = "B1 base quality" if args.combos == "heldout" else "B1 on pretraining combinations (a diagnostic)"
     print(record(title, header, [row], write=not args.no_write))
     if args.errors:
-        rows = [[h, f"{100 * (1 - r.accuracy[h]):.1f}%",
-                 ", ".join(f"{want} → {got} ×{count}" for (want, got), count in r.misreadings[h].most_common(args.errors))
-                 or "none"] for h in heads]
+        def most_frequent(head: str) -> str:
+            pairs = r.misreadings[head].most_common(args.errors)
+            return ", ".join(f"{want} → {got} ×{count}" for (want, got), count in pairs) or "none"
+
+        rows = [[h, f"{100 * (1 - r.accuracy[h]):.1f}%", most_frequent(h)] for h in heads]
         print(record(f"B1 misreadings ({model}, {r.n} prompts of {args.combos} combinations, {r.steps} steps, "
                      f"guidance {r.guidance:g})",
                      ["attribute", "wrong", f"most frequent (prompted → read by the judge), up to {args.errors}"],

@@ -87,7 +87,8 @@ def test_scene_conditions_as_separate_inputs_train_summed_per_example(tmp_path, 
     images, conditions = write_control_set(tmp_path / "d", "mask,edges", 4, two_shapes=1.0, separate=True)
     for i, ex in enumerate(control_dataset("mask,edges", 4, two_shapes=1.0)):
         got = data.control_images(images / f"mask_edges_{i:05d}.png", conditions, (128, 128))
-        assert len(got) == 2 and all(np.array_equal(np.asarray(g.convert("RGB")), part) for g, part in zip(got, ex.parts))
+        assert len(got) == 2
+        assert all(np.array_equal(np.asarray(g.convert("RGB")), part) for g, part in zip(got, ex.parts))
         assert np.array_equal(np.maximum(*ex.parts), ex.condition)  # the overlaid image is the parts' maximum
     single, single_conditions = write_control_set(tmp_path / "s", "mask", 1)
     assert len(data.control_images(single / "mask_00000.png", single_conditions, (128, 128))) == 1
