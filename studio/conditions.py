@@ -214,12 +214,13 @@ def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL
     images, conditions = folder / "images", folder / "conditions"
     images.mkdir(parents=True, exist_ok=True)
     conditions.mkdir(parents=True, exist_ok=True)
+    prefix = kind.replace(",", "_")
+    for stale in conditions.glob(f"{prefix}_{'[0-9]' * 5}*.*.png"):  # further inputs of an earlier set here
+        stale.unlink()
     for i, ex in enumerate(control_dataset(kind, n, seed, two_shapes=two_shapes)):
-        name = f"{kind.replace(',', '_')}_{i:05d}"
+        name = f"{prefix}_{i:05d}"
         Image.fromarray(ex.image).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(ex.caption, encoding="utf-8")
-        for stale in conditions.glob(f"{name}.*.png"):  # further inputs of an earlier set in this folder
-            stale.unlink()
         if separate and len(ex.parts) > 1:
             for k, part in enumerate(ex.parts):
                 Image.fromarray(part).save(conditions / (f"{name}.png" if k == 0 else f"{name}.{k + 1}.png"))

@@ -110,14 +110,8 @@ def scan_folder(folder: str | Path, **kwargs) -> list[Example]:
     return load_examples(candidates, **kwargs)
 
 
-def control_image(image_path: Path, folder: str | Path, size: tuple[int, int], number: int = 1) -> Image.Image | None:
-    """The control image of a training image of `size` (w, h): the file of the same name (any image type) in
-    `folder`, of the same aspect ratio. `number` k > 1: its k-th control input (`NAME.k.png`, summed with the
-    first at training as several inputs are at generation), None when there is none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"control image folder not found: {folder}")
-    stem = Path(image_path).stem if number == 1 else f"{Path(image_path).stem}.{number}"
+def _control_file(folder: Path, stem: str, size: tuple[int, int]) -> Image.Image | None:
+    """The image `folder/stem.*` (any image type), checked to have the aspect ratio of `size`; None if absent."""
     for suffix in IMAGE_SUFFIXES:
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
@@ -126,17 +120,36 @@ def control_image(image_path: Path, folder: str | Path, size: tuple[int, int], n
                 raise DataError(f"{candidate}: the control image is {image.width}x{image.height}, its training image "
                                 f"{size[0]}x{size[1]}: their aspect ratios differ")
             return image
-    if number > 1:
-        return None
-    raise DataError(f"{image_path}: no control image named {stem}.* in {folder}")
+    return None
 
 
 def control_images(image_path: Path, folder: str | Path, size: tuple[int, int]) -> list[Image.Image]:
-    """All control inputs of a training image: `NAME.*`, then `NAME.2.*`, `NAME.3.*`, … while they exist."""
-    images = [control_image(image_path, folder, size)]
-    while (more := control_image(image_path, folder, size, len(images) + 1)) is not None:
+    """The control inputs of a training image of `size` (w, h): the file of the same name (any image type) in
+    `folder`, then `NAME.2.*`, `NAME.3.*`, … while they exist (further inputs, summed with the first at training
+    as several inputs are at generation); each of the same aspect ratio."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"control image folder not found: {folder}")
+    stem = Path(image_path).stem
+    first = _control_file(folder, stem, size)
+    if first is None:
+        raise DataError(f"{image_path}: no control image named {stem}.* in {folder}")
+    images = [first]
+    while (more := _control_file(folder, f"{stem}.{len(images) + 1}", size)) is not None:
         images.append(more)
     return images
+
+
+def control_inputs(examples: list[Example], folder: str | Path) -> list[list[Image.Image]]:
+    """`control_images` of every training example; a training image named as another's further input
+    (`NAME.2` beside `NAME`) is refused rather than silently paired."""
+    stems = {ex.path.stem for ex in examples}
+    for ex in examples:
+        first, dot, number = ex.path.stem.rpartition(".")
+        if dot and number.isdigit() and first in stems:
+            raise DataError(f"{ex.path}: named as the control input {number} of {first}; rename it "
+                            f"(NAME.2, NAME.3, … in the control folder are further inputs of NAME)")
+    return [control_images(ex.path, folder, ex.image.size) for ex in examples]
 
 
 # ---- aspect-ratio buckets ----

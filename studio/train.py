@@ -406,15 +406,8 @@ class Trainer:
         out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
                "captions": [ex.caption for ex in examples]}
         if control:
-            stems = {ex.path.stem for ex in examples}
-            for ex in examples:  # NAME.2 is NAME's second control input: a training image may not be named so
-                first, dot, number = ex.path.stem.rpartition(".")
-                if dot and number.isdigit() and first in stems:
-                    raise data.DataError(f"{ex.path}: named as the control input {number} of {first}; rename it "
-                                         f"(NAME.2, NAME.3, … in the control folder are further inputs of NAME)")
-            out["control"] = [[(data.to_bucket(image, size) + 1) / 2
-                               for image in data.control_images(ex.path, self.config.control_data, ex.image.size)]
-                              for ex, size in zip(examples, sizes)]
+            out["control"] = [[(data.to_bucket(image, size) + 1) / 2 for image in images]
+                              for images, size in zip(data.control_inputs(examples, self.config.control_data), sizes)]
         return out
 
     # -- the run --

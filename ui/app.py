@@ -280,7 +280,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
         if settings.get("steps"):
             values["steps"] = settings["steps"]
         if settings.get("start_from"):  # a library adapter of the same method: stage 2, or few-shot
-            values["adapter"] = [f"init_from={ws.library / (settings['start_from'] + '.safetensors')}"]
+            values["adapter"] = [f"init_from={settings['start_from']}"]
         return argparse.Namespace(**values, model=model, output_dir=str(ws.runs / settings["name"]),
                                   config_file=None, progress_bar=False, two_shapes=settings.get("two_shapes", 0.0),
                                   overlay_scenes=settings.get("overlay_scenes", False))
@@ -451,9 +451,10 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             if steps:
                 settings["steps"] = int(steps)
             if start_from:
-                if not (ws.library / f"{start_from}.safetensors").is_file():
+                start = ws.library / f"{start_from}.safetensors"
+                if not start.is_file():
                     raise StudioError(f"no adapter named {start_from!r} in the library to start from")
-                settings["start_from"] = start_from
+                settings["start_from"] = str(start)
             control_train_config(control_train_args(settings), render=False).validate()  # refuse bad settings now
             if (ws.runs / name).exists():
                 shutil.rmtree(ws.runs / name)
