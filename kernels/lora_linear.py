@@ -2,7 +2,9 @@
 
 Several adapters on one layer are one adapter of the summed rank: `stack_adapters` concatenates the Aᵢ and
 the sᵢ-scaled Bᵢ, so one pair of thin matmuls serves them all. The fused path writes the low-rank term into
-the base output with `addmm_` (no T×out temporaries); the Triton kernel computes both in one pass over x.
+the base output with `addmm_` (no T×out temporaries), or, where the call has many tokens for the layer's
+size, adds B·A into a copy of W for this call and runs one GEMM (see `merge_pays`); the Triton kernel
+computes both terms in one pass over x.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 SMALL_OUTPUT = 1 << 16  # elements
+# where merging starts to pay, in T·(in + out) / (in·out); measured on the CPU (BENCHMARKS.md, B7): a forward
+# gains from about 1.2, a training step (which still needs four thin products for the two weight gradients)
+# from about 3 (less at rank 64, more at rank 4)
+MERGE_AT = {"inference": 1.5, "training": 3.0}
 
-# The thin products are computed with the rank as the leading dimension ((A x)ᵀ = A xᵀ, rank × tokens):
-# measured 1.1-2.7× faster on the CPU's BLAS than tokens × rank, and never slower. The low-rank term (and
-# the bias, as one more column of B against a row of ones) is written first and the big GEMM accumulates
-# onto it, so the output is written as often as by a bare `addmm`.
+
+def merge_pays(tokens: int, fan_in: int, fan_out: int, training: bool = False) -> bool:
+    """Whether W + B·A, made afresh for this call, beats the thin products. Those read every token's
+    activations to do 2·rank FLOPs per element, so they run at memory speed and cost T·(in + out) element
+    reads; the merge touches the weight's in·out elements whatever T is, and the GEMM then costs what the bare
+    linear does. Training the adapter keeps the thin products that give A's and B's gradients, so it needs
+    more tokens (a frozen adapter in a graph that trains something else does not: its input gradient is one
+    GEMM with the merged weight)."""
+    return tokens * (fan_in + fan_out) >= MERGE_AT["training" if training else "inference"] * fan_in * fan_out
+
+
+def _merged_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Tensor) -> None:
+    merged = torch.addmm(weight, lora_b, lora_a)
+    if bias is not None:
+        torch.addmm(bias, x2, merged.t(), out=out)
+    else:
+        torch.mm(x2, merged.t(), out=out)
+
 
 def _fused_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Tensor) -> torch.Tensor:
     rank = lora_a.shape[0]
@@ -58,15 +78,19 @@ def _fused_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Te
 class _FusedLoraLinear(torch.autograd.Function):
     # results are written into tensors of their final shape: a returned view would be copied by autograd
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, use_triton: bool):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, path: str):
         x2 = x.reshape(-1, x.shape[-1])
-        if use_triton:
+        h_t = None
+        if path == "triton":
             from studio.kernels.triton_ops import lora_matmul
-            y, h_t = lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0]), None
+            y = lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
         else:
             y = x.new_empty(*x.shape[:-1], weight.shape[0])
-            h_t = _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
-        ctx.use_triton = use_triton
+            if path == "merged":
+                _merged_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+            else:
+                h_t = _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        ctx.path = path
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h_t)
         return y
 
@@ -76,12 +100,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
-        gh_t = lora_b.t() @ g2.t() if (need_x or need_a) else None
+        merged = ctx.path == "merged"
+        gh_t = lora_b.t() @ g2.t() if (need_a or (need_x and not merged)) else None
         if need_x:
-            if ctx.use_triton:  # dY·W + (dY·B)·A is the forward's shape with transposed operands
+            if ctx.path == "triton":  # dY·W + (dY·B)·A is the forward's shape with transposed operands
                 from studio.kernels.triton_ops import lora_matmul
                 grad_x = lora_matmul(g2, weight.t(), lora_b.t(), lora_a.t(), None)
                 grad_x = grad_x.view(*grad_y.shape[:-1], weight.shape[1])
+            elif merged:  # dY·(W + B·A), the merged weight made again rather than kept
+                grad_x = (g2 @ torch.addmm(weight, lora_b, lora_a)).view(*grad_y.shape[:-1], weight.shape[1])
             else:
                 grad_x = g2.new_empty(*grad_y.shape[:-1], weight.shape[1])
                 torch.mm(gh_t.t(), lora_a, out=grad_x.view(-1, weight.shape[1])).addmm_(g2, weight)
@@ -98,19 +125,25 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """W x + b + B(A x) with A (rank × in) and B (out × rank), the scale already in B (see `stack_adapters`)."""
+    """W x + b + B(A x) with A (rank × in) and B (out × rank), the scale already in B (see `stack_adapters`).
+    On the fused path, calls with many tokens for the layer's size run merged (`merge_pays`)."""
     path = path or kernel_path(x)
     if path == "reference":
         return lora_linear_reference(x, weight, bias, lora_a, lora_b)
     if path == "triton" and lora_a.shape[0] > 128:  # the kernel keeps A·x for a row block in registers
         path = "fused"
-    if not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))):
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    trains_adapter = grads and (lora_a.requires_grad or lora_b.requires_grad)
+    if path == "fused" and merge_pays(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], trains_adapter):
+        path = "merged"
+    if not grads:
         x2 = x.reshape(-1, x.shape[-1])  # inference: no autograd node to build
         if path == "triton":
             from studio.kernels.triton_ops import lora_matmul
             return lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
         y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        forward = _merged_forward if path == "merged" else _fused_forward
+        forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
         return y
-    return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path == "triton")
+    return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path)

@@ -19,6 +19,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from studio.kernels import SparsePattern, lora_linear, lora_linear_reference, sparse_delta_linear
+from studio.kernels.lora_linear import merge_pays
 
 # (in, out) of SD 1.5's linears: self-attention at the three widths, cross-attention k/v, GEGLU in, FF out
 SD15_SHAPES = [(320, 320), (640, 640), (1280, 1280), (768, 320), (320, 2560), (1280, 320)]
@@ -125,6 +126,7 @@ def bench_linears(shapes=SD15_SHAPES, tokens_list=TOKENS, ranks=RANKS, repeats: 
                     row = {"direction": "fwd+bwd" if backward else "fwd", "in": fan_in, "out": fan_out,
                            "tokens": tokens, "rank": rank, "floor": lora_floor(fan_in, fan_out, rank, backward),
                            "bare_ms": t["bare_s"] * 1e3, "chosen": chosen,
+                           "fused_way": "merged" if merge_pays(tokens, fan_in, fan_out, backward) else "thin",
                            **{f"{k}_over": t[k] - 1 for k in ("peft", "reference", "fused", "triton") if k in t}}
                     row["goal"] = row[f"{chosen}_over"] <= 1.25 * row["floor"] + 0.02
                     rows.append(row)
@@ -270,11 +272,12 @@ def b7_tables(rows: list[dict], generation: list[dict]) -> tuple[list[str], list
     """The goal columns judge the path each device runs by default: fused on the CPU, Triton on CUDA."""
     chosen = rows[0]["chosen"] if rows else "fused"
     triton = bool(rows) and "triton_over" in rows[0]
-    header = (["pass", "in→out", "tokens", "rank", "floor", "bare linear", "PEFT layer", "reference", "fused"]
+    header = (["pass", "in→out", "tokens", "rank", "floor", "bare linear", "PEFT layer", "reference", "fused",
+               "fused runs"]
               + (["Triton"] if triton else []) + [f"{chosen} ≤ 1.25·floor+2pt", f"{chosen} < PEFT"])
     table = [[r["direction"], f"{r['in']}→{r['out']}", str(r["tokens"]), str(r["rank"]), f"{r['floor']:.1%}",
               f"{r['bare_ms']:.3f} ms", f"{r['peft_over']:+.1%}", f"{r['reference_over']:+.1%}",
-              f"{r['fused_over']:+.1%}"] + ([f"{r['triton_over']:+.1%}"] if triton else [])
+              f"{r['fused_over']:+.1%}", r["fused_way"]] + ([f"{r['triton_over']:+.1%}"] if triton else [])
              + ["yes" if r["goal"] else "no", "yes" if r[f"{chosen}_over"] < r["peft_over"] else "no"] for r in rows]
     gen_header = ["UNet", "unmerged adapters", "LoRA layers", "merged (s per forward)", "unmerged, fused kernel",
                   "unmerged, PEFT's layer",

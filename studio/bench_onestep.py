@@ -49,19 +49,27 @@ def _trained_before(path: Path, settings):
     import json
 
     from studio.adapters import read_adapter
+    from studio.adapters.hipa.config import DistillSettings
     from studio.adapters.hipa.distill import DistillResult
 
     if not path.is_file():
         return None
     meta = read_adapter(path).metadata
-    if "training_seconds" not in meta or json.loads(meta.get("distill_settings", "null")) != settings.__dict__:
+    if "training_seconds" not in meta or "distill_settings" not in meta:
+        return None
+    # a setting added since the file was written had its default then
+    then = {**DistillSettings().__dict__, **json.loads(meta["distill_settings"])}
+    if then != settings.__dict__:
         return None
     return DistillResult(path, int(meta["steps"]), float(meta["training_seconds"]), int(meta["trainable_parameters"]),
                          float("nan"))
 
 
 def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings: dict | None = None,
-                  write: bool = True, concept: bool = True, reuse: bool = False, log=print) -> str:
+                  write: bool = True, concept: bool = True, reuse: bool = False, adversarial: float = 0.0,
+                  log=print) -> str:
+    """The teacher, the base model at 1 and 4 steps, HiPA and its ablation without the high-frequency loss,
+    and with `adversarial` > 0 a third adaptor: HiPA plus the (not HiPA) adversarial term at that weight."""
     from studio.adapters.hipa.config import DistillSettings
     from studio.distill import run_distill
     from studio.evaluate import run_b1
@@ -75,11 +83,15 @@ def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings
     base = DistillSettings(**(settings or {}))
     cache = out / "teacher_pairs.safetensors"
     trained = {}
-    for label, extra in (("HiPA", {}), ("HiPA without high-frequency loss", {"fourier_weight": 0.0,
-                                                                             "edge_weight": 0.0})):
+    variants = [("HiPA", {}, "hipa"),
+                ("HiPA without high-frequency loss", {"fourier_weight": 0.0, "edge_weight": 0.0}, "hipa_no_hf")]
+    if adversarial:
+        variants.append((f"HiPA + adversarial term (weight {adversarial:g})", {"adversarial_weight": adversarial},
+                         "hipa_adversarial"))
+    for label, extra, name in variants:
         run = DistillSettings(**{**base.__dict__, **extra})
         pipe = load_pipeline("shapes")
-        path = out / ("hipa.safetensors" if not extra else "hipa_no_hf.safetensors")
+        path = out / f"{name}.safetensors"
         result = _trained_before(path, run) if reuse else None
         note = " (earlier run)" if result else ""
         if result is None:

@@ -361,7 +361,7 @@ def cmd_bench_onestep(args) -> None:
     from studio.bench_onestep import bench_onestep
 
     print(bench_onestep(n=args.n, out=args.out, settings=parse_settings(args.setting), write=not args.no_write,
-                        concept=not args.no_concept, reuse=args.reuse))
+                        concept=not args.no_concept, reuse=args.reuse, adversarial=args.adversarial))
 
 
 def cmd_bench_erase(args) -> None:
@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--no-high-frequency", action="store_true", help="spatial loss only (the ablation)")
     d.add_argument("--setting", action="append", metavar="KEY=VALUE",
-                   help="pixel_weight, perceptual_weight, fourier_weight, edge_weight, radius, warmup (repeatable)")
+                   help="pixel_weight, perceptual_weight, fourier_weight, edge_weight, radius, warmup, "
+                        "adversarial_weight (not HiPA; 0 = off), discriminator_lr (repeatable)")
     _add_model_args(d)
     d.set_defaults(func=cmd_distill)
 
@@ -729,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--no-concept", action="store_true", help="skip the rows with a B2 concept adapter")
     bo.add_argument("--reuse", action="store_true", help="use the adaptors already in --out when they were trained "
                     "with the same settings (their training time as measured then)")
+    bo.add_argument("--adversarial", type=float, default=0.0, metavar="WEIGHT",
+                    help="also train HiPA plus the adversarial term (not HiPA) at this weight, one more row")
     bo.add_argument("--no-write", action="store_true")
     bo.set_defaults(func=cmd_bench_onestep)
 

@@ -46,6 +46,16 @@ def perceptual_for(pipe):
     return perceptual_distance(load_judge())
 
 
+def features_for(pipe):
+    """The judge's stage activations on the embedded model (what the optional adversarial term's discriminator
+    reads); None elsewhere."""
+    if getattr(pipe, "studio_architecture", "") != "shapes":
+        return None
+    from studio.judge import load_judge, stage_features
+
+    return stage_features(load_judge())
+
+
 def teacher_pairs(pipe, settings: DistillSettings, prompts: list[str], cache: str | Path | None = None, *,
                   progress: bool = False, log=print, on_batch=None) -> TeacherPairs:
     """Load the cached pairs when they were made by this model with these teacher settings, else make them
@@ -77,5 +87,6 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
     prompts = distill_prompts(pipe, settings.pairs, prompts_file)
     pairs = teacher_pairs(pipe, settings, prompts, cache, progress=progress, log=log, on_batch=on_teacher)
     config = HipaConfig(rank=rank, timestep=last_timestep(pipe.scheduler.config))
-    return distill(pipe, config, settings, pairs, out, perceptual=perceptual_for(pipe), progress=progress,
+    return distill(pipe, config, settings, pairs, out, perceptual=perceptual_for(pipe),
+                   features=features_for(pipe) if settings.adversarial_weight else None, progress=progress,
                    on_step=on_step, should_stop=should_stop)

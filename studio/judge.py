@@ -43,20 +43,32 @@ class Judge(nn.Module):
         return feats, {name: head(feats) for name, head in self.heads.items()}
 
 
-def perceptual_distance(judge: Judge):
-    """An LPIPS-style distance on the judge's stages: per stage, channel-normalised activations, squared
-    difference averaged; the mean over stages. Differentiable in both images (Bx3xHxW in [0, 1])."""
+def stage_features(judge: Judge):
+    """images (Bx3xHxW in [0, 1]) → the activations at the end of each of the judge's five stages (32 channels
+    at half the resolution, down to 128 at 1/32). The judge is frozen; gradients reach the images."""
+    judge.requires_grad_(False)
     stages = [judge.body[i:i + 6] for i in range(0, len(judge.body), 6)]
 
     def activations(images: torch.Tensor) -> list[torch.Tensor]:
         x, out = images * 2 - 1, []
         for stage in stages:
             x = stage(x)
-            out.append(x / (x.norm(dim=1, keepdim=True) + 1e-8))
+            out.append(x)
         return out
 
+    return activations
+
+
+def perceptual_distance(judge: Judge):
+    """An LPIPS-style distance on the judge's stages: per stage, channel-normalised activations, squared
+    difference averaged; the mean over stages. Differentiable in both images (Bx3xHxW in [0, 1])."""
+    features = stage_features(judge)
+
+    def normalised(images: torch.Tensor) -> list[torch.Tensor]:
+        return [x / (x.norm(dim=1, keepdim=True) + 1e-8) for x in features(images)]
+
     def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb = activations(a), activations(b)
+        fa, fb = normalised(a), normalised(b)
         return torch.stack([((x - y) ** 2).sum(1).mean() for x, y in zip(fa, fb)]).mean()
 
     return distance

@@ -1,5 +1,6 @@
 """Every adapter-linear path against the plain-torch reference, gradients included."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from studio.adapters.lora.layer import FusedLoraLinear
 from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear,
                             sparse_delta_linear)
 from studio.kernels.check import lora_outputs_and_grads
+from studio.kernels.lora_linear import merge_pays
 from studio.kernels.paths import auto_path, triton_available
 from studio.kernels.sparse_delta import SAMPLED_BELOW
 
@@ -32,12 +34,21 @@ def _lora_case(tokens, fan_in, fan_out, ranks, bias=True, seed=0):
     return x, weight, b, lora_a, lora_b
 
 
+@pytest.fixture(params=["unmerged", "merged"])
+def fused_mode(request, monkeypatch):
+    """The fused path's two ways (thin products, or W + B·A made for the call), each forced."""
+    module = importlib.import_module("studio.kernels.lora_linear")  # (the package's name is the function)
+    at = float("inf") if request.param == "unmerged" else 0.0
+    monkeypatch.setattr(module, "MERGE_AT", {"inference": at, "training": at})
+    return request.param
+
+
 @pytest.mark.parametrize("tokens,fan_in,fan_out,ranks,bias", [
     (37, 33, 45, [1], True),          # odd sizes, rank 1
     (1, 64, 17, [3], False),          # one token, no bias
     (100, 70, 130, [4, 2, 8], True),  # out > in, three adapters at once
 ])
-def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_out, ranks, bias):
+def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_out, ranks, bias, fused_mode):
     case = _lora_case(tokens, fan_in, fan_out, ranks, bias)
     scales = [0.5, -1.25, 2.0][:len(ranks)]
     ref = lora_outputs_and_grads("reference", *case, scales)
@@ -51,7 +62,17 @@ def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_ou
     torch.testing.assert_close(ref[0], textbook.detach(), **TOL)
 
 
-def test_fused_lora_trains_the_base_weight_when_asked():
+def test_fused_lora_merges_only_when_the_tokens_pay_for_it():
+    assert not merge_pays(256, 1280, 1280) and merge_pays(4096, 1280, 1280)
+    assert merge_pays(1024, 320, 320) and not merge_pays(1, 64, 17)
+    assert merge_pays(512, 640, 640) and not merge_pays(512, 640, 640, training=True)
+    x, weight, b, lora_a, lora_b = _lora_case(300, 64, 64, [4])
+    with torch.no_grad():  # inference takes the merged path too, without an autograd node
+        y = lora_linear(x, weight, b, lora_a[0], lora_b[0], path="fused")
+    torch.testing.assert_close(y, lora_linear(x, weight, b, lora_a[0], lora_b[0], path="reference").detach(), **TOL)
+
+
+def test_fused_lora_trains_the_base_weight_when_asked(fused_mode):
     x, weight, b, lora_a, lora_b = _lora_case(20, 24, 40, [2])
     grads = {}
     for path in ("reference", "fused"):

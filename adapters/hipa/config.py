@@ -44,15 +44,20 @@ class DistillSettings:
     fourier_weight: float = 1.0    # high-frequency loss: L1 of Fourier high-passed images ...
     edge_weight: float = 1.0       # ... plus L1 of Sobel edge maps
     radius: float = 0.1            # the high-pass removes frequencies below this fraction of the sampling rate
+    adversarial_weight: float = 0.0  # not HiPA: an ADD-style discriminator term (adversarial.py); 0 is off
+    discriminator_lr: float = 2e-4
     seed: int = 0
 
     def validate(self) -> None:
         if self.pairs < 1 or self.steps < 1 or self.batch < 1 or self.teacher_steps < 1 or self.lr <= 0:
             raise AdapterError("distill needs pairs, steps, batch and teacher_steps >= 1 and lr > 0")
-        if min(self.latent_weight, self.pixel_weight, self.perceptual_weight, self.fourier_weight, self.edge_weight) < 0:
+        if min(self.latent_weight, self.pixel_weight, self.perceptual_weight, self.fourier_weight, self.edge_weight,
+               self.adversarial_weight) < 0:
             raise AdapterError("distill loss weights must be >= 0")
         if not 0 < self.radius < 0.5:
             raise AdapterError(f"the high-pass radius is a fraction of the sampling rate in (0, 0.5), got {self.radius}")
+        if self.discriminator_lr <= 0:
+            raise AdapterError(f"discriminator_lr must be > 0, got {self.discriminator_lr:g}")
 
     @property
     def high_frequency(self) -> bool:

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from studio.adapters.base import (AdapterError, base_fingerprint, optimizer_step, save_adapter,
                                   write_safetensors)
+from studio.adapters.hipa.adversarial import (Features, FeatureDiscriminator, discriminator_loss,
+                                              generator_loss, pooled_text)
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
 from studio.adapters.hipa.model import HipaMethod
@@ -143,10 +145,14 @@ def _check_pipeline(pipe, config: HipaConfig) -> None:
 
 
 def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, out: str | Path | None = None,
-            *, perceptual: Perceptual | None = None, progress: bool = False,
+            *, perceptual: Perceptual | None = None, features: Features | None = None, progress: bool = False,
             on_step: Callable[[int, float], None] | None = None, should_stop=None) -> DistillResult:
-    """Train the adaptor on `pipe` (left attached under TRAINING_NAME) and, with `out`, write it (method "hipa")."""
+    """Train the adaptor on `pipe` (left attached under TRAINING_NAME) and, with `out`, write it (method "hipa").
+    `features` (a frozen network's stage activations) is what the adversarial term's discriminator reads."""
     settings.validate()
+    if settings.adversarial_weight and features is None:
+        raise AdapterError("the adversarial term needs a feature network for its discriminator; only the embedded "
+                           "model ships one (its judge): set adversarial_weight=0 for this model")
     _check_pipeline(pipe, config)
     if pairs.base != base_fingerprint(pipe):
         raise AdapterError("the teacher pairs were made by another model; make them again for this one")
@@ -163,6 +169,15 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
     device, dtype = pipe.unet.device, pipe.unet.dtype
     embeds = encode_prompts(pipe, pairs.prompts[:n])
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    disc = disc_optimizer = None
+    if settings.adversarial_weight:
+        with torch.random.fork_rng():
+            torch.manual_seed(settings.seed)
+            with torch.no_grad():
+                channels = [f.shape[1] for f in features(pairs.images[:1].to(device, torch.float32) / 255)]
+            disc = FeatureDiscriminator(channels, embeds.shape[-1]).to(device)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=settings.discriminator_lr, betas=(0.0, 0.99),
+                                           weight_decay=0.0)
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine down to a tenth
         if step < settings.warmup:
@@ -199,8 +214,17 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
                 loss = loss + high_frequency_loss(student, teacher, radius=settings.radius,
                                                   fourier_weight=settings.fourier_weight,
                                                   edge_weight=settings.edge_weight)
+            if disc is not None:
+                text = pooled_text(embeds[idx])
+                loss = loss + settings.adversarial_weight * generator_loss(disc, features(student), text)
             last = optimizer_step(loss, optimizer, lr_schedule, step=step, what="distill",
                                   remedy=f"lower the learning rate (now {settings.lr:g})")
+            if disc is not None:  # then the discriminator, on the same batch
+                with torch.no_grad():
+                    real, fake = features(teacher), features(student.detach())
+                disc_optimizer.zero_grad(set_to_none=True)  # (the student's step left gradients here too)
+                discriminator_loss(disc, real, fake, text).backward()
+                disc_optimizer.step()
             if on_step is not None:
                 on_step(step, last)
     finally:
@@ -216,6 +240,7 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
                                    "teacher_guidance": str(pairs.guidance), "high_frequency_loss":
                                    str(settings.high_frequency).lower(),
                                    "distill_settings": json.dumps(settings.__dict__, sort_keys=True),
+                                   "adversarial_term": str(bool(settings.adversarial_weight)).lower(),
                                    "training_seconds": f"{seconds:.1f}",
                                    "trainable_parameters": str(trainable)})
     return DistillResult(path, step, seconds, trainable, last)
