@@ -184,7 +184,6 @@ def test_the_concept_engine_sends_one_step_adaptors_to_distill():
         TrainConfig(method="hipa", data="x").validate()
 
 
-
 def test_the_discriminator_learns_to_tell_a_prompts_image_from_the_student_and_from_other_prompts(judge):
     import random
 

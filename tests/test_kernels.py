@@ -67,6 +67,7 @@ def test_fused_lora_merges_only_when_the_tokens_pay_for_it():
     assert merge_pays(1024, 320, 320) and not merge_pays(1, 64, 17)
     assert merge_pays(512, 640, 640) and not merge_pays(512, 640, 640, training=True)
     x, weight, b, lora_a, lora_b = _lora_case(300, 64, 64, [4])
+    assert merge_pays(2 * 300, 64, 64)
     with torch.no_grad():  # inference takes the merged path too, without an autograd node
         y = lora_linear(x, weight, b, lora_a[0], lora_b[0], path="fused")
     torch.testing.assert_close(y, lora_linear(x, weight, b, lora_a[0], lora_b[0], path="reference").detach(), **TOL)
