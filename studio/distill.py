@@ -36,24 +36,15 @@ def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: 
     return [world.caption(world.random_spec(rng)) for _ in range(n)]
 
 
-def perceptual_for(pipe):
-    """The judge's LPIPS-style distance on the embedded model; None elsewhere (no perceptual network ships
-    that runs offline on real images, so the spatial term is pixels only)."""
+def judge_for(pipe):
+    """The network the losses read on the embedded model: its judge (for the LPIPS-style perceptual distance,
+    and the optional adversarial term's discriminator features). None elsewhere: no such network ships that
+    runs offline on real images, so the spatial term is pixels only and the adversarial term is refused."""
     if getattr(pipe, "studio_architecture", "") != "shapes":
         return None
-    from studio.judge import load_judge, perceptual_distance
+    from studio.judge import load_judge
 
-    return perceptual_distance(load_judge())
-
-
-def features_for(pipe):
-    """The judge's stage activations on the embedded model (what the optional adversarial term's discriminator
-    reads); None elsewhere."""
-    if getattr(pipe, "studio_architecture", "") != "shapes":
-        return None
-    from studio.judge import load_judge, stage_features
-
-    return stage_features(load_judge())
+    return load_judge()
 
 
 def teacher_pairs(pipe, settings: DistillSettings, prompts: list[str], cache: str | Path | None = None, *,
@@ -87,6 +78,12 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
     prompts = distill_prompts(pipe, settings.pairs, prompts_file)
     pairs = teacher_pairs(pipe, settings, prompts, cache, progress=progress, log=log, on_batch=on_teacher)
     config = HipaConfig(rank=rank, timestep=last_timestep(pipe.scheduler.config))
-    return distill(pipe, config, settings, pairs, out, perceptual=perceptual_for(pipe),
-                   features=features_for(pipe) if settings.adversarial_weight else None, progress=progress,
+    judge = judge_for(pipe)
+    perceptual = features = None
+    if judge is not None:
+        from studio.judge import perceptual_distance, stage_features
+
+        perceptual = perceptual_distance(judge)
+        features = stage_features(judge) if settings.adversarial_weight else None
+    return distill(pipe, config, settings, pairs, out, perceptual=perceptual, features=features, progress=progress,
                    on_step=on_step, should_stop=should_stop)

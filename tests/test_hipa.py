@@ -216,10 +216,10 @@ def test_the_discriminator_learns_to_tell_a_prompts_image_from_the_student_and_f
     assert fake.grad.abs().sum() > 0  # the student is pushed through the frozen judge
 
 
-def test_distillation_with_the_adversarial_term(tmp_path):
+def test_distillation_with_the_adversarial_term(tmp_path, judge):
     from safetensors import safe_open
 
-    from studio.distill import features_for
+    from studio.judge import stage_features
 
     pipe = load_pipeline("shapes")
     settings = _tiny_settings(steps=4, adversarial_weight=0.1)
@@ -227,7 +227,7 @@ def test_distillation_with_the_adversarial_term(tmp_path):
     with pytest.raises(AdapterError, match="feature network"):
         distill(pipe, HipaConfig(rank=2), settings, pairs)
     result = distill(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "a.safetensors",
-                     features=features_for(pipe))
+                     features=stage_features(judge))
     assert result.steps == 4 and result.last_loss == result.last_loss
     with safe_open(str(result.path), "pt") as f:
         assert f.metadata()["adversarial_term"] == "true"

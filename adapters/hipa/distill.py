@@ -216,12 +216,14 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
                                                   edge_weight=settings.edge_weight)
             if disc is not None:
                 text = pooled_text(embeds[idx])
-                loss = loss + settings.adversarial_weight * generator_loss(disc, features(student), text)
+                student_features = features(student)
+                loss = loss + settings.adversarial_weight * generator_loss(disc, student_features, text)
             last = optimizer_step(loss, optimizer, lr_schedule, step=step, what="distill",
                                   remedy=f"lower the learning rate (now {settings.lr:g})")
             if disc is not None:  # then the discriminator, on the same batch
                 with torch.no_grad():
-                    real, fake = features(teacher), features(student.detach())
+                    real = features(teacher)
+                fake = [f.detach() for f in student_features]  # (the judge is frozen: the same activations)
                 disc_optimizer.zero_grad(set_to_none=True)  # (the student's step left gradients here too)
                 discriminator_loss(disc, real, fake, text).backward()
                 disc_optimizer.step()
