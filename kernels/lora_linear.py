@@ -28,19 +28,23 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b)
 
 
-# where merging starts to pay, in T·(in + out) / (in·out); measured on the CPU (BENCHMARKS.md, B7): a forward
-# gains from about 1.2, a training step (which still needs four thin products for the two weight gradients)
-# from about 3 (less at rank 64, more at rank 4)
+# where merging starts to pay, in T·(in + out) / (in·out); measured on the CPU, both ways side by side at every
+# B7 shape (2026-11-24): a forward gains from about 1.2; a training step keeps the four thin products that give
+# A's and B's gradients and trades only the two accumulations for two merges, so it gains from about 3, and only
+# at higher ranks (rank 64: merged faster at 11 of 12 such shapes; rank 16: even; rank 4: thin faster at 16 of 18)
 MERGE_AT = {"inference": 1.5, "training": 3.0}
+TRAINING_MERGE_MIN_RANK = 16
 
 
-def merge_pays(tokens: int, fan_in: int, fan_out: int, training: bool = False) -> bool:
+def merge_pays(tokens: int, fan_in: int, fan_out: int, rank: int, training: bool = False) -> bool:
     """Whether W + B·A, made afresh for this call, beats the thin products. Those read every token's
     activations to do 2·rank FLOPs per element, so they run at memory speed and cost T·(in + out) element
     reads; the merge touches the weight's in·out elements whatever T is, and the GEMM then costs what the bare
     linear does. Training the adapter keeps the thin products that give A's and B's gradients, so it needs
-    more tokens (a frozen adapter in a graph that trains something else does not: its input gradient is one
-    GEMM with the merged weight)."""
+    more tokens and a higher rank (a frozen adapter in a graph that trains something else does not: its input
+    gradient is one GEMM with the merged weight)."""
+    if training and rank < TRAINING_MERGE_MIN_RANK:
+        return False
     return tokens * (fan_in + fan_out) >= MERGE_AT["training" if training else "inference"] * fan_in * fan_out
 
 
@@ -128,15 +132,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
     trains_adapter = grads and (lora_a.requires_grad or lora_b.requires_grad)
-    if path == "fused" and merge_pays(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], trains_adapter):
+    if path == "fused" and merge_pays(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], lora_a.shape[0],
+                                      trains_adapter):
         path = "merged"
-    if not grads:
-        x2 = x.reshape(-1, x.shape[-1])  # inference: no autograd node to build
+    if not grads:  # inference: no autograd node to build, and as few ops as the product needs
+        if path == "merged":
+            return F.linear(x, torch.addmm(weight, lora_b, lora_a), bias)
+        x2 = x.reshape(-1, x.shape[-1])
         if path == "triton":
             from studio.kernels.triton_ops import lora_matmul
             return lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
-        y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        forward = _merged_forward if path == "merged" else _fused_forward
-        forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+        y = F.linear(x, weight, bias)
+        y.view(-1, weight.shape[0]).addmm_(x2 @ lora_a.t(), lora_b.t())
         return y
     return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path)

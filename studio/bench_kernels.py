@@ -126,7 +126,7 @@ def bench_linears(shapes=SD15_SHAPES, tokens_list=TOKENS, ranks=RANKS, repeats: 
                     row = {"direction": "fwd+bwd" if backward else "fwd", "in": fan_in, "out": fan_out,
                            "tokens": tokens, "rank": rank, "floor": lora_floor(fan_in, fan_out, rank, backward),
                            "bare_ms": t["bare_s"] * 1e3, "chosen": chosen,
-                           "fused_way": "merged" if merge_pays(tokens, fan_in, fan_out, backward) else "thin",
+                           "fused_way": "merged" if merge_pays(tokens, fan_in, fan_out, rank, backward) else "thin",
                            **{f"{k}_over": t[k] - 1 for k in ("peft", "reference", "fused", "triton") if k in t}}
                     row["goal"] = row[f"{chosen}_over"] <= 1.25 * row["floor"] + 0.02
                     rows.append(row)

@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-high-frequency", action="store_true", help="spatial loss only (the ablation)")
     d.add_argument("--setting", action="append", metavar="KEY=VALUE",
                    help="pixel_weight, perceptual_weight, fourier_weight, edge_weight, radius, warmup, "
-                        "adversarial_weight (not HiPA; 0 = off), discriminator_lr (repeatable)")
+                        "adversarial_weight (not HiPA; 0 = off), discriminator_lr, ema_decay (0 = off) (repeatable)")
     _add_model_args(d)
     d.set_defaults(func=cmd_distill)
 

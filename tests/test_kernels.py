@@ -40,6 +40,7 @@ def fused_mode(request, monkeypatch):
     module = importlib.import_module("studio.kernels.lora_linear")  # (the package's name is the function)
     at = float("inf") if request.param == "unmerged" else 0.0
     monkeypatch.setattr(module, "MERGE_AT", {"inference": at, "training": at})
+    monkeypatch.setattr(module, "TRAINING_MERGE_MIN_RANK", 0)
     return request.param
 
 
@@ -63,11 +64,12 @@ def test_fused_lora_equals_reference_forward_and_backward(tokens, fan_in, fan_ou
 
 
 def test_fused_lora_merges_only_when_the_tokens_pay_for_it():
-    assert not merge_pays(256, 1280, 1280) and merge_pays(4096, 1280, 1280)
-    assert merge_pays(1024, 320, 320) and not merge_pays(1, 64, 17)
-    assert merge_pays(512, 640, 640) and not merge_pays(512, 640, 640, training=True)
+    assert not merge_pays(256, 1280, 1280, 4) and merge_pays(4096, 1280, 1280, 4)
+    assert merge_pays(1024, 320, 320, 4) and not merge_pays(1, 64, 17, 4)
+    assert merge_pays(512, 640, 640, 16) and not merge_pays(512, 640, 640, 16, training=True)
+    assert merge_pays(1024, 320, 320, 16, training=True) and not merge_pays(1024, 320, 320, 4, training=True)
     x, weight, b, lora_a, lora_b = _lora_case(300, 64, 64, [4])
-    assert merge_pays(2 * 300, 64, 64)
+    assert merge_pays(2 * 300, 64, 64, 4)
     with torch.no_grad():  # inference takes the merged path too, without an autograd node
         y = lora_linear(x, weight, b, lora_a[0], lora_b[0], path="fused")
     torch.testing.assert_close(y, lora_linear(x, weight, b, lora_a[0], lora_b[0], path="reference").detach(), **TOL)

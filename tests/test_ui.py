@@ -215,12 +215,16 @@ def test_erase_tab_trains_a_membrane_and_compares_before_and_after(client, runni
 def test_one_step_tab_distils_an_adaptor_and_generate_uses_it(client, running_app):
     from PIL import Image
 
-    assert "rank" in client.predict("fast", 2, 2, 0, True, 0, api_name="/distill")
-    reply = client.predict("fast", 2, 2, 2, True, 0, api_name="/distill")
+    from studio.adapters import read_adapter
+
+    assert "rank" in client.predict("fast", 2, 2, 0, True, 0, 0, api_name="/distill")
+    assert "weights must be >= 0" in client.predict("fast", 2, 2, 2, True, 0, -1, api_name="/distill")
+    reply = client.predict("fast", 2, 2, 2, True, 0, 0.5, api_name="/distill")
     assert "queued one-step adaptor **fast**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
     assert (running_app[1] / "adapters" / "fast.safetensors").is_file()
+    assert read_adapter(running_app[1] / "adapters" / "fast.safetensors").metadata["adversarial_term"] == "true"
     client.predict(api_name="/one_step_adaptors")  # what opening the Generate tab does
     gallery, status = client.predict("shapes", "a red circle", "", 25, 5.0, 3, 1, [], 1.0, "fast",
                                      api_name="/generate")

@@ -417,7 +417,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
 
-    def start_distill(name, steps, pairs, rank, high_frequency, seed):
+    def start_distill(name, steps, pairs, rank, high_frequency, seed, adversarial=0.0):
         from studio.adapters.hipa.config import DistillSettings
 
         try:
@@ -429,6 +429,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                 settings["pairs"] = int(pairs)
             if not high_frequency:
                 settings.update(fourier_weight=0.0, edge_weight=0.0)
+            if adversarial:
+                settings["adversarial_weight"] = float(adversarial)
             if int(rank or 0) < 1:
                 raise StudioError("the adaptor's rank must be at least 1")
             DistillSettings(**settings).validate()  # refuse bad settings now, not in the queue
@@ -732,13 +734,15 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                         distill_rank = gr.Number(value=4, precision=0, label="Rank")
                         distill_seed = gr.Number(value=0, precision=0, label="Seed")
                     distill_hf = gr.Checkbox(value=True, label="High-frequency loss (Fourier high-pass + edges)")
+                    distill_adversarial = gr.Number(
+                        value=0, label="Adversarial term weight (not HiPA's; 0 is off, 0.5 measured best)")
                     with gr.Row():
                         distill_start = gr.Button("Distil", variant="primary")
                         distill_stop = gr.Button("Stop")
                 with gr.Column():
                     distill_status = gr.Markdown("", elem_id="distill-status")
             distill_start.click(start_distill, [distill_name, distill_steps, distill_pairs, distill_rank, distill_hf,
-                                                distill_seed], distill_status, api_name="distill")
+                                                distill_seed, distill_adversarial], distill_status, api_name="distill")
             distill_stop.click(stop_training, None, distill_status, api_name="distill_stop")
 
         with gr.Tab("Erase") as erase_tab:

@@ -46,6 +46,7 @@ class DistillSettings:
     radius: float = 0.1            # the high-pass removes frequencies below this fraction of the sampling rate
     adversarial_weight: float = 0.0  # not HiPA: an ADD-style discriminator term (adversarial.py); 0 is off
     discriminator_lr: float = 2e-4
+    ema_decay: float = 0.0         # > 0: the file holds an exponential moving average of the adaptor's weights
     seed: int = 0
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class DistillSettings:
             raise AdapterError("distill loss weights must be >= 0")
         if not 0 < self.radius < 0.5:
             raise AdapterError(f"the high-pass radius is a fraction of the sampling rate in (0, 0.5), got {self.radius}")
+        if not 0 <= self.ema_decay < 1:
+            raise AdapterError(f"ema_decay must be in [0, 1), got {self.ema_decay:g}")
         if self.discriminator_lr <= 0:
             raise AdapterError(f"discriminator_lr must be > 0, got {self.discriminator_lr:g}")
 

@@ -186,6 +186,11 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    ema = None
+    if settings.ema_decay:  # (its decay warms up as (1 + step) / (10 + step) until it reaches ema_decay)
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=settings.ema_decay, foreach=True)
     rng = random.Random(settings.seed)
     order: list[int] = []
     pipe.unet.train()
@@ -220,6 +225,8 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
                 loss = loss + settings.adversarial_weight * generator_loss(disc, student_features, text)
             last = optimizer_step(loss, optimizer, lr_schedule, step=step, what="distill",
                                   remedy=f"lower the learning rate (now {settings.lr:g})")
+            if ema is not None:
+                ema.step(params)
             if disc is not None:  # then the discriminator, on the same batch
                 with torch.no_grad():
                     real = features(teacher)
@@ -233,6 +240,8 @@ def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherP
         pipe.unet.eval()
         for p in params:
             p.requires_grad_(False)
+        if ema is not None and step:
+            ema.copy_to(params)  # what the file holds and the pipeline keeps
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in params)
     path = None

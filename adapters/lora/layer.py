@@ -14,45 +14,53 @@ class FusedLoraLinear(PeftLoraLinear):
     adapters in one call. Anything else takes PEFT's own forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plan = None
-        if not (args or kwargs or self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type)):
-            plan = self._plan(x)
+        plan = None if args or kwargs else self._plan(x)
         if plan is None:
             return super().forward(x, *args, **kwargs)
         return lora_linear(x, *plan, path=kernel_path(x))
 
     def _plan(self, x: torch.Tensor) -> tuple | None:
         """(W, b, A, s·B) for the kernel, all active adapters stacked, or None where PEFT's forward must run.
-        When no gradient is wanted the plan is kept between calls, keyed on what it depends on: the active
-        adapters, their scales, x's dtype, train/eval mode and every weight's identity and version counter."""
-        modules = self._modules  # (nn.Module.__getattr__ is slow enough to show on small layers)
+        When no gradient is wanted the plan is kept between calls, keyed on everything it depends on: the
+        adapter state, x's dtype, autocast, train/eval mode, and the identity and version counter of every
+        weight it was made from. The state is read from the instance's dict, not PEFT's properties and
+        nn.Module's attribute lookup: on a small layer those lookups cost as much as the product."""
+        state = self.__dict__
+        if state["_disable_adapters"] or state["merged_adapters"] or torch.is_autocast_enabled(x.device.type):
+            return None
+        modules = state["_modules"]
         lora_a, lora_b, base = modules["lora_A"]._modules, modules["lora_B"]._modules, modules["base_layer"]
-        scaling = self.scaling
+        scaling = state["scaling"]
+        active = state["_active_adapter"]
         # weight 0 is off, exactly: left out rather than added as zeros to the stacked product
-        active = [name for name in self.active_adapters if name in lora_a and scaling[name] != 0]
+        active = [name for name in ((active,) if isinstance(active, str) else active)
+                  if name in lora_a and scaling[name] != 0]
         if not active:
             return None
-        weights = [(lora_a[name].weight, lora_b[name].weight) for name in active]
-        trains = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
+        weights = [base._parameters["weight"], base._parameters.get("bias")]
+        for name in active:
+            weights += (lora_a[name]._parameters["weight"], lora_b[name]._parameters["weight"])
+        grad = torch.is_grad_enabled()
         key = None
-        if not trains:
-            key = (x.dtype, self.training, id(base), tuple(
-                (name, scaling[name], id(a), a._version, id(b), b._version) for name, (a, b) in zip(active, weights)))
-            cached = self.__dict__.get("_studio_plan")
+        if not (grad and any(w.requires_grad for w in weights[2:])):
+            # the plan holds W and b themselves, so their identity is enough; A and B it holds as copies
+            key = (x.dtype, state["training"], id(weights[0]), id(weights[1]), tuple(scaling[name] for name in active),
+                   tuple((id(w), w._version) for w in weights[2:]))
+            cached = state.get("_studio_plan")
             if cached is not None and cached[0] == key:
                 return cached[1]
         plan = None
-        dropout = self.lora_dropout
-        if (isinstance(base, torch.nn.Linear) and base.weight.dtype == x.dtype
-                and not any(name in self.lora_variant for name in active)
-                and all(a.dtype == x.dtype for a, _ in weights)
-                and not (self.training and any(isinstance(dropout[name], torch.nn.Dropout) and dropout[name].p > 0
-                                               for name in active))):
-            with torch.set_grad_enabled(trains):
-                stacked = stack_adapters(*map(list, zip(*weights)), [scaling[name] for name in active])
-            plan = (base.weight, base.bias, *stacked)
+        dropout = modules["lora_dropout"]._modules
+        if (isinstance(base, torch.nn.Linear) and weights[0].dtype == x.dtype
+                and not any(name in state["lora_variant"] for name in active)
+                and all(w.dtype == x.dtype for w in weights[2::2])
+                and not (state["training"] and any(isinstance(dropout[name], torch.nn.Dropout) and dropout[name].p > 0
+                                                   for name in active))):
+            with torch.set_grad_enabled(grad and key is None):
+                stacked = stack_adapters(weights[2::2], weights[3::2], [scaling[name] for name in active])
+            plan = (weights[0], weights[1], *stacked)
         if key is not None:
-            self.__dict__["_studio_plan"] = (key, plan)
+            state["_studio_plan"] = (key, plan)
         return plan
 
 
