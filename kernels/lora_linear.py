@@ -48,28 +48,21 @@ def merge_pays(tokens: int, fan_in: int, fan_out: int, rank: int, training: bool
     return tokens * (fan_in + fan_out) >= MERGE_AT["training" if training else "inference"] * fan_in * fan_out
 
 
-def _merged_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Tensor) -> None:
-    merged = torch.addmm(weight, lora_b, lora_a)
-    if bias is not None:
-        torch.addmm(bias, x2, merged.t(), out=out)
-    else:
-        torch.mm(x2, merged.t(), out=out)
+def _merged_forward(x: torch.Tensor, weight, bias, lora_a, lora_b) -> torch.Tensor:
+    return F.linear(x, torch.addmm(weight, lora_b, lora_a), bias)
 
 
-# The unmerged form: the bare GEMM (bias included) into the output, then the low-rank term accumulated onto
-# it from tokens × rank activations. Measured on this CPU (2026-11-24, ad hoc, 256–1024 tokens, rank 4–64)
-# faster than the rank-leading products (A xᵀ) with the low-rank term written first, which an earlier
-# torch/BLAS favoured, at all but one of 48 shapes.
+# The unmerged form: the bare GEMM (bias included), then the low-rank term accumulated onto it from
+# tokens × rank activations. Measured on this CPU (2026-11-24, ad hoc, 256–1024 tokens, rank 4–64) faster than
+# the rank-leading products (A xᵀ) with the low-rank term written first, which an earlier torch/BLAS favoured,
+# at all but one of 48 shapes.
 
-def _fused_forward(x2: torch.Tensor, weight, bias, lora_a, lora_b, out: torch.Tensor) -> torch.Tensor:
-    """Writes W x + b + B(A x) into `out`; returns (A x)ᵀ for the backward (rank × tokens, a view)."""
-    h = x2 @ lora_a.t()
-    if bias is not None:
-        torch.addmm(bias, x2, weight.t(), out=out)
-    else:
-        torch.mm(x2, weight.t(), out=out)
-    out.addmm_(h, lora_b.t())
-    return h.t()
+def _thin_forward(x: torch.Tensor, weight, bias, lora_a, lora_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """W x + b + B(A x), and (A x)ᵀ for the backward (rank × tokens, a view)."""
+    h = x.reshape(-1, x.shape[-1]) @ lora_a.t()
+    y = F.linear(x, weight, bias)
+    y.view(-1, weight.shape[0]).addmm_(h, lora_b.t())
+    return y, h.t()
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -81,12 +74,10 @@ class _FusedLoraLinear(torch.autograd.Function):
         if path == "triton":
             from studio.kernels.triton_ops import lora_matmul
             y = lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
+        elif path == "merged":
+            y = _merged_forward(x, weight, bias, lora_a, lora_b)
         else:
-            y = x.new_empty(*x.shape[:-1], weight.shape[0])
-            if path == "merged":
-                _merged_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
-            else:
-                h_t = _fused_forward(x2, weight, bias, lora_a, lora_b, y.view(-1, weight.shape[0]))
+            y, h_t = _thin_forward(x, weight, bias, lora_a, lora_b)
         ctx.path = path
         ctx.save_for_backward(x2, weight, lora_a, lora_b, h_t)
         return y
@@ -135,14 +126,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if path == "fused" and merge_pays(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0], lora_a.shape[0],
                                       trains_adapter):
         path = "merged"
-    if not grads:  # inference: no autograd node to build, and as few ops as the product needs
+    if not grads:  # inference: no autograd node to build
         if path == "merged":
-            return F.linear(x, torch.addmm(weight, lora_b, lora_a), bias)
-        x2 = x.reshape(-1, x.shape[-1])
+            return _merged_forward(x, weight, bias, lora_a, lora_b)
         if path == "triton":
             from studio.kernels.triton_ops import lora_matmul
+            x2 = x.reshape(-1, x.shape[-1])
             return lora_matmul(x2, weight, lora_a, lora_b, bias).view(*x.shape[:-1], weight.shape[0])
-        y = F.linear(x, weight, bias)
-        y.view(-1, weight.shape[0]).addmm_(x2 @ lora_a.t(), lora_b.t())
-        return y
+        return _thin_forward(x, weight, bias, lora_a, lora_b)[0]
     return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, path)
