@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KINDS = ("concept", "erase", "one-step", "control")
 
 
 class AdapterError(ValueError):
@@ -34,7 +35,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
-        from studio.settings import from_values
+        from studio.utils.settings import from_values
 
         return from_values(cls, values, AdapterError)
 
@@ -47,6 +48,9 @@ class AdapterMethod:
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     # per training preset ("quick", "standard"): this method's learning rate and adapter settings
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # what the method makes, which sets the task that trains it and the UI tab that shows it:
+    # "concept" (studio train), "erase" (studio erase), "one-step" (studio distill), "control" (studio control-train)
+    kind: ClassVar[str] = "concept"
     # None: trained by the concept engine (studio train); else the command with the method's own objective
     trained_by: ClassVar[str | None] = None
     # True: each training example comes with a control image (TrainConfig.control_data), given to
@@ -123,8 +127,11 @@ def get_method(name: str) -> AdapterMethod:
     return _REGISTRY[name]
 
 
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+def method_names(kind: str | None = None) -> list[str]:
+    """Every registered method's name (only those of `kind`: concept, erase, one-step or control)."""
+    if kind is not None and kind not in KINDS:
+        raise AdapterError(f"unknown method kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return sorted(name for name, method in _REGISTRY.items() if kind is None or method.kind == kind)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, lr_schedule, *, step: int, what: str, remedy: str) -> float:

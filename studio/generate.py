@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from studio.files import atomic_path
+from studio.utils.files import atomic_path
 from studio.loading import StudioError
 
 DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}

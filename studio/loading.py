@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from studio import embedded
+from studio.shapes import embedded
 from studio.kernels import apply_attention_backend
 
 

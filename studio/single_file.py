@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from studio.files import atomic_path
+from studio.utils.files import atomic_path
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))

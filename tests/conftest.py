@@ -6,7 +6,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, Sta
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from studio import embedded
+from studio.shapes import embedded
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +22,7 @@ def shapes_pipe():
 
 @pytest.fixture(scope="session")
 def judge():
-    from studio.judge import load_judge
+    from studio.shapes.judge import load_judge
 
     return load_judge()
 

@@ -23,7 +23,7 @@ def page_url(tmp_path_factory):
 def test_train_and_generate_in_a_real_browser(page_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/test.sh installs it (apt-get install chromium)"
     images = write_b2_training_set(tmp_path / "stars")

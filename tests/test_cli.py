@@ -38,7 +38,7 @@ def _corrupt(tmp_path):
 
 
 def _truncated(tmp_path):
-    from studio import embedded
+    from studio.shapes import embedded
 
     src = embedded.SHAPES_DIR / "unet" / "diffusion_pytorch_model.safetensors"
     p = tmp_path / "truncated.safetensors"
@@ -79,7 +79,7 @@ def test_info_names_the_attention_backend():
 def test_train_export_generate_merge_from_the_command_line(tmp_path):
     from safetensors import safe_open
 
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
 
     data = tmp_path / "stars"
     write_b2_training_set(data)
@@ -159,12 +159,12 @@ def test_distill_then_generate_in_one_step(tmp_path):
 
 
 def test_eval_lists_the_misreadings_it_counts(capsys, monkeypatch):
-    import studio.evaluate
+    import studio.bench.evaluate
     from studio.cli import main
 
     seen = {}
-    real = studio.evaluate.run_b1
-    monkeypatch.setattr(studio.evaluate, "run_b1", lambda *a, **k: seen.setdefault("r", real(*a, **k)))
+    real = studio.bench.evaluate.run_b1
+    monkeypatch.setattr(studio.bench.evaluate, "run_b1", lambda *a, **k: seen.setdefault("r", real(*a, **k)))
     assert main(["eval", "--n", "6", "--steps", "2", "--errors", "2", "--no-write"]) == 0
     out, r = capsys.readouterr().out, seen["r"]
     assert "| attribute | wrong |" in out

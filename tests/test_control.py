@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from conftest import unet_out
-from studio import load_pipeline, world
+from studio import load_pipeline
+from studio.shapes import world
 from studio.adapters import AdapterError, base_fingerprint, get_method, load_adapters, save_adapter
 from studio.adapters.control import (ControlNeXtConfig, ControlNetConfig, T2IAdapterConfig, control_inputs,
                                      export_controlnet, set_control)
 from studio.adapters.control.inject import ControlError
-from studio.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
+from studio.shapes.conditions import ConditionError, annotate, control_dataset, world_condition, write_control_set
 
 SPEC = world.Spec("triangle", "red", "gray", "large", "center")
 
@@ -82,7 +83,7 @@ def test_two_shape_scenes_and_their_overlaid_conditions():
 def test_scene_conditions_as_separate_inputs_train_summed_per_example(tmp_path, monkeypatch):
     from studio import data
     from studio.adapters.control import inject
-    from studio.train import train
+    from studio.training.engine import train
 
     images, conditions = write_control_set(tmp_path / "d", "mask,edges", 4, two_shapes=1.0, separate=True)
     for i, ex in enumerate(control_dataset("mask,edges", 4, two_shapes=1.0)):
@@ -222,7 +223,7 @@ def _capture_pipeline(monkeypatch):
 
 def test_engine_step_trains_only_the_control_parameters(tmp_path, monkeypatch):
     from studio.adapters.control import ControlNeXtEncoder
-    from studio.train import TrainingError, train
+    from studio.training.engine import TrainingError, train
 
     images, conditions = write_control_set(tmp_path / "data", "mask", 4)
     captured = _capture_pipeline(monkeypatch)
@@ -261,7 +262,7 @@ def test_engine_step_trains_only_the_control_parameters(tmp_path, monkeypatch):
 def test_controlnet_trained_by_the_engine_loads_in_diffusers(tmp_path, monkeypatch):
     from diffusers import ControlNetModel
 
-    from studio.train import train
+    from studio.training.engine import train
 
     images, conditions = write_control_set(tmp_path / "data", "edges", 2)
     captured = _capture_pipeline(monkeypatch)
@@ -370,7 +371,7 @@ def test_t2i_adapter_features_enter_the_down_blocks_and_scale_zero_is_the_base(t
 def test_control_training_defaults_to_the_layout_timesteps(tmp_path):
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
     from studio.cli import build_parser, control_train_config
-    from studio.train import config_with_preset
+    from studio.training.engine import config_with_preset
 
     images, conditions = write_control_set(tmp_path / "data", "mask", 2)
     base = ["control-train", "--method", "t2i_adapter", "--data", str(images), "--control-data", str(conditions),
@@ -398,7 +399,7 @@ def test_few_shot_starts_from_a_trained_adapter_and_tunes_only_its_biases(tmp_pa
     """UFC-style adaptation to a new condition kind: the module starts from an adapter trained on other kinds
     (`init_from`) and only its bias vectors move (`tune="bias"`); the weights stay those it was trained with."""
     from studio.adapters import read_adapter
-    from studio.train import train
+    from studio.training.engine import train
 
     box = world_condition("box", SPEC, 3)[..., 0] > 0
     ys, xs = np.nonzero(world.render_mask(SPEC, 3))

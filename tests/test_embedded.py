@@ -2,7 +2,7 @@ import json
 
 from diffusers import StableDiffusionPipeline
 
-from studio import embedded, world
+from studio.shapes import embedded, world
 
 
 def test_tokenizer_keeps_world_words_whole_and_splits_unknown_words():

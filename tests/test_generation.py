@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from studio import StudioError, load_pipeline, world
-from studio.evaluate import pil_to_tensor
+from studio import StudioError, load_pipeline
+from studio.shapes import world
+from studio.bench.evaluate import pil_to_tensor
 from studio.generate import GenerationSettings, generate
-from studio.judge import judge_images
+from studio.shapes.judge import judge_images
 
 
 def test_python_api_returns_a_diffusers_pipeline(shapes_pipe):

@@ -4,14 +4,14 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from studio import world
+from studio.shapes import world
 from studio.adapters import AdapterError, set_adapter_weights
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.distill import (TRAINING_NAME, TeacherPairs, distill, encode_prompts, make_teacher_pairs,
                                           one_step_images)
 from studio.adapters.hipa.losses import edge_map, high_frequency_loss, high_pass
 from studio.adapters.hipa.model import HipaMethod
-from studio.distill import teacher_pairs
+from studio.tasks.distill import teacher_pairs
 from studio.loading import StudioError, load_pipeline
 from studio.pipelines.one_step import use_one_step
 
@@ -110,7 +110,7 @@ def _tiny_settings(**kw):
 
 
 def test_distillation_moves_the_student_to_the_teacher_and_the_file_reproduces_it(tmp_path, judge):
-    from studio.judge import perceptual_distance
+    from studio.shapes.judge import perceptual_distance
 
     pipe = load_pipeline("shapes")
     settings = _tiny_settings(steps=30)
@@ -178,7 +178,7 @@ def test_a_file_that_is_not_a_one_step_adaptor_is_refused(tmp_path, sd1_folder):
 
 
 def test_the_concept_engine_sends_one_step_adaptors_to_distill():
-    from studio.train import TrainConfig, TrainingError
+    from studio.training.engine import TrainConfig, TrainingError
 
     with pytest.raises(TrainingError, match="studio distill"):
         TrainConfig(method="hipa", data="x").validate()
@@ -190,7 +190,7 @@ def test_the_discriminator_learns_to_tell_a_prompts_image_from_the_student_and_f
     import numpy as np
 
     from studio.adapters.hipa.adversarial import FeatureDiscriminator, discriminator_loss, generator_loss
-    from studio.judge import stage_features
+    from studio.shapes.judge import stage_features
 
     features = stage_features(judge)
     rng = random.Random(0)
@@ -219,7 +219,7 @@ def test_the_discriminator_learns_to_tell_a_prompts_image_from_the_student_and_f
 def test_distillation_with_the_adversarial_term(tmp_path, judge):
     from safetensors import safe_open
 
-    from studio.judge import stage_features
+    from studio.shapes.judge import stage_features
 
     pipe = load_pipeline("shapes")
     settings = _tiny_settings(steps=4, adversarial_weight=0.1)
@@ -239,7 +239,7 @@ def test_the_benchmark_reuses_an_adaptor_written_before_a_setting_was_added(tmp_
     from safetensors import safe_open
 
     from studio.adapters.base import write_safetensors
-    from studio.bench_onestep import _trained_before
+    from studio.bench.onestep import _trained_before
 
     pipe = load_pipeline("shapes")
     settings = _tiny_settings(steps=2)

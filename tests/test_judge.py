@@ -1,9 +1,9 @@
 import torch
 
-from studio import world
-from studio.evaluate import frechet_distance
-from studio.judge import accuracy, judge_images, to_tensor
-from studio.pretrain import render_set, vae_roundtrip, world_sample
+from studio.shapes import world
+from studio.bench.evaluate import frechet_distance
+from studio.shapes.judge import accuracy, judge_images, to_tensor
+from studio.shapes.pretrain import render_set, vae_roundtrip, world_sample
 
 
 def _sample(n, seed):

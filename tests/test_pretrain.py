@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from studio.pretrain import PretrainConfig, pretrain
+from studio.shapes.pretrain import PretrainConfig, pretrain
 
 TOY = dict(vae_images=48, vae_steps=2, vae_batch=4, judge_images=48, judge_steps=2, judge_test_images=8,
            unet_images=48, unet_steps=3, unet_batch=4, layout_fraction=0.5)

@@ -93,7 +93,7 @@ def test_nuclear_penalty_gradient_reaches_the_trained_values():
 
 
 def _train(tmp_path, name, data, **kw):
-    from studio.train import train
+    from studio.training.engine import train
 
     return train(data=str(data), trigger="sks", method="sara", adapter={"budget": "1%", "nuclear_layers": 0},
                  output_dir=str(tmp_path / name), name=name, steps=2, batch_size=4, lr=1e-2, lr_warmup_steps=0,
@@ -103,7 +103,7 @@ def _train(tmp_path, name, data, **kw):
 def test_accumulation_and_the_dense_path_equal_the_large_batch_with_clipping(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
 
     data = tmp_path / "stars"
     write_b2_training_set(data)
@@ -244,8 +244,8 @@ def test_resume_after_reselection_equals_an_uninterrupted_run(tmp_path):
 
     from safetensors.torch import load_file
 
-    from studio.evaluate import write_b2_training_set
-    from studio.train import train
+    from studio.bench.evaluate import write_b2_training_set
+    from studio.training.engine import train
 
     data = tmp_path / "stars"
     write_b2_training_set(data)

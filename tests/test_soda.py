@@ -235,7 +235,7 @@ def test_bake_to_lora_error_falls_with_rank_and_full_rank_reproduces_soda(tmp_pa
 
 
 def _train(tmp_path, method, data, **kw):
-    from studio.train import train
+    from studio.training.engine import train
 
     return train(data=str(data), trigger="sks", method=method, output_dir=str(tmp_path / method), name=method,
                  steps=2, batch_size=2, lr=5e-2, preview_every=0, preview_steps=1, checkpoint_every=100, tensorboard=False,
@@ -244,7 +244,7 @@ def _train(tmp_path, method, data, **kw):
 
 @pytest.fixture(scope="module")
 def stars(tmp_path_factory):
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
 
     data = tmp_path_factory.mktemp("stars")
     write_b2_training_set(data)

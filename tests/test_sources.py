@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from studio import StudioError, embedded, load_pipeline
+from studio import StudioError, load_pipeline
+from studio.shapes import embedded
 from studio.generate import GenerationSettings, generate
 
 

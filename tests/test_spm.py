@@ -99,7 +99,7 @@ def test_membrane_exports_as_a_plain_lora_that_diffusers_loads(membrane_files, t
 
 
 def _shapes_dir():
-    from studio.embedded import SHAPES_DIR
+    from studio.shapes.embedded import SHAPES_DIR
 
     return str(SHAPES_DIR)
 

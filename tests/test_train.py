@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from studio import world
+from studio.shapes import world
 from studio.adapters import read_adapter, register
 from studio.adapters.lora.model import LoraMethod
 from studio.data import DataError, scan_folder
-from studio.evaluate import write_b2_training_set
-from studio.train import TrainConfig, TrainingError, checkpoint_dirs, config_with_preset, train
+from studio.bench.evaluate import write_b2_training_set
+from studio.training.engine import TrainConfig, TrainingError, checkpoint_dirs, config_with_preset, train
 
 FAST = dict(steps=6, batch_size=2, lr=1e-3, preview_every=0, checkpoint_every=3, tensorboard=False,
             progress_bar=False, adapter={"rank": 2})
@@ -322,7 +322,7 @@ def test_aspect_ratio_buckets():
 def test_timestep_bias_draws_the_favoured_timesteps_and_none_is_unchanged():
     from diffusers import DDPMScheduler
 
-    from studio.train import sample_timesteps, timestep_weights, x0_weights
+    from studio.training.engine import sample_timesteps, timestep_weights, x0_weights
 
     assert timestep_weights(TrainConfig(), 1000) is None
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731

@@ -89,7 +89,7 @@ def _huge_png(path, width=20000, height=20000):
 
 @pytest.fixture(scope="module")
 def star_files(tmp_path_factory):
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
 
     folder = tmp_path_factory.mktemp("stars")
     images = write_b2_training_set(folder)

@@ -3,8 +3,8 @@ import random
 import numpy as np
 import pytest
 
-from studio import world
-from studio.evaluate import b1_prompts
+from studio.shapes import world
+from studio.bench.evaluate import b1_prompts
 
 
 def test_render_is_deterministic_and_seed_dependent():

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from studio.data import DataError, load_examples, read_caption
-from studio.files import atomic_path
+from studio.utils.files import atomic_path
 from studio.generate import GenerationSettings, generate, output_paths, save_images
 from studio.loading import StudioError, load_pipeline
 from studio.ui.jobs import JobQueue, library_entries
@@ -175,7 +175,7 @@ def stage_uploads(files: list[str], dest: Path, captions: list[list[str]] | None
     return dest
 
 
-# The Control tab's preprocessings: (label, value); any other value typed in is checked by studio.conditions
+# The Control tab's preprocessings: (label, value); any other value typed in is checked by studio.shapes.conditions
 CONTROL_PREPROCESS = [("none (the image is the condition)", "none"), ("canny (edges of the image)", "canny"),
                       ("lineart (line drawing of the image)", "lineart"),
                       ("mask: render the prompt's shape (shapes world)", "mask"),
@@ -218,8 +218,8 @@ def control_condition(image, preprocess: str, prompt: str, seed: int):
     describes."""
     import numpy as np
 
-    from studio import world
-    from studio.conditions import WORLD_CONDITIONS, annotate, check_kind, world_condition
+    from studio.shapes import world
+    from studio.shapes.conditions import WORLD_CONDITIONS, annotate, check_kind, world_condition
 
     kind = (preprocess or "none").strip()
     if kind in WORLD_CONDITIONS:
@@ -241,7 +241,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
     from PIL import Image
 
     from studio.adapters import get_method, method_names
-    from studio.train import PRESETS, Trainer, config_with_preset
+    from studio.training.engine import PRESETS, Trainer, config_with_preset
 
     ws = Workspace(Path(workspace) if workspace else DEFAULT_WORKSPACE)
     cache = PipelineCache()
@@ -286,7 +286,8 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
                                   overlay_scenes=settings.get("overlay_scenes", False))
 
     def run_erase(settings: dict, on_event, should_stop):
-        from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
+        from studio.tasks.erase import default_prompts
+        from studio.adapters.spm.erase import erase_config, train_membrane
 
         config, run = erase_config(settings["concepts"], "shapes", settings=settings["settings"])
         pipe = load_pipeline(model)
@@ -308,7 +309,7 @@ def build_app(model: str = "shapes", workspace: str | Path | None = None):
 
     def run_distill_job(settings: dict, on_event, should_stop):
         from studio.adapters.hipa.config import DistillSettings
-        from studio.distill import run_distill
+        from studio.tasks.distill import run_distill
 
         run = DistillSettings(**settings["settings"])
         name = settings["name"]

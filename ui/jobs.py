@@ -49,7 +49,7 @@ class Job:
 
 class JobQueue:
     """`submit(settings)` queues a training; `run_training(settings, on_event, should_stop)` does the work
-    (studio.train.Trainer by default) and returns the adapter path."""
+    (studio.training.engine.Trainer by default) and returns the adapter path."""
 
     def __init__(self, run_training) -> None:
         self._run = run_training

@@ -71,7 +71,7 @@ def export_controlnet(adapter_file: str | Path, folder: str | Path) -> Path:
     `ControlNetModel.from_pretrained(folder)` loads."""
     from diffusers import ControlNetModel
 
-    from studio.files import atomic_dir
+    from studio.utils.files import atomic_dir
 
     file = read_adapter(adapter_file)
     if file.method != "controlnet":

@@ -20,6 +20,7 @@ LAYOUT_TIMESTEPS = {"timestep_bias": "later", "timestep_bias_multiplier": 8.0, "
 
 
 class ControlMethod(AdapterMethod):
+    kind = "control"
     conditioned = True   # the engine gives it a control image per example (batch["control"])
     prefix = "control"   # tensor keys: "<prefix>.<module tensor>"
 

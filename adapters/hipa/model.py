@@ -17,6 +17,7 @@ def lora_config(config: HipaConfig) -> LoraConfig:
 class HipaMethod(LoraMethod):
     name = "hipa"
     config_class = HipaConfig
+    kind = "one-step"
     trained_by = "studio distill"
     presets = {}  # trained by `studio distill` (adapters/hipa/distill.py), not the concept engine
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from studio.adapters.base import AdapterError, base_fingerprint, optimizer_step, save_adapter, token_ids
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.model import SpmMethod
-from studio.settings import from_values
+from studio.utils.settings import from_values
 
 TRAINING_NAME = "membrane"
 
@@ -193,20 +193,6 @@ def erase_esd(pipe, config: SpmConfig, settings: EraseSettings | None = None, *,
     finally:
         unet.eval().requires_grad_(False)
     return EraseResult(None, steps, time.perf_counter() - start, sum(p.numel() for p in params), last)
-
-
-
-
-def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> list[str]:
-    """What the membrane is trained on when no prompts are given: on the embedded model, captions of its
-    world that name each concept (a shape or colour); otherwise the concepts themselves (as the paper)."""
-    if getattr(pipe, "studio_architecture", "") == "shapes":
-        from studio import world
-
-        prompts = [p for i, c in enumerate(concepts) for p in world.prompts_naming(c, n // len(concepts), seed + i)]
-        if prompts:
-            return prompts
-    return list(concepts)
 
 
 def erase_config(concepts: list[str], preset: str = "shapes", *, settings: dict | None = None,

@@ -24,6 +24,7 @@ def membranes(pipe) -> dict[str, list[str]]:
 class SpmMethod(LoraMethod):
     name = "spm"
     config_class = SpmConfig
+    kind = "erase"
     trained_by = "studio erase"
     presets = {}  # membranes are trained by `studio erase` (adapters/spm/erase.py), not the concept engine
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from studio.benchmarks import record
+from studio.bench.recorder import record
 
 CIRCLE = {"shape": "circle"}
 STACKED = {"shape": "circle", "colour": "red"}
@@ -14,7 +14,8 @@ ESD_LRS = (1e-3, 1e-4)
 
 
 def _train(pipe, concepts: list[str], settings: dict, out: Path, log):
-    from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
+    from studio.tasks.erase import default_prompts
+    from studio.adapters.spm.erase import erase_config, train_membrane
 
     config, run = erase_config(concepts, "shapes", settings=settings)
     config.prompts = default_prompts(pipe, concepts, seed=run.seed)
@@ -26,9 +27,9 @@ def _train(pipe, concepts: list[str], settings: dict, out: Path, log):
 def _fine_tuned_checkpoint(out: Path, log):
     """The B2 concept (star as 'sks', LoRA quick preset) merged into the base weights."""
     from studio.adapters import merge_adapters
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
     from studio.loading import load_pipeline
-    from studio.train import train
+    from studio.training.engine import train
 
     data = out / "b2_data"
     write_b2_training_set(data)
@@ -43,9 +44,9 @@ def _fine_tuned_checkpoint(out: Path, log):
 def bench_permeability(n: int = 64, write: bool = True) -> str:
     """The strength each metric gives the circle membrane on prompts naming circle and on prompts that do
     not (its floor), on the embedded model's text encoder."""
-    from studio import world
+    from studio.shapes import world
     from studio.adapters.spm.transport import METRICS, permeability
-    from studio.evaluate import b3_prompts
+    from studio.bench.evaluate import b3_prompts
     from studio.loading import load_pipeline
 
     pipe = load_pipeline("shapes")
@@ -64,9 +65,10 @@ def bench_permeability(n: int = 64, write: bool = True) -> str:
 
 def bench_erase(n: int = 64, out: str | Path = "runs/bench_erase", settings: dict | None = None,
                 write: bool = True, log=print) -> str:
-    from studio.adapters.spm.erase import default_prompts, erase_config, erase_esd
-    from studio.evaluate import run_b3
-    from studio.judge import load_judge
+    from studio.tasks.erase import default_prompts
+    from studio.adapters.spm.erase import erase_config, erase_esd
+    from studio.bench.evaluate import run_b3
+    from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
     from studio.pipelines.membranes import load_membranes, use_membranes
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio import world
+from studio.shapes import world
 
 HEADS = {
     "shape": world.SHAPES,
@@ -159,7 +159,7 @@ def accuracy(preds: dict[str, list[str]], specs: list[world.Spec]) -> dict[str, 
 def save_judge(judge: Judge, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from studio.files import atomic_path
+    from studio.utils.files import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in judge.state_dict().items()}, str(tmp),
@@ -169,7 +169,7 @@ def save_judge(judge: Judge, path: Path) -> None:
 def load_judge(path: Path | None = None, device: str = "cpu") -> Judge:
     from safetensors.torch import load_file
 
-    from studio.embedded import JUDGE_PATH
+    from studio.shapes.embedded import JUDGE_PATH
 
     path = Path(path or JUDGE_PATH)
     if not path.is_file():

@@ -24,7 +24,7 @@ from studio import data
 from studio.adapters.base import token_ids
 from studio.adapters.trigger import (TRIGGER_KEY, TriggerEmbedding, attach_trigger_embedding,
                                     detach_trigger_embedding, trigger_tensors)
-from studio.files import atomic_dir, atomic_path
+from studio.utils.files import atomic_dir, atomic_path
 from studio.loading import StudioError
 
 CHECKPOINT_PREFIX = "step_"
@@ -100,7 +100,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        from studio.settings import from_values
+        from studio.utils.settings import from_values
 
         return from_values(cls, values, TrainingError, "training")
 
@@ -748,7 +748,7 @@ def _json_default(value):
 
 def train(config: TrainConfig | None = None, *, preset: str | None = None, on_event=None, should_stop=None,
           **settings) -> TrainResult:
-    """`studio.train(data="photos/", trigger="sks", preset="quick")` -> TrainResult (the adapter file and figures)."""
+    """`studio.training.engine(data="photos/", trigger="sks", preset="quick")` -> TrainResult (the adapter file and figures)."""
     if config is None:
         config = config_with_preset(preset, **settings)
     return Trainer(config, on_event, should_stop).run()

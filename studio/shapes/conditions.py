@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from studio import world
+from studio.shapes import world
 from studio.loading import StudioError
 
 WORLD_CONDITIONS = ("mask", "edges", "box", "scribble")   # exact, from the renderer

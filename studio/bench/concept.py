@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from studio import world
-from studio.benchmarks import record
+from studio.shapes import world
+from studio.bench.recorder import record
 
 
 def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, guidance: float = 5.0,
@@ -37,9 +37,9 @@ def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, gui
 
 def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
     """Judge accuracy on fresh renders and after the shipped VAE (encode->decode)."""
-    from studio.judge import HEADS, load_judge
+    from studio.shapes.judge import HEADS, load_judge
     from studio.loading import load_pipeline
-    from studio.pretrain import judge_report
+    from studio.shapes.pretrain import judge_report
 
     report = judge_report(load_judge(), load_pipeline("shapes").vae, n, seed)
     rows = [[name, str(n), *(f"{100 * acc[h]:.2f}%" for h in HEADS)] for name, acc in report.items()]
@@ -59,10 +59,10 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     from pathlib import Path
 
     from studio.adapters import load_adapters, set_adapter_weights
-    from studio.evaluate import run_b2, write_b2_prior_set, write_b2_training_set
-    from studio.judge import load_judge
+    from studio.bench.evaluate import run_b2, write_b2_prior_set, write_b2_training_set
+    from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
-    from studio.train import train
+    from studio.training.engine import train
 
     data_dir = Path(out) / "data"
     write_b2_training_set(data_dir)
@@ -111,7 +111,7 @@ def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:
 
     from gradio_client import Client, handle_file
 
-    from studio.evaluate import write_b2_training_set
+    from studio.bench.evaluate import write_b2_training_set
     from studio.ui.app import serve_in_background  # lazily: the UI sits above the core
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -206,7 +206,7 @@ def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int 
     from studio.adapters import get_method
     from studio.adapters.lora import LoraConfig
     from studio.adapters.lora.layer import FusedLoraLinear
-    from studio.bench_train import SD15_UNET, _unet
+    from studio.bench.train_cost import SD15_UNET, _unet
 
     unet = _unet(model).eval().requires_grad_(False)
     holder = SimpleNamespace(unet=unet)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from studio import world
-from studio.judge import HEADS, Judge, accuracy, judge_images, to_tensor
+from studio.shapes import world
+from studio.shapes.judge import HEADS, Judge, accuracy, judge_images, to_tensor
 
 B1_SEED = 20_261_122
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from studio import embedded, world
-from studio.files import atomic_dir
+from studio.shapes import embedded, world
+from studio.utils.files import atomic_dir
 from studio.loading import StudioError
 
 
@@ -148,7 +148,7 @@ def vae_roundtrip(vae, images_uint8: torch.Tensor, device: str, batch: int = 128
 
 
 def train_judge_stage(cfg: PretrainConfig, vae, log=print):
-    from studio.judge import train_judge
+    from studio.shapes.judge import train_judge
 
     specs, seeds = world_sample(cfg.judge_images, cfg.seed + 2, world.SHAPES, heldout=None)
     images = torch.from_numpy(render_set(specs, seeds)).to(cfg.device)
@@ -160,7 +160,7 @@ def train_judge_stage(cfg: PretrainConfig, vae, log=print):
 
 def judge_report(judge, vae, n: int, seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Judge accuracy per attribute on n fresh renders of all shapes, and on the same renders after the VAE."""
-    from studio.judge import accuracy, judge_images, to_tensor
+    from studio.shapes.judge import accuracy, judge_images, to_tensor
 
     specs, seeds = world_sample(n, seed, world.SHAPES, heldout=None)
     test = torch.from_numpy(render_set(specs, seeds))
@@ -174,7 +174,7 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
     """Text encoder and UNet trained together on base shapes with EMA, min-SNR weighting."""
     from diffusers import DDPMScheduler
 
-    from studio.train import signal_to_noise
+    from studio.training.engine import signal_to_noise
 
     dev = cfg.device
     comps = embedded.new_components(cfg.seed)
@@ -268,7 +268,7 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
     """Run the stages into `out` (a folder holding shapes/ and judge.safetensors); returns a report."""
     from diffusers import AutoencoderKL
 
-    from studio.judge import save_judge
+    from studio.shapes.judge import save_judge
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from studio.benchmarks import record
+from studio.bench.recorder import record
 
 
 @contextmanager
@@ -71,9 +71,9 @@ def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings
     """The teacher, the base model at 1 and 4 steps, HiPA and its ablation without the high-frequency loss,
     and with `adversarial` > 0 a third adaptor: HiPA plus the (not HiPA) adversarial term at that weight."""
     from studio.adapters.hipa.config import DistillSettings
-    from studio.distill import run_distill
-    from studio.evaluate import run_b1
-    from studio.judge import load_judge
+    from studio.tasks.distill import run_distill
+    from studio.bench.evaluate import run_b1
+    from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
     from diffusers import DDIMScheduler
 
@@ -137,11 +137,11 @@ def _concept_rows(out: Path, one_step: Path, judge, base, log) -> list[list[str]
     """Does a concept adapter survive one step? The B2 LoRA at 25 guided steps, and beside the adaptor at 1."""
     import numpy as np
 
-    from studio.evaluate import generate_images, b2_prompt_text, b2_prompts, write_b2_training_set, B2_SHAPE
-    from studio.judge import judge_images
+    from studio.bench.evaluate import generate_images, b2_prompt_text, b2_prompts, write_b2_training_set, B2_SHAPE
+    from studio.shapes.judge import judge_images
     from studio.loading import load_pipeline
     from studio.pipelines.one_step import use_one_step
-    from studio.train import train
+    from studio.training.engine import train
 
     data = out / "b2_data"
     write_b2_training_set(data)

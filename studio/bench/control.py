@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from studio import world
-from studio.benchmarks import record
-from studio.conditions import CONTROL_SEED, control_dataset
+from studio.shapes import world
+from studio.bench.recorder import record
+from studio.shapes.conditions import CONTROL_SEED, control_dataset
 
 B5_SEED = CONTROL_SEED + 1
 FEW_SHOT_SEED = CONTROL_SEED + 2
@@ -47,8 +47,8 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
     """Mean IoU and colour accuracy of `pipe` on `examples` (ControlExample), controlled by `adapter` (None: no
     control) with each example's condition image."""
     from studio.adapters.control import set_control
-    from studio.evaluate import generate_images
-    from studio.judge import judge_images
+    from studio.bench.evaluate import generate_images
+    from studio.shapes.judge import judge_images
 
     ious, colours = [], []
     for i in range(0, len(examples), batch):
@@ -99,7 +99,7 @@ def _train_or_reuse(path: Path, method: str, images: Path, conditions: Path, ste
                     settings: dict[str, Any], adapter: dict[str, Any], reuse: bool) -> tuple[int, float, str]:
     """Train the control adapter `path` (its folder is the run folder), or with `reuse` take the one already
     there if it was trained with these settings. (trainable parameters, training seconds, note)."""
-    from studio.train import train
+    from studio.training.engine import train
 
     trained = _reusable(path, method, steps, batch_size, lr, images, settings, adapter) if reuse else None
     if trained is not None:
@@ -136,8 +136,8 @@ def bench_control(methods: list[str], condition: str = "mask", n: int = 64, exam
     (LAYOUT_TIMESTEPS; `{"timestep_bias": "none", "x0_weighting": False}` is the plain objective);
     `adapter`: method settings."""
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.conditions import write_control_set
-    from studio.judge import load_judge
+    from studio.shapes.conditions import write_control_set
+    from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))
@@ -179,8 +179,8 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
     parameters), the adapter fine-tuned whole on them, and the adapter used on the new kind unchanged. Mask IoU
     and colour accuracy on `n` held-out renders with the new kind's condition."""
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.conditions import ConditionError, check_kind, condition_kinds, write_control_set
-    from studio.judge import load_judge
+    from studio.shapes.conditions import ConditionError, check_kind, condition_kinds, write_control_set
+    from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))
@@ -235,7 +235,7 @@ def evaluate_two_conditions(pipe, inputs: list[tuple[str, torch.Tensor]], scenes
     """Per two-shape scene (specs, seed, caption), the IoU of each shape in its half of the generated image, with
     the control `inputs` (adapter name, one condition image per scene) summed at `scale`. Shape n x 2."""
     from studio.adapters.control import set_control
-    from studio.evaluate import generate_images
+    from studio.bench.evaluate import generate_images
 
     scores = []
     for i in range(0, len(scenes), batch):
@@ -266,7 +266,7 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
     import random
 
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.conditions import world_condition, write_control_set
+    from studio.shapes.conditions import world_condition, write_control_set
     from studio.loading import load_pipeline
 
     log = log or (lambda line: print(line, flush=True))

@@ -61,7 +61,7 @@ def measure(model: str, method: str, steps: int) -> dict:
     """One (model, method) in this process: median step time over `steps` after a warm-up, peak memory."""
     from diffusers import DDPMScheduler
 
-    from studio.train import denoising_loss
+    from studio.training.engine import denoising_loss
 
     unet = _unet(model)
     setup = SETUPS[model]
@@ -92,13 +92,13 @@ def measure(model: str, method: str, steps: int) -> dict:
 
 
 def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bool = True) -> str:
-    from studio.benchmarks import record
+    from studio.bench.recorder import record
 
     rows = []
     for model in models:
         results = []
         for method in methods:
-            proc = subprocess.run([sys.executable, "-m", "studio.bench_train", model, method, str(steps)],
+            proc = subprocess.run([sys.executable, "-m", "studio.bench.train_cost", model, method, str(steps)],
                                   capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
                 killed = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else "no output"

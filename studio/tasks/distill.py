@@ -30,7 +30,7 @@ def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: 
         return [lines[i % len(lines)] for i in range(n)]
     if getattr(pipe, "studio_architecture", "") != "shapes":
         raise StudioError("distilling this model needs prompts: pass --prompts FILE (one prompt per line)")
-    from studio import world
+    from studio.shapes import world
 
     rng = random.Random(seed)
     return [world.caption(world.random_spec(rng)) for _ in range(n)]
@@ -42,7 +42,7 @@ def judge_for(pipe):
     runs offline on real images, so the spatial term is pixels only and the adversarial term is refused."""
     if getattr(pipe, "studio_architecture", "") != "shapes":
         return None
-    from studio.judge import load_judge
+    from studio.shapes.judge import load_judge
 
     return load_judge()
 
@@ -81,7 +81,7 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
     judge = judge_for(pipe)
     perceptual = features = None
     if judge is not None:
-        from studio.judge import perceptual_distance, stage_features
+        from studio.shapes.judge import perceptual_distance, stage_features
 
         perceptual = perceptual_distance(judge)
         features = stage_features(judge) if settings.adversarial_weight else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio import world
+from studio.shapes import world
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHAPES_DIR = MODELS_DIR / "shapes"

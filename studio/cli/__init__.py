@@ -90,9 +90,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from studio.benchmarks import record
-    from studio.evaluate import run_b1
-    from studio.judge import load_judge
+    from studio.bench.recorder import record
+    from studio.bench.evaluate import run_b1
+    from studio.shapes.judge import load_judge
 
     steps, guidance = _steps_and_guidance(args)
     if args.n <= 0 or steps <= 0:
@@ -122,7 +122,7 @@ def cmd_eval(args) -> None:
 def cmd_pretrain(args) -> None:
     import json
 
-    from studio.pretrain import PretrainConfig, pretrain
+    from studio.shapes.pretrain import PretrainConfig, pretrain
 
     try:
         overrides = json.loads(args.overrides)
@@ -142,7 +142,8 @@ def cmd_info(args) -> None:
     import torch
     import transformers
 
-    from studio import __version__, embedded
+    from studio import __version__
+    from studio.shapes import embedded
 
     print(f"studio {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()}")
@@ -159,14 +160,14 @@ def cmd_info(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from studio.bench import bench_generation
+    from studio.bench.concept import bench_generation
 
     print(bench_generation(model=args.model, batch=args.batch, steps=args.steps, guidance=args.guidance,
                            repeats=args.repeats, write=not args.no_write))
 
 
 def cmd_bench_judge(args) -> None:
-    from studio.bench import bench_judge
+    from studio.bench.concept import bench_judge
 
     print(bench_judge(n=args.n, write=not args.no_write))
 
@@ -175,7 +176,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the YAML config and the command line hold the same settings."""
     import typing
 
-    from studio.train import TrainConfig
+    from studio.training.engine import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -200,7 +201,7 @@ def parse_settings(items: list[str] | None) -> dict:
     """--adapter KEY=VALUE items → {key: YAML-parsed value}."""
     import yaml
 
-    from studio.train import TrainingError
+    from studio.training.engine import TrainingError
 
     settings = {}
     for item in items or []:
@@ -214,7 +215,7 @@ def parse_settings(items: list[str] | None) -> dict:
 def train_config_from_args(args, defaults: dict | None = None):
     """The config of `studio train`-style flags: `defaults` (a command's own), then the YAML file, the preset and
     the explicit flags over them."""
-    from studio.train import TrainConfig, config_with_preset
+    from studio.training.engine import TrainConfig, config_with_preset
 
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     adapter = parse_settings(explicit.pop("adapter", []))
@@ -228,7 +229,7 @@ def train_config_from_args(args, defaults: dict | None = None):
 
 
 def cmd_train(args) -> None:
-    from studio.train import Trainer
+    from studio.training.engine import Trainer
 
     config = train_config_from_args(args)
 
@@ -264,7 +265,7 @@ def control_train_config(args, render: bool = True):
     if not hasattr(args, "output_dir"):
         args.output_dir = f"runs/control/{name}"
     if not hasattr(args, "data"):
-        from studio.conditions import condition_kinds, write_control_set
+        from studio.shapes.conditions import condition_kinds, write_control_set
 
         condition_kinds(args.condition)
         if getattr(args, "model", "shapes") != "shapes":
@@ -290,7 +291,7 @@ def control_train_config(args, render: bool = True):
 
 
 def cmd_control_train(args) -> None:
-    from studio.train import Trainer
+    from studio.training.engine import Trainer
 
     config = control_train_config(args)
     result = Trainer(config, lambda e: print(e["message"], file=sys.stderr) if e["kind"] == "log" else None).run()
@@ -311,7 +312,8 @@ def tqdm_write(message: str) -> None:
 
 
 def cmd_erase(args) -> None:
-    from studio.adapters.spm.erase import default_prompts, erase_config, train_membrane
+    from studio.tasks.erase import default_prompts
+    from studio.adapters.spm.erase import erase_config, train_membrane
 
     settings = {k: getattr(args, k) for k in ("steps", "lr", "batch", "denoise_steps", "seed")
                 if getattr(args, k) is not None}
@@ -333,7 +335,7 @@ def cmd_erase(args) -> None:
 
 def cmd_distill(args) -> None:
     from studio.adapters.hipa.config import DistillSettings
-    from studio.distill import run_distill
+    from studio.tasks.distill import run_distill
 
     fields = {k: getattr(args, k) for k in ("pairs", "steps", "lr", "batch", "teacher_steps", "teacher_guidance",
                                             "seed") if getattr(args, k) is not None}
@@ -358,14 +360,14 @@ def cmd_distill(args) -> None:
 
 
 def cmd_bench_onestep(args) -> None:
-    from studio.bench_onestep import bench_onestep
+    from studio.bench.onestep import bench_onestep
 
     print(bench_onestep(n=args.n, out=args.out, settings=parse_settings(args.setting), write=not args.no_write,
                         concept=not args.no_concept, reuse=args.reuse, adversarial=args.adversarial))
 
 
 def cmd_bench_erase(args) -> None:
-    from studio.bench_erase import bench_erase, bench_permeability
+    from studio.bench.erase import bench_erase, bench_permeability
 
     parts = set(args.parts.split(","))
     if not parts <= {"permeability", "erase"}:
@@ -415,7 +417,7 @@ def cmd_merge(args) -> None:
 
         print(save_single_file(pipe, out))
     else:
-        from studio.files import atomic_dir
+        from studio.utils.files import atomic_dir
 
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp)
@@ -440,7 +442,7 @@ def parse_adapter_args(items: list[str] | None) -> dict[str, float]:
 
 
 def cmd_bench_concept(args) -> None:
-    from studio.bench import bench_concept
+    from studio.bench.concept import bench_concept
 
     print(bench_concept(method=args.method, preset=args.preset, n=args.n, out=args.out, steps=args.steps,
                         adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write,
@@ -449,7 +451,7 @@ def cmd_bench_concept(args) -> None:
 
 
 def cmd_bench_fewshot(args) -> None:
-    from studio.bench_control import bench_few_shot
+    from studio.bench.control import bench_few_shot
 
     check_control_method(args.method, "bench fewshot --method")
     print(bench_few_shot(args.method, seen=args.seen, new=args.new, shots=args.shots, examples=args.examples,
@@ -459,8 +461,8 @@ def cmd_bench_fewshot(args) -> None:
 
 
 def cmd_bench_multicontrol(args) -> None:
-    from studio.bench_control import bench_multi_condition
-    from studio.conditions import check_kind
+    from studio.bench.control import bench_multi_condition
+    from studio.shapes.conditions import check_kind
 
     check_kind(args.first_kind)
     check_kind(args.second_kind)
@@ -473,8 +475,8 @@ def cmd_bench_multicontrol(args) -> None:
 
 
 def cmd_bench_control(args) -> None:
-    from studio.bench_control import bench_control
-    from studio.conditions import condition_kinds
+    from studio.bench.control import bench_control
+    from studio.shapes.conditions import condition_kinds
 
     condition_kinds(args.condition)
     methods = args.methods.split(",")
@@ -487,14 +489,14 @@ def cmd_bench_control(args) -> None:
 
 
 def cmd_bench_train(args) -> None:
-    from studio.bench_train import bench_train
+    from studio.bench.train_cost import bench_train
 
     print(bench_train(models=args.models.split(","), methods=args.methods.split(","), steps=args.steps,
                       write=not args.no_write))
 
 
 def cmd_bench_ui(args) -> None:
-    from studio.bench import bench_ui_first_image
+    from studio.bench.concept import bench_ui_first_image
 
     print(bench_ui_first_image(preset=args.preset, write=not args.no_write))
 
@@ -508,9 +510,9 @@ def cmd_bench_kernels(args) -> None:
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         pinned = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
         os.execve(sys.executable, [sys.executable, "-m", "studio.cli", *sys.argv[1:]], {**os.environ, **pinned})
-    from studio.bench_kernels import (b7_tables, bench_linears, bench_sparse, bench_unmerged_generation,
+    from studio.bench.kernels import (b7_tables, bench_linears, bench_sparse, bench_unmerged_generation,
                                       parse_shapes, sparse_table, summary)
-    from studio.benchmarks import record
+    from studio.bench.recorder import record
 
     try:
         shapes, tokens, ranks = parse_shapes(args.shapes), _ints(args.tokens), _ints(args.ranks)

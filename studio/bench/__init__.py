@@ -1,0 +1,1 @@
+"""The benchmarks B1-B7, one module each, and the recorder that writes BENCHMARKS.md."""

@@ -1,0 +1,1 @@
+"""Training: the config, the objectives, checkpoints and the one engine every method trains through."""

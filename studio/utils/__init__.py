@@ -1,0 +1,1 @@
+"""Bottom-layer utilities every layer may use: atomic files, settings parsing."""
