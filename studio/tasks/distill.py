@@ -4,12 +4,16 @@ in adapters/hipa; this picks the prompts and the perceptual network for the mode
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from studio.adapters.base import AdapterError
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
-from studio.adapters.hipa.distill import DistillResult, TeacherPairs, distill, make_teacher_pairs
+from studio.adapters.hipa.distill import DistillResult, TeacherPairs, make_teacher_pairs
+from studio.adapters.hipa.distill import distill as distill_adaptor
 from studio.loading import StudioError
+from studio.training.engine import TrainResult
 
 PROMPT_SEED = 20_261_125
 
@@ -85,5 +89,42 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
 
         perceptual = perceptual_distance(judge)
         features = stage_features(judge) if settings.adversarial_weight else None
-    return distill(pipe, config, settings, pairs, out, perceptual=perceptual, features=features, progress=progress,
+    return distill_adaptor(pipe, config, settings, pairs, out, perceptual=perceptual, features=features, progress=progress,
                    on_step=on_step, should_stop=should_stop)
+
+
+def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] | None = None, rank: int = 4,
+            prompts_file: str | Path | None = None, cache: str | Path | None = None, resume: str | None = None,
+            on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+            progress_bar: bool = False) -> TrainResult:
+    """Train a one-step adaptor for `model` and write it to `out`; the teacher pairs are cached in `cache`
+    (default: <out>.teacher.safetensors). `settings`: DistillSettings values. Events as the engine's, plus
+    {"kind": "phase", "message"} while the teacher draws."""
+    from studio.adapters.hipa.config import DistillSettings
+    from studio.loading import load_pipeline
+    from studio.utils.settings import from_values
+
+    on_event = on_event or (lambda event: None)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise StudioError(f"{out}: a one-step adaptor is written as a .safetensors file")
+    if resume:
+        raise StudioError("distill cannot resume yet")  # the engine move brings it
+    run = from_values(DistillSettings, dict(settings or {}), StudioError, "distill")
+    cache = Path(cache) if cache else out.with_name(f"{out.stem}.teacher.safetensors")
+    started: list[float] = []
+
+    def on_teacher(done: int, total: int) -> None:
+        on_event({"kind": "phase", "message": f"teacher images {done}/{total}"})
+
+    def on_step(step: int, loss: float) -> None:
+        started.append(time.perf_counter()) if not started else None
+        eta = (time.perf_counter() - started[0]) / step * (run.steps - step)
+        on_event({"kind": "step", "step": step, "steps": run.steps, "loss": loss, "eta_seconds": eta})
+
+    result = run_distill(load_pipeline(model), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
+                         progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
+                         on_teacher=on_teacher, on_step=on_step, should_stop=should_stop)
+    stopped = result.steps < run.steps
+    on_event({"kind": "done", "step": result.steps, "adapter": str(out), "stopped": stopped})
+    return TrainResult(out, result.steps, result.last_loss, result.seconds, result.trainable_parameters, stopped)
