@@ -195,7 +195,7 @@ class AdapterFile:
 def save_adapter(path: str | Path, method: str, config: AdapterConfig | dict, tensors: dict[str, torch.Tensor],
                  base: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
     """Write an adapter file: its tensors and the header metadata every studio adapter carries."""
-    from studio import __version__
+    from studio.utils.version import __version__
 
     config_dict = config.to_dict() if isinstance(config, AdapterConfig) else dict(config)
     metadata = {"format": "studio-adapter", "format_version": FORMAT_VERSION, "method": method,

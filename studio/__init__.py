@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from studio.utils.version import __version__
 
 __all__ = ["load_pipeline", "StudioError", "__version__"]
 

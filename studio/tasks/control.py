@@ -1,0 +1,63 @@
+"""`studio control-train` and the UI's Control tab: the training config of a control adapter, rendering its
+shapes-world condition/image pairs when no data folder is given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from studio.loading import StudioError
+from studio.training import TrainConfig, config_with_preset
+
+DEFAULT_METHOD = "controlnext"
+
+
+def check_control_method(method: str, what: str = "method") -> str:
+    from studio.adapters import method_names
+
+    if method not in method_names("control"):
+        raise StudioError(f"{what} takes {', '.join(method_names('control'))}, got {method!r}")
+    return method
+
+
+def control_config(*, condition: str = "mask", method: str | None = None, data: str | None = None,
+                   control_data: str | None = None, examples: int = 256, two_shapes: float = 0.0,
+                   overlay_scenes: bool = False, preset: str | None = None, render: bool = True,
+                   defaults: dict[str, Any] | None = None, **settings: Any) -> TrainConfig:
+    """The TrainConfig of a control adapter: `defaults` (e.g. a YAML file's values), then `preset`, then
+    `settings` (any TrainConfig field). Without `data` the shapes world's pairs of `condition` are rendered
+    (`examples` of them, `two_shapes` of them two-shape scenes whose conditions are two summed inputs, or one
+    overlaid image with `overlay_scenes`) into <output_dir>/data; with render=False only their folders are
+    named (a check of the settings before a queued job renders them)."""
+    from studio.adapters.control.method import LAYOUT_TIMESTEPS
+
+    method = check_control_method(method or DEFAULT_METHOD)
+    name = settings.pop("name", None) or f"{method}_{condition.replace(',', '_')}"
+    output_dir = settings.pop("output_dir", None) or f"runs/control/{name}"
+    if data is None:
+        data, control_data = _world_pairs(settings.get("model", "shapes"), condition, Path(output_dir) / "data",
+                                          examples, two_shapes, overlay_scenes, render)
+    values = {**LAYOUT_TIMESTEPS, **(defaults or {}), **settings}
+    values["adapter"] = {"condition": condition, **(defaults or {}).get("adapter", {}), **settings.get("adapter", {})}
+    return config_with_preset(preset, **{**values, "method": method, "name": name, "output_dir": output_dir,
+                                         "data": data, "control_data": control_data})
+
+
+def _world_pairs(model: str, condition: str, folder: Path, examples: int, two_shapes: float, overlay: bool,
+                 render: bool) -> tuple[str, str]:
+    from studio.shapes.conditions import condition_kinds, write_control_set
+
+    condition_kinds(condition)
+    if model != "shapes":
+        raise StudioError("without a data folder, control training renders the shapes world: give the data and "
+                          "control-data folders for another model")
+    if examples < 1:
+        raise StudioError(f"examples must be at least 1 (got {examples})")
+    if not 0.0 <= two_shapes <= 1.0:
+        raise StudioError(f"two_shapes is a fraction between 0 and 1 (got {two_shapes})")
+    if render:
+        images, conditions = write_control_set(folder, condition, examples, two_shapes=two_shapes,
+                                               separate=not overlay)
+    else:
+        images, conditions = folder / "images", folder / "conditions"
+    return str(images), str(conditions)
