@@ -1,3 +1,5 @@
+import sys
+
 from studio.cli import main
 
-main()
+sys.exit(main())
