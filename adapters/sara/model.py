@@ -2,7 +2,7 @@
 Adaptation"): fine-tune only the weights whose magnitude is below a threshold — the ones pruning shows to
 be nearly ineffective — with a nuclear-norm penalty that keeps the sparse update low-rank.
 
-What differs from the official code, on purpose (see ../shared/research/sara_soda.md §1): the update is a
+What differs from the official code, on purpose: the update is a
 separate `values` parameter at stored indices (starting at zero: no sign flip of the selected weights),
 so gradient clipping, accumulation and DDP see an ordinary parameter; the penalty is on the update ΔW
 (the paper's low-rank sparse update) and its gradient reaches the trained values; the file carries the

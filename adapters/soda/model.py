@@ -2,7 +2,7 @@
 Models", SODA-SVD): tune the singular values of each targeted linear and rotate its singular basis with a
 Kronecker product of small orthogonal factors trained on the Stiefel manifold.
 
-What differs from the official code, on purpose (see ../shared/research/sara_soda.md §2): δ is sized
+What differs from the official code, on purpose: δ is sized
 min(out, in), so layers with out > in (SD 1.5's 768→1280 cross-attention) work; factor sizes come from a
 rule for any width (kron.kron_plan) instead of a table; the rotation acts on the activations by mode
 products instead of rebuilding W' and the n×n Kronecker matrix every call; δ starts at 0, so the model
