@@ -2,7 +2,9 @@
 
 The layout A1111, ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (UNet),
 `first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (CLIP text encoder). It is the inverse of
-diffusers' own LDM->diffusers conversion, whose fixed-name table it reuses.
+diffusers' own LDM->diffusers conversion, whose fixed-name table it reuses. (The embedded model's file is
+read by diffusers and `load_pipeline`, not by ComfyUI: its channel widths are not SD 1.5's, so ComfyUI cannot
+detect the model type.)
 """
 
 from __future__ import annotations

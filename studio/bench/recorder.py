@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from studio.bench.goals import GOALS, Table, readings
+from studio.utils.files import atomic_path
 
 RESULT_ENV = ("STUDIO_KERNELS", "STUDIO_ATTENTION")  # settings that change what a benchmark measures
 BENCHMARKS_FILE = Path(os.environ.get("STUDIO_BENCHMARKS", Path.cwd() / "BENCHMARKS.md"))
@@ -170,9 +171,14 @@ def render_status(text: str, results: list[Result]) -> str:
     return f"{title or '# Benchmarks'}\n\n{block}\n{body}"
 
 
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_status(main: Path, results: list[Result]) -> None:
     text = main.read_text(encoding="utf-8") if main.exists() else "# Benchmarks\n"
-    main.write_text(render_status(text, results), encoding="utf-8")
+    write_text(main, render_status(text, results))
 
 
 # -- the history, read back --
@@ -218,8 +224,7 @@ def seed(log: Path, results: Path) -> list[Result]:
     kept = [r for r in load_results(results) if not r.title]
     found = [r for table, cmd, date, mach in log_tables(log.read_text(encoding="utf-8"))
              for r in results_of(table, command=cmd, date=date, machine=mach)]
-    results.write_text("", encoding="utf-8")
-    append_results(results, found + kept)
+    write_text(results, "".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n" for r in found + kept))
     return found + kept
 
 
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                   "`python -m studio.bench.recorder status`", file=sys.stderr)
             return 1
         return 0
-    main_file.write_text(rendered, encoding="utf-8")
+    write_text(main_file, rendered)
     print(status_table(load_results(results)))
     return 0
 
