@@ -205,7 +205,7 @@ def _regular_polygon(sides: int, radius: float, start: float) -> np.ndarray:
     return np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
 
 
-def _semicircle_polygon(radius: float = 1.12, n: int = 40) -> np.ndarray:
+def _semicircle_polygon(radius: float = 1.12, n: int = 24) -> np.ndarray:
     """A half disc, flat side down, centred on its bounding box."""
     t = np.linspace(np.pi, 2 * np.pi, n)  # y grows downwards: this arc is the upper half
     return np.stack([radius * np.cos(t), radius * np.sin(t) + radius / 2], 1)
@@ -221,7 +221,7 @@ _POLYGONS = {
     "diamond": np.array([(0.0, -1.05), (0.7, 0.0), (0.0, 1.05), (-0.7, 0.0)]),
     "hexagon": _regular_polygon(6, 1.0, 0.0),  # corners left and right, flat top and bottom
     "octagon": _regular_polygon(8, 1.0, 22.5),  # flat sides on all four axes
-    "oval": _regular_polygon(64, 1.0, 0.0) * (1.15, 0.62),  # an ellipse, wider than tall
+    "oval": _regular_polygon(40, 1.0, 0.0) * (1.15, 0.62),  # an ellipse, wider than tall
     "semicircle": _semicircle_polygon(),
     "arrow": np.array([(-1.0, -0.26), (0.12, -0.26), (0.12, -0.72), (1.0, 0.0), (0.12, 0.72), (0.12, 0.26),
                        (-1.0, 0.26)]),
