@@ -32,15 +32,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE in CLIP's format whose merges make every world word one token.
+def tokenizer_vocab(shapes_world: world.World = world.V1) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE in CLIP's format whose merges make every word of the world one token.
 
-    Unknown words (new trigger words) still tokenize, into byte-level pieces.
+    Unknown words (new trigger words) still tokenize, into byte-level pieces. V1's tokens, ids and merges
+    come first and are the same in every world's tokenizer (the shipped tokenizer is V1's); a later world's
+    new words get tokens and merges after them, so a V1 text encoder extends by appending embedding rows.
     """
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
-    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in world.vocabulary()]
+    _merge_whole_words(world.vocabulary(), tokens, merges)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    _merge_whole_words(shapes_world.vocabulary(), tokens, merges)  # nothing left to add for V1
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _merge_whole_words(vocabulary: list[str], tokens: list[str], merges: list[tuple[str, str]]) -> None:
+    """Append the merges (and their tokens) that make each word one token under all of `merges`."""
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in vocabulary]
     # A merge added for one word can pre-empt another's (BPE applies merges by rank), so chain
     # merges onto whatever pieces each word currently becomes until every word is one token.
     while True:
@@ -56,8 +66,6 @@ def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
                     if left + right not in tokens:
                         tokens.append(left + right)
                 left = left + right
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
 
 
 def _apply_bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
@@ -72,12 +80,13 @@ def _apply_bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def build_tokenizer():
+def build_tokenizer(shapes_world: world.World = world.V1):
+    """The CLIPTokenizer of a world (V1: the shipped one)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = tokenizer_vocab()
+    vocab, merges = tokenizer_vocab(shapes_world)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-    for word in world.vocabulary():
+    for word in shapes_world.vocabulary():
         ids = tok(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise RuntimeError(f"tokenizer splits the world word {word!r} into {ids}")
@@ -114,14 +123,14 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def new_components(seed: int = 0) -> dict:
-    """Freshly initialised components of the shapes architecture (no weights loaded)."""
+def new_components(seed: int = 0, shapes_world: world.World = world.V1) -> dict:
+    """Freshly initialised components of the shapes architecture (no weights loaded), for a world's tokenizer."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(shapes_world)
     text_encoder = CLIPTextModel(text_encoder_config(
         len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id))
     return dict(

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass, replace
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 
@@ -17,6 +20,18 @@ IMAGE_SIZE = 128
 BASE_SHAPES = ("circle", "square", "triangle")
 HELDOUT_SHAPES = ("star", "heart", "cross")
 SHAPES = BASE_SHAPES + HELDOUT_SHAPES
+# world v2 (see World below) pretrains on eleven shapes; a Spec may name any shape of either world
+V2_BASE_SHAPES = BASE_SHAPES + ("diamond", "hexagon", "octagon", "oval", "ring", "semicircle", "arrow", "trapezoid")
+ALL_SHAPES = V2_BASE_SHAPES + HELDOUT_SHAPES
+# plain-English words for each shape, the canonical name first (v2 captions pick one per image)
+SYNONYMS = MappingProxyType({
+    "circle": ("circle", "disc", "round shape"), "square": ("square", "box"),
+    "triangle": ("triangle", "triangular shape"), "diamond": ("diamond", "rhombus"),
+    "hexagon": ("hexagon", "hexagonal shape"), "octagon": ("octagon", "octagonal shape"),
+    "oval": ("oval", "ellipse"), "ring": ("ring", "hoop"), "semicircle": ("semicircle", "dome"),
+    "arrow": ("arrow", "pointer"), "trapezoid": ("trapezoid", "trapezium"),
+    "star": ("star",), "heart": ("heart",), "cross": ("cross",),
+})
 
 COLOURS = {
     "red": (215, 38, 38),
@@ -61,7 +76,7 @@ class Spec:
 
     def __post_init__(self) -> None:
         for value, allowed, name in (
-            (self.shape, SHAPES, "shape"),
+            (self.shape, ALL_SHAPES, "shape"),
             (self.colour, COLOURS, "colour"),
             (self.background, BACKGROUNDS, "background"),
             (self.size, SIZES, "size"),
@@ -134,10 +149,13 @@ def random_spec(rng: random.Random, shapes: tuple[str, ...] = BASE_SHAPES, heldo
 
 def parse_caption(text: str) -> Spec | None:
     """Read a full caption back into a spec (None when it names less than shape, colour and background)."""
-    words = text.lower().replace(",", " ").split()
+    return _parse(text.lower().replace(",", " ").split(), SHAPES)
+
+
+def _parse(words: list[str], shapes: tuple[str, ...]) -> Spec | None:
     found: dict[str, str] = {}
     for w in words:
-        if w in SHAPES:
+        if w in shapes:
             found.setdefault("shape", w)
         elif w in SIZES:
             found.setdefault("size", w)
@@ -182,13 +200,34 @@ def _cross_polygon(arm: float = 0.34) -> np.ndarray:
                      (-1, -a), (-a, -a)], dtype=np.float64)
 
 
+def _regular_polygon(sides: int, radius: float, start: float) -> np.ndarray:
+    angles = np.deg2rad(start) + np.arange(sides) * 2 * np.pi / sides
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
+
+
+def _semicircle_polygon(radius: float = 1.12, n: int = 24) -> np.ndarray:
+    """A half disc, flat side down, centred on its bounding box."""
+    t = np.linspace(np.pi, 2 * np.pi, n)  # y grows downwards: this arc is the upper half
+    return np.stack([radius * np.cos(t), radius * np.sin(t) + radius / 2], 1)
+
+
 _POLYGONS = {
     "square": np.array([(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)]),
     "triangle": np.array([(0.0, -1.0), (0.95, 0.72), (-0.95, 0.72)]),
     "star": _star_polygon(),
     "heart": _heart_polygon(),
     "cross": _cross_polygon(),
+    # world v2
+    "diamond": np.array([(0.0, -1.05), (0.7, 0.0), (0.0, 1.05), (-0.7, 0.0)]),
+    "hexagon": _regular_polygon(6, 1.0, 0.0),  # corners left and right, flat top and bottom
+    "octagon": _regular_polygon(8, 1.0, 22.5),  # flat sides on all four axes
+    "oval": _regular_polygon(40, 1.0, 0.0) * (1.15, 0.62),  # an ellipse, wider than tall
+    "semicircle": _semicircle_polygon(),
+    "arrow": np.array([(-1.0, -0.26), (0.12, -0.26), (0.12, -0.72), (1.0, 0.0), (0.12, 0.72), (0.12, 0.26),
+                       (-1.0, 0.26)]),
+    "trapezoid": np.array([(-0.45, -0.62), (0.45, -0.62), (1.0, 0.62), (-1.0, 0.62)]),
 }
+RING_INNER = 0.55  # the ring's hole, as a fraction of its outer radius
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64) + 0.5
 
@@ -216,6 +255,9 @@ def shape_coverage(shape: str, cx: float, cy: float, radius: float, angle: float
     """Anti-aliased coverage in [0, 1] of one shape, as a float array of IMAGE_SIZE x IMAGE_SIZE."""
     if shape == "circle":
         sdf = np.hypot(_XX - cx, _YY - cy) - radius
+    elif shape == "ring":  # an annulus between RING_INNER * radius and radius
+        half_width = radius * (1 - RING_INNER) / 2
+        sdf = np.abs(np.hypot(_XX - cx, _YY - cy) - (radius - half_width)) - half_width
     else:
         c, s = np.cos(angle), np.sin(angle)
         verts = _POLYGONS[shape] @ np.array([[c, s], [-s, c]]) * radius + np.array([cx, cy])
@@ -266,11 +308,11 @@ def scene_caption(specs: list[Spec]) -> str:
 OPPOSITE_HALVES = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 
 
-def random_pair(rng: random.Random, heldout: bool | None = False) -> list[Spec]:
+def random_pair(rng: random.Random, heldout: bool | None = False, shapes: tuple[str, ...] = BASE_SHAPES) -> list[Spec]:
     """Two different base shapes of one colour in opposite halves (left/right or top/bottom), on one background;
     heldout as in random_spec (for both shapes' combinations)."""
     while True:
-        a, b = rng.sample(BASE_SHAPES, 2)
+        a, b = rng.sample(shapes, 2)
         colour = rng.choice(list(COLOURS))
         background = rng.choice([c for c in BACKGROUNDS if c != colour])
         if heldout is not None and any(is_heldout_combo(s, colour, background) != heldout for s in (a, b)):
@@ -307,3 +349,152 @@ def prompts_naming(word: str, n: int = 64, seed: int = 0) -> list[str]:
         out.append(caption(spec, size=rng.random() < 0.5, position=rng.random() < 0.5,
                            background=rng.random() < 0.5))
     return out
+
+
+# ---------------------------------------------------------------------------
+# World versions: which shapes pretraining draws and holds out, and the words captions use for them
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of a data stream: one shape or a two-shape scene, and the seed that lays it out."""
+
+    specs: tuple[Spec, ...]
+    seed: int
+
+    def render(self) -> np.ndarray:
+        return render_scene(list(self.specs), self.seed)
+
+
+@dataclass(frozen=True)
+class World:
+    """A version of the world: the shapes pretraining draws and holds out, the words captions use for a shape
+    (one picked per caption from the seed), "an" before a vowel or not, and the share of two-shape scenes in
+    pretraining. Shapes look the same in every version. V1 is what the shipped model and judge learnt; the
+    module's functions are V1's."""
+
+    version: int
+    base_shapes: tuple[str, ...]
+    heldout_shapes: tuple[str, ...]
+    synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    two_shape_fraction: float = 0.0
+    articles: bool = False
+
+    def __post_init__(self) -> None:
+        if unknown := [s for s in self.shapes + tuple(self.synonyms) if s not in ALL_SHAPES]:
+            raise ValueError(f"unknown shapes {unknown}; known: {', '.join(ALL_SHAPES)}")
+        if both := set(self.base_shapes) & set(self.heldout_shapes):
+            raise ValueError(f"shapes both pretrained and held out: {sorted(both)}")
+        if not 0.0 <= self.two_shape_fraction <= 1.0:
+            raise ValueError(f"two_shape_fraction is between 0 and 1, not {self.two_shape_fraction}")
+        object.__setattr__(self, "synonyms", MappingProxyType(dict(self.synonyms)))
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return self.base_shapes + self.heldout_shapes
+
+    def words(self, shape: str) -> tuple[str, ...]:
+        """The words captions of this world use for a shape, its canonical name first."""
+        if shape not in self.shapes:
+            raise ValueError(f"{shape!r} is not a shape of world v{self.version}; known: {', '.join(self.shapes)}")
+        return self.synonyms.get(shape, (shape,))
+
+    def shape_word(self, shape: str, seed: int | None = None, salt: int = 0) -> str:
+        """The word one caption uses: the canonical name without a seed, else one the (seed, salt) picks."""
+        words = self.words(shape)
+        if seed is None or len(words) == 1:
+            return words[0]
+        digest = hashlib.sha256(f"{shape}|{seed}|{salt}".encode()).digest()
+        return words[int.from_bytes(digest[:4], "big") % len(words)]
+
+    def caption(self, spec: Spec, seed: int | None = None, *, size: bool = True, position: bool = True,
+                background: bool = True, variant: int = 0) -> str:
+        return self.scene_caption([spec], seed, size=size, position=position, background=background, variant=variant)
+
+    def scene_caption(self, specs: list[Spec] | tuple[Spec, ...], seed: int | None = None, *, size: bool = True,
+                      position: bool = True, background: bool = True, variant: int = 0) -> str:
+        """One shape's or a scene's caption (V1's are caption's and scene_caption's)."""
+        text = " and ".join(caption(s, size=size, position=position, background=False, shape_word=self.shape_word(
+            s.shape, seed, 2 * variant + k)) for k, s in enumerate(specs))
+        if background:
+            text += f" on a {specs[0].background} background"
+        return re.sub(r"\ba (?=[aeiou])", "an ", text) if self.articles else text
+
+    def caption_variants(self, specs: list[Spec] | tuple[Spec, ...], seed: int | None = None) -> list[str]:
+        """Eight captions, variant i naming size if bit 0, position if bit 1, background if bit 2 (as
+        caption_variants); with a seed each variant picks its own shape words."""
+        return [self.scene_caption(specs, seed, size=bool(i & 1), position=bool(i & 2), background=bool(i & 4),
+                                   variant=i) for i in range(8)]
+
+    def _canonical(self, text: str) -> str:
+        """The text with every shape word replaced by its shape's canonical name, longest phrase first."""
+        text = " ".join(text.lower().replace(",", " ").split())
+        names = {w: s for s in self.shapes for w in self.words(s)}
+        if not (phrases := sorted((w for w, s in names.items() if w != s), key=len, reverse=True)):
+            return text
+        return re.sub(r"\b(" + "|".join(map(re.escape, phrases)) + r")\b", lambda m: names[m.group(1)], text)
+
+    def parse_caption(self, text: str) -> Spec | None:
+        """parse_caption for this world: any of a shape's words gives its canonical name in the spec."""
+        return _parse(self._canonical(text).split(), self.shapes)
+
+    def parse_scene(self, text: str) -> list[Spec] | None:
+        """Every shape a scene caption names ("... and ... on a blue background"), None if one is incomplete."""
+        parts = self._canonical(text).split(" and ")
+        if (tail := re.search(r"\bon an? (\w+) background$", parts[-1])) is None:
+            return None
+        parts[-1] = parts[-1][:tail.start()]
+        specs = [_parse(f"{p} on a {tail.group(1)} background".split(), self.shapes) for p in parts]
+        return None if None in specs else specs
+
+    def random_spec(self, rng: random.Random, heldout: bool | None = False) -> Spec:
+        return random_spec(rng, self.base_shapes, heldout)
+
+    def random_pair(self, rng: random.Random, heldout: bool | None = False) -> list[Spec]:
+        return random_pair(rng, heldout, self.base_shapes)
+
+    def pretraining_scenes(self, n: int, seed: int, *, two_shape_fraction: float | None = None,
+                           heldout: bool | None = False) -> list[Scene]:
+        """The pretraining stream: base shapes only, combinations as `heldout` (False: pretraining ones), a
+        two_shape_fraction (default the world's) of two-shape scenes. With none, V1's stream is the specs and
+        seeds pretrain.world_sample(n, seed, BASE_SHAPES, False) draws."""
+        if two_shape_fraction is not None:  # replace() checks it
+            return replace(self, two_shape_fraction=two_shape_fraction).pretraining_scenes(n, seed, heldout=heldout)
+        rng, fraction = random.Random(seed), self.two_shape_fraction
+        specs = [self.random_pair(rng, heldout) if fraction and rng.random() < fraction
+                 else [self.random_spec(rng, heldout)] for _ in range(n)]
+        return [Scene(tuple(s), rng.randrange(2**31)) for s in specs]
+
+    def prompt_specs(self, n: int, seed: int, combos: str = "heldout") -> list[tuple[Spec, int]]:
+        """B1's (spec, seed) pairs: base shapes in combinations never in the pretraining captions, or with
+        combos="seen" in them; V1's are bench.evaluate.b1_prompts(n, seed, combos)."""
+        if combos not in ("heldout", "seen"):
+            raise ValueError(f"combos is 'heldout' or 'seen', not {combos!r}")
+        rng = random.Random(seed)
+        return [(self.random_spec(rng, combos == "heldout"), rng.randrange(2**31)) for _ in range(n)]
+
+    def vocabulary(self) -> list[str]:
+        """Every word a caption of this world can contain: V1's list first, in its order (token ids follow it)."""
+        words = vocabulary()
+        if self.version == 1:
+            return words
+        extra = ["and", "an"][:1 + self.articles] + [w for s in self.shapes for p in self.words(s) for w in p.split()]
+        return words + [w for w in dict.fromkeys(extra) if w not in words]
+
+
+V1 = World(1, BASE_SHAPES, HELDOUT_SHAPES)
+V2 = World(2, V2_BASE_SHAPES, HELDOUT_SHAPES, SYNONYMS, two_shape_fraction=0.2, articles=True)
+WORLDS = {1: V1, 2: V2}
+
+
+def get_world(version: int) -> World:
+    if version not in WORLDS:
+        raise ValueError(f"unknown world version {version!r}; known: {', '.join(map(str, WORLDS))}")
+    return WORLDS[version]
+
+
+def synonyms(shape: str) -> tuple[str, ...]:
+    """The plain-English words for a shape, its canonical name first (v2 captions use them all)."""
+    if shape not in SYNONYMS:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
+    return SYNONYMS[shape]
