@@ -1,6 +1,6 @@
 """Erase and distill run through the training engine: killed (SIGKILL) or interrupted (Ctrl+C) and resumed with
 resume="latest" they write the same adapter as an uninterrupted run, with the exact step count; under
-`accelerate launch --num_processes 2 --cpu` they match one process; resume with no checkpoint says so, and an
+`accelerate launch --multi_gpu --num_processes 2` on the CPU they match one process; resume with no checkpoint says so, and an
 output folder that is a file is refused in one line."""
 
 import json
@@ -132,7 +132,9 @@ def test_killed_or_interrupted_then_resumed_equals_uninterrupted(tmp_path, child
 
 def _two_processes(child_script, task, out, settings, cache):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    run = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    # `--cpu` would make accelerate's simple launcher start one process; `--multi_gpu` on a host without GPUs starts
+    # 2 through torchrun (gloo DDP, MULTI_CPU), as tests/test_train.py's 2-process test does
+    run = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", str(child_script), task, str(out),
                           json.dumps(settings), "", str(cache)], capture_output=True, text=True, env=ENV,
                          timeout=600)

@@ -10,6 +10,8 @@ uninterrupted single-process run draws."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -178,10 +180,13 @@ class Engine:
                         disable=not (s.progress_bar and acc.is_local_main_process))
         loss_value, stopped, step, completed = float("nan"), False, start_step, start_step
         run_started = time.perf_counter()
+        restore = self._catch_ctrl_c()
         try:
             for step in range(start_step + 1, s.steps + 1):
                 loss_value = self._step(recipe, step, last_good)
                 completed = step
+                if self._ctrl_c_seen():
+                    raise KeyboardInterrupt
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}")
                 acc.log({"loss": loss_value, "lr": self.lr_scheduler.get_last_lr()[0]}, step=step)
@@ -199,8 +204,32 @@ class Engine:
         except KeyboardInterrupt:
             raise self._interrupted(recipe, completed, start_step, last_good) from None
         finally:
+            restore()
             progress.close()
         return self._finish(recipe, step, loss_value, stopped, started)
+
+    def _catch_ctrl_c(self) -> Callable[[], None]:
+        """Ctrl+C ends the step under way, then the run (a second one ends it at once): a KeyboardInterrupt raised
+        anywhere in a step can be swallowed (inside a __del__, say) and the run would go on. Only where Python's
+        own handler is in place, on the main thread; returns what puts it back."""
+        self._ctrl_c = False
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return lambda: None
+
+        def handler(signum, frame):
+            if self._ctrl_c:
+                raise KeyboardInterrupt
+            self._ctrl_c = True
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _ctrl_c_seen(self) -> bool:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._ctrl_c
+        return bool(acc.reduce(torch.tensor(float(self._ctrl_c), device=acc.device), "sum") > 0)  # all stop together
 
     def _interrupted(self, recipe: Recipe, completed: int, start_step: int, last_good: Path | None) -> TrainingError:
         """Keep every finished step: the weights and optimizer now are those after `completed` steps."""
@@ -279,7 +308,7 @@ class Engine:
 
     def _load_checkpoint(self, path: Path, recipe: Recipe) -> int:
         state, tensors = read_checkpoint(path)
-        saved = state.get("identity", {})
+        saved = state.get("identity") or state.get("config", {})  # (checkpoints from before the identity)
         for key, value in recipe.identity.items():
             if saved.get(key) != value:
                 raise TrainingError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {value!r}; "
