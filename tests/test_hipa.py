@@ -7,11 +7,11 @@ from torchvision.transforms.functional import gaussian_blur
 from studio.shapes import world
 from studio.adapters import AdapterError, set_adapter_weights
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
-from studio.adapters.hipa.distill import (TRAINING_NAME, TeacherPairs, distill, encode_prompts, make_teacher_pairs,
+from studio.adapters.hipa.distill import (TRAINING_NAME, TeacherPairs, encode_prompts, make_teacher_pairs,
                                           one_step_images)
 from studio.adapters.hipa.losses import edge_map, high_frequency_loss, high_pass
 from studio.adapters.hipa.model import HipaMethod
-from studio.tasks.distill import teacher_pairs
+from studio.tasks.distill import distill_adaptor, teacher_pairs
 from studio.loading import StudioError, load_pipeline
 from studio.pipelines.one_step import use_one_step
 
@@ -124,8 +124,8 @@ def test_distillation_moves_the_student_to_the_teacher_and_the_file_reproduces_i
             return float(((one_step_images(pipe, pairs.noise, embeds, 999) - teacher) ** 2).mean())
 
     before = error()
-    result = distill(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "h.safetensors",
-                     perceptual=perceptual_distance(judge))
+    result = distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "h.safetensors",
+                             perceptual=perceptual_distance(judge))
     after = error()
     # measured 0.079 -> 0.061 (seeded); 0.057 to 0.064 with the adapter linears' thin or merged way forced: a
     # 30-step run at this learning rate amplifies the kernels' last-ulp differences (gradients agree to 2e-6)
@@ -174,7 +174,7 @@ def test_a_file_that_is_not_a_one_step_adaptor_is_refused(tmp_path, sd1_folder):
     with pytest.raises(StudioError, match="was trained for .* the loaded model is"):
         load_pipeline(sd1_folder, one_step=path)
     with pytest.raises(AdapterError, match="last training timestep"):
-        distill(load_pipeline("shapes"), HipaConfig(timestep=500), _tiny_settings(), None)
+        distill_adaptor(load_pipeline("shapes"), HipaConfig(timestep=500), _tiny_settings(), None)
 
 
 def test_the_concept_engine_sends_one_step_adaptors_to_distill():
@@ -225,9 +225,9 @@ def test_distillation_with_the_adversarial_term(tmp_path, judge):
     settings = _tiny_settings(steps=4, adversarial_weight=0.1)
     pairs = make_teacher_pairs(pipe, (PROMPTS * 2)[:8], settings)
     with pytest.raises(AdapterError, match="feature network"):
-        distill(pipe, HipaConfig(rank=2), settings, pairs)
-    result = distill(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "a.safetensors",
-                     features=stage_features(judge))
+        distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs)
+    result = distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "a.safetensors",
+                             features=stage_features(judge))
     assert result.steps == 4 and result.last_loss == result.last_loss
     with safe_open(str(result.path), "pt") as f:
         assert f.metadata()["adversarial_term"] == "true"
@@ -244,7 +244,7 @@ def test_the_benchmark_reuses_an_adaptor_written_before_a_setting_was_added(tmp_
     pipe = load_pipeline("shapes")
     settings = _tiny_settings(steps=2)
     pairs = make_teacher_pairs(pipe, PROMPTS[:4], _tiny_settings(pairs=4))
-    path = distill(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "h.safetensors").path
+    path = distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "h.safetensors").path
     with safe_open(str(path), "pt") as f:  # as an older version wrote it: without the adversarial settings
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     older = json.loads(meta["distill_settings"])
@@ -268,7 +268,7 @@ def test_distillation_keeps_the_moving_average_of_the_adaptor_when_asked(tmp_pat
     def on_step(step, loss):
         seen.append([p.detach().clone() for p in HipaMethod().trainable_parameters(pipe, TRAINING_NAME)])
 
-    result = distill(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "e.safetensors", on_step=on_step)
+    result = distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "e.safetensors", on_step=on_step)
     expected = seen[0]  # the first update copies; then decay min(0.5, 2/11) = 0.18, then min(0.5, 3/12) = 0.25
     for weights, decay in zip(seen[1:], (2 / 11, 3 / 12)):
         expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]

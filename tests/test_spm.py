@@ -10,7 +10,8 @@ from studio.adapters import AdapterError, base_fingerprint, get_method, read_ada
 from studio.adapters.io import export_adapter
 from studio.adapters.spm import SpmConfig
 from studio.adapters.spm.config import EraseSettings
-from studio.adapters.spm.erase import TRAINING_NAME, erase_esd, random_anchors, train_membrane
+from studio.adapters.spm.erase import TRAINING_NAME, random_anchors
+from studio.tasks.erase import erase_esd, train_membrane
 from studio.adapters.spm.transport import permeability
 from studio.pipelines.membranes import load_membranes, use_membranes
 

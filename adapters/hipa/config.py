@@ -56,7 +56,8 @@ class DistillSettings:
                self.adversarial_weight) < 0:
             raise AdapterError("distill loss weights must be >= 0")
         if not 0 < self.radius < 0.5:
-            raise AdapterError(f"the high-pass radius is a fraction of the sampling rate in (0, 0.5), got {self.radius}")
+            raise AdapterError("the high-pass radius is a fraction of the sampling rate in (0, 0.5), "
+                               f"got {self.radius}")
         if not 0 <= self.ema_decay < 1:
             raise AdapterError(f"ema_decay must be in [0, 1), got {self.ema_decay:g}")
         if self.discriminator_lr <= 0:

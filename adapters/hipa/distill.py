@@ -1,13 +1,12 @@
 """Training the one-step adaptor: teacher pairs (noise, prompt, the frozen model's multi-step image from that
 noise), then the student (base UNet + adaptor, one call at T) trained so its decoded image matches the
-teacher's under the spatial and high-frequency losses, back-propagated through the frozen VAE decoder."""
+teacher's under the spatial and high-frequency losses, back-propagated through the frozen VAE decoder. These
+are the pieces (pairs, the step's batch, its loss); the loop is the training engine's (studio.tasks.distill)."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,13 +16,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from studio.adapters.base import (AdapterError, base_fingerprint, optimizer_step, save_adapter,
-                                  write_safetensors)
+from studio.adapters.base import (AdapterError, base_fingerprint, write_safetensors)
 from studio.adapters.hipa.adversarial import (Features, FeatureDiscriminator, discriminator_loss,
                                               generator_loss, pooled_text)
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
-from studio.adapters.hipa.model import HipaMethod
 from studio.adapters.hipa.schedule import last_timestep, predicted_x0
 
 TRAINING_NAME = "one_step"
@@ -111,10 +108,11 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5
 
 
-def one_step_latents(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int) -> torch.Tensor:
-    """The student's x0: one UNet call at `timestep` on `noise`."""
+def one_step_latents(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int, *,
+                     unet=None) -> torch.Tensor:
+    """The student's x0: one UNet call (`unet`, default the pipeline's) at `timestep` on `noise`."""
     t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
-    out = pipe.unet(noise, t, encoder_hidden_states=prompt_embeds).sample
+    out = (unet or pipe.unet)(noise, t, encoder_hidden_states=prompt_embeds).sample
     # the pipeline's scheduler holds alpha_bar of the training schedule (DDIM, LCM, Euler: the same betas)
     return predicted_x0(out, noise, float(pipe.scheduler.alphas_cumprod[timestep]),
                         pipe.scheduler.config.get("prediction_type", "epsilon"))
@@ -125,16 +123,7 @@ def one_step_images(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, time
     return decode(pipe, one_step_latents(pipe, noise, prompt_embeds, timestep))
 
 
-@dataclass
-class DistillResult:
-    path: Path | None
-    steps: int
-    seconds: float
-    trainable_parameters: int
-    last_loss: float
-
-
-def _check_pipeline(pipe, config: HipaConfig) -> None:
+def check_pipeline(pipe, config: HipaConfig) -> None:
     if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
         raise AdapterError("one-step distillation supports SD 1.x/2.x-style UNets (and the embedded model); SDXL "
                            "needs pooled embeddings and time ids, which this trainer does not build yet")
@@ -144,114 +133,79 @@ def _check_pipeline(pipe, config: HipaConfig) -> None:
                            f"got {config.timestep}")
 
 
-def distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, out: str | Path | None = None,
-            *, perceptual: Perceptual | None = None, features: Features | None = None, progress: bool = False,
-            on_step: Callable[[int, float], None] | None = None, should_stop=None) -> DistillResult:
-    """Train the adaptor on `pipe` (left attached under TRAINING_NAME) and, with `out`, write it (method "hipa").
-    `features` (a frozen network's stage activations) is what the adversarial term's discriminator reads."""
-    settings.validate()
-    if settings.adversarial_weight and features is None:
-        raise AdapterError("the adversarial term needs a feature network for its discriminator; only the embedded "
-                           "model ships one (its judge): set adversarial_weight=0 for this model")
-    _check_pipeline(pipe, config)
-    if pairs.base != base_fingerprint(pipe):
-        raise AdapterError("the teacher pairs were made by another model; make them again for this one")
-    n = min(settings.pairs, len(pairs.prompts))
-    method = HipaMethod()
-    with torch.random.fork_rng():  # the adaptor's initial down-projections come from the seed
-        torch.manual_seed(settings.seed)
-        method.attach(pipe, config, TRAINING_NAME)
-    params = method.trainable_parameters(pipe, TRAINING_NAME)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    embeds = encode_prompts(pipe, pairs.prompts[:n])
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    disc = disc_optimizer = None
-    if settings.adversarial_weight:
-        with torch.random.fork_rng():
-            torch.manual_seed(settings.seed)
-            with torch.no_grad():
-                channels = [f.shape[1] for f in features(pairs.images[:1].to(device, torch.float32) / 255)]
-            disc = FeatureDiscriminator(channels, embeds.shape[-1]).to(device)
-        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=settings.discriminator_lr, betas=(0.0, 0.99),
-                                           weight_decay=0.0)
+def pair_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """The pairs of step `step` (from 1): epochs of shuffled pairs, each epoch's order drawn from (seed, epoch),
+    so any step's batch is known without the steps before it."""
+    first = (step - 1) * batch
+    out = []
+    for position in range(first, first + batch):
+        epoch, index = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(order[index]))
+    return out
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine down to a tenth
+
+def student_loss(pipe, unet, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, embeds: torch.Tensor,
+                 idx: list[int], *, perceptual: Perceptual | None = None, features: Features | None = None,
+                 discriminator=None) -> tuple[torch.Tensor, dict]:
+    """The student's loss on the pairs `idx` (the mean over them): spatial, high-frequency and (with a
+    discriminator) adversarial terms. Also returns what the discriminator's own step needs."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    noise = pairs.noise[idx].to(device, dtype)
+    teacher = pairs.images[idx].to(device, torch.float32) / 255
+    x0 = one_step_latents(pipe, noise, embeds[idx], config.timestep, unet=unet)
+    student = decode(pipe, x0).float()
+    loss = spatial_loss(student, teacher, pixel_weight=settings.pixel_weight, perceptual=perceptual,
+                        perceptual_weight=settings.perceptual_weight)
+    if settings.latent_weight:
+        loss = loss + settings.latent_weight * F.mse_loss(x0.float(), pairs.latents[idx].to(device))
+    if settings.high_frequency:
+        loss = loss + high_frequency_loss(student, teacher, radius=settings.radius,
+                                          fourier_weight=settings.fourier_weight, edge_weight=settings.edge_weight)
+    seen = {}
+    if discriminator is not None:
+        text = pooled_text(embeds[idx])
+        student_features = features(student)
+        loss = loss + settings.adversarial_weight * generator_loss(discriminator, student_features, text)
+        seen = {"teacher": teacher, "fake": [f.detach() for f in student_features], "text": text}
+    return loss, seen
+
+
+def discriminator_step(discriminator, optimizer, features: Features, seen: dict) -> None:
+    """The discriminator's step on the batch the student just trained on."""
+    with torch.no_grad():
+        real = features(seen["teacher"])
+    optimizer.zero_grad(set_to_none=True)  # (the student's step left gradients here too)
+    discriminator_loss(discriminator, real, seen["fake"], seen["text"]).backward()
+    optimizer.step()
+
+
+def make_discriminator(pipe, settings: DistillSettings, pairs: TeacherPairs, features: Features, text_dim: int):
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        with torch.no_grad():
+            channels = [f.shape[1] for f in features(pairs.images[:1].to(pipe.unet.device, torch.float32) / 255)]
+        disc = FeatureDiscriminator(channels, text_dim).to(pipe.unet.device)
+    return disc, torch.optim.AdamW(disc.parameters(), lr=settings.discriminator_lr, betas=(0.0, 0.99),
+                                   weight_decay=0.0)
+
+
+def lr_factor(settings: DistillSettings):
+    """Linear warm-up, then cosine down to a tenth (a factor of the step)."""
+    def at(step: int) -> float:
         if step < settings.warmup:
             return (step + 1) / settings.warmup
         done = (step - settings.warmup) / max(settings.steps - settings.warmup, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    return at
 
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    ema = None
-    if settings.ema_decay:  # (its decay warms up as (1 + step) / (10 + step) until it reaches ema_decay)
-        from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=settings.ema_decay, foreach=True)
-    rng = random.Random(settings.seed)
-    order: list[int] = []
-    pipe.unet.train()
-    start = time.perf_counter()
-    last = float("nan")
-    step = 0
-    try:
-        for step in tqdm(range(1, settings.steps + 1), desc="distill", disable=not progress):
-            if should_stop is not None and should_stop():
-                step -= 1
-                break
-            if len(order) < settings.batch:  # epochs of shuffled pairs
-                more = list(range(n))
-                rng.shuffle(more)
-                order += more
-            idx, order = order[:settings.batch], order[settings.batch:]
-            noise = pairs.noise[idx].to(device, dtype)
-            teacher = pairs.images[idx].to(device, torch.float32) / 255
-            x0 = one_step_latents(pipe, noise, embeds[idx], config.timestep)
-            student = decode(pipe, x0).float()
-            loss = spatial_loss(student, teacher, pixel_weight=settings.pixel_weight, perceptual=perceptual,
-                                perceptual_weight=settings.perceptual_weight)
-            if settings.latent_weight:
-                loss = loss + settings.latent_weight * F.mse_loss(x0.float(), pairs.latents[idx].to(device))
-            if settings.high_frequency:
-                loss = loss + high_frequency_loss(student, teacher, radius=settings.radius,
-                                                  fourier_weight=settings.fourier_weight,
-                                                  edge_weight=settings.edge_weight)
-            if disc is not None:
-                text = pooled_text(embeds[idx])
-                student_features = features(student)
-                loss = loss + settings.adversarial_weight * generator_loss(disc, student_features, text)
-            last = optimizer_step(loss, optimizer, lr_schedule, step=step, what="distill",
-                                  remedy=f"lower the learning rate (now {settings.lr:g})")
-            if ema is not None:
-                ema.step(params)
-            if disc is not None:  # then the discriminator, on the same batch
-                with torch.no_grad():
-                    real = features(teacher)
-                fake = [f.detach() for f in student_features]  # (the judge is frozen: the same activations)
-                disc_optimizer.zero_grad(set_to_none=True)  # (the student's step left gradients here too)
-                discriminator_loss(disc, real, fake, text).backward()
-                disc_optimizer.step()
-            if on_step is not None:
-                on_step(step, last)
-    finally:
-        pipe.unet.eval()
-        for p in params:
-            p.requires_grad_(False)
-        if ema is not None and step:
-            ema.copy_to(params)  # what the file holds and the pipeline keeps
-    seconds = time.perf_counter() - start
-    trainable = sum(p.numel() for p in params)
-    path = None
-    if out is not None:
-        path = save_adapter(out, "hipa", config, method.state_dict(pipe, TRAINING_NAME), base_fingerprint(pipe),
-                            extra={"steps": str(step), "teacher_steps": str(pairs.steps),
-                                   "teacher_guidance": str(pairs.guidance), "high_frequency_loss":
-                                   str(settings.high_frequency).lower(),
-                                   "distill_settings": json.dumps(settings.__dict__, sort_keys=True),
-                                   "adversarial_term": str(bool(settings.adversarial_weight)).lower(),
-                                   "training_seconds": f"{seconds:.1f}",
-                                   "trainable_parameters": str(trainable)})
-    return DistillResult(path, step, seconds, trainable, last)
+def check_distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs | None,
+                  features: Features | None) -> None:
+    settings.validate()
+    if settings.adversarial_weight and features is None:
+        raise AdapterError("the adversarial term needs a feature network for its discriminator; only the embedded "
+                           "model ships one (its judge): set adversarial_weight=0 for this model")
+    check_pipeline(pipe, config)
+    if pairs is None or pairs.base != base_fingerprint(pipe):
+        raise AdapterError("the teacher pairs were made by another model; make them again for this one")

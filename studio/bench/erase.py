@@ -14,8 +14,8 @@ ESD_LRS = (1e-3, 1e-4)
 
 
 def _train(pipe, concepts: list[str], settings: dict, out: Path, log):
-    from studio.tasks.erase import default_prompts
-    from studio.adapters.spm.erase import erase_config, train_membrane
+    from studio.adapters.spm.erase import erase_config
+    from studio.tasks.erase import default_prompts, train_membrane
 
     config, run = erase_config(concepts, "shapes", settings=settings)
     config.prompts = default_prompts(pipe, concepts, seed=run.seed)
@@ -65,8 +65,8 @@ def bench_permeability(n: int = 64, write: bool = True) -> str:
 
 def bench_erase(n: int = 64, out: str | Path = "runs/bench_erase", settings: dict | None = None,
                 write: bool = True, log=print) -> str:
-    from studio.tasks.erase import default_prompts
-    from studio.adapters.spm.erase import erase_config, erase_esd
+    from studio.adapters.spm.erase import erase_config
+    from studio.tasks.erase import default_prompts, erase_esd
     from studio.bench.evaluate import run_b3
     from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline

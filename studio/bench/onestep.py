@@ -44,13 +44,13 @@ def _row(label: str, steps: int, guidance: float, r, unet_s: float, teacher_ips:
 
 
 def _trained_before(path: Path, settings):
-    """The DistillResult of an adaptor this benchmark wrote earlier with the same distill settings (`--reuse`),
+    """The TrainResult of an adaptor this benchmark wrote earlier with the same distill settings (`--reuse`),
     its training time as measured then; None when there is none."""
     import json
 
     from studio.adapters import read_adapter
     from studio.adapters.hipa.config import DistillSettings
-    from studio.adapters.hipa.distill import DistillResult
+    from studio.training import TrainResult
 
     if not path.is_file():
         return None
@@ -61,8 +61,8 @@ def _trained_before(path: Path, settings):
     then = {**DistillSettings().__dict__, **json.loads(meta["distill_settings"])}
     if then != settings.__dict__:
         return None
-    return DistillResult(path, int(meta["steps"]), float(meta["training_seconds"]), int(meta["trainable_parameters"]),
-                         float("nan"))
+    return TrainResult(path, int(meta["steps"]), float("nan"), float(meta["training_seconds"]),
+                       int(meta["trainable_parameters"]))
 
 
 def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings: dict | None = None,

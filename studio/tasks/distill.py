@@ -1,19 +1,30 @@
-"""`studio distill`: teacher pairs (cached), then the one-step HiPA adaptor trained on them. The pieces are
-in adapters/hipa; this picks the prompts and the perceptual network for the model at hand."""
+"""`studio distill`: teacher pairs (cached), then the one-step HiPA adaptor trained on them through the training
+engine. The pieces are in adapters/hipa; this picks the prompts and the perceptual network for the model at hand.
+
+Checkpoints and logs of a run writing OUT.safetensors go to OUT_run/ beside it; resume="latest" resumes the
+newest checkpoint there (or any checkpoint folder given by path). The teacher pairs are made (or read from
+their cache) before the loop, so a resumed run reads them from the cache."""
 
 from __future__ import annotations
 
+import json
 import random
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from studio.adapters.base import AdapterError
+import torch
+
+from studio.adapters.base import AdapterError, base_fingerprint
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
-from studio.adapters.hipa.distill import DistillResult, TeacherPairs, make_teacher_pairs
-from studio.adapters.hipa.distill import distill as distill_adaptor
+from studio.adapters.hipa.distill import (TRAINING_NAME, Perceptual, TeacherPairs, check_distill, discriminator_step,
+                                          encode_prompts, lr_factor, make_discriminator, make_teacher_pairs,
+                                          pair_indices, student_loss)
+from studio.adapters.hipa.adversarial import Features
+from studio.adapters.hipa.model import HipaMethod
 from studio.loading import StudioError
-from studio.training.engine import TrainResult
+from studio.tasks.runs import checked_file, loop_settings, run_folder, split_settings
+from studio.training import AdapterOutput, Engine, LoopSettings, Recipe, Share, Trainables, TrainingError, TrainResult
 
 PROMPT_SEED = 20_261_125
 
@@ -71,9 +82,143 @@ def teacher_pairs(pipe, settings: DistillSettings, prompts: list[str], cache: st
     return pairs
 
 
+class DistillRecipe(Recipe):
+    """The HiPA adaptor on `pipe` (left attached under TRAINING_NAME), trained on `pairs`; with EMA the file and the
+    pipeline hold the average; with the adversarial term a discriminator trains beside it (one process only)."""
+
+    method = "hipa"
+    label = "distill"
+
+    def __init__(self, pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, *,
+                 perceptual: Perceptual | None = None, features: Features | None = None) -> None:
+        check_distill(pipe, config, settings, pairs, features)
+        self.pipe, self.config, self.settings, self.pairs = pipe, config, settings, pairs
+        self.perceptual, self.features = perceptual, features
+        self.n = min(settings.pairs, len(pairs.prompts))
+        self.base = base_fingerprint(pipe)
+        run = {k: v for k, v in asdict(settings).items() if k != "steps"}
+        self.identity = {"method": "hipa", "adapter": config.to_dict(), "settings": run, "base": self.base,
+                         "teacher": [pairs.steps, pairs.guidance, pairs.prompts[:self.n]]}
+        self.ema = self.disc = self.disc_optimizer = None
+
+    def setup(self, accelerator) -> Trainables:
+        pipe, settings = self.pipe, self.settings
+        if settings.adversarial_weight and accelerator.num_processes > 1:
+            raise TrainingError("the adversarial term's discriminator trains on one process: run without "
+                                "accelerate launch, or set adversarial_weight=0")
+        pipe.to(accelerator.device)
+        self.adaptor = HipaMethod()
+        with torch.random.fork_rng():  # the adaptor's initial down-projections come from the seed
+            torch.manual_seed(settings.seed)
+            self.adaptor.attach(pipe, self.config, TRAINING_NAME)
+        self.params = self.adaptor.trainable_parameters(pipe, TRAINING_NAME)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.embeds = encode_prompts(pipe, self.pairs.prompts[:self.n])
+        if settings.adversarial_weight:
+            self.disc, self.disc_optimizer = make_discriminator(pipe, settings, self.pairs, self.features,
+                                                                self.embeds.shape[-1])
+        if settings.ema_decay:  # (its decay warms up as (1 + step) / (10 + step) until it reaches ema_decay)
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=settings.ema_decay, foreach=True)
+        pipe.unet.train()
+        return Trainables(self.params, {"unet": pipe.unet}, lr_lambda=lr_factor(settings))
+
+    def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.unet = modules["unet"]
+
+    def loss(self, step: int, share: Share, generator: torch.Generator) -> torch.Tensor:
+        idx = pair_indices(self.n, share.batch, self.settings.seed, step)[share.rows]
+        loss, self.seen = student_loss(self.pipe, self.unet, self.config, self.settings, self.pairs, self.embeds, idx,
+                                       perceptual=self.perceptual, features=self.features, discriminator=self.disc)
+        return loss * len(share) / share.batch
+
+    def after_step(self, step: int, optimizer) -> str | None:
+        if self.ema is not None:
+            self.ema.step(self.params)
+        if self.disc is not None:  # then the discriminator, on the same batch
+            discriminator_step(self.disc, self.disc_optimizer, self.features, self.seen)
+        return None
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.ema is not None:
+            out.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
+            out["ema_steps"] = torch.tensor(self.ema.optimization_step)
+        if self.disc is not None:
+            out.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+            for pid, entries in self.disc_optimizer.state_dict()["state"].items():
+                out.update({f"disc_opt.{pid}.{k}": torch.as_tensor(v) for k, v in entries.items()})
+        return out
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for i, p in enumerate(self.ema.shadow_params):
+                    p.copy_(tensors[f"ema.{i}"])
+            self.ema.optimization_step = int(tensors["ema_steps"])
+        if self.disc is not None:
+            self.disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("disc_opt."):
+                    _, pid, name = key.split(".", 2)
+                    state.setdefault(int(pid), {})[name] = value
+            groups = self.disc_optimizer.state_dict()["param_groups"]
+            self.disc_optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def checkpoint_file(self) -> AdapterOutput:
+        s, pairs = self.settings, self.pairs
+        return AdapterOutput("hipa", self.config, self.adaptor.state_dict(self.pipe, TRAINING_NAME), self.base,
+                             {"teacher_steps": str(pairs.steps), "teacher_guidance": str(pairs.guidance),
+                              "high_frequency_loss": str(s.high_frequency).lower(),
+                              "distill_settings": json.dumps(s.__dict__, sort_keys=True),
+                              "adversarial_term": str(bool(s.adversarial_weight)).lower()})
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.adaptor.set_state(self.pipe, TRAINING_NAME, tensors)
+
+    def finish(self) -> None:
+        self.pipe.unet.eval()
+        for p in self.params:
+            p.requires_grad_(False)
+        if self.ema is not None and self.ema.optimization_step:
+            self.ema.copy_to(self.params)  # what the file holds and the pipeline keeps
+
+
+def _engine(settings: DistillSettings, out: Path | None, loop: LoopSettings | None, on_event, on_step, should_stop,
+            progress: bool) -> Engine:
+    loop = loop or loop_settings(settings, progress_bar=progress)
+
+    def events(event: dict) -> None:
+        if on_step is not None and event["kind"] == "step":
+            on_step(event["step"], event["loss"])
+        if on_event is not None:
+            on_event(event)
+
+    return Engine(loop, adapter_path=out, training_config={**asdict(loop), **asdict(settings)}, on_event=events,
+                  should_stop=should_stop)
+
+
+def distill_adaptor(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs,
+                    out: str | Path | None = None, *, perceptual: Perceptual | None = None,
+                    features: Features | None = None, progress: bool = False,
+                    on_step: Callable[[int, float], None] | None = None, should_stop=None,
+                    loop: LoopSettings | None = None, on_event: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train the adaptor on `pipe` (left attached under TRAINING_NAME) through the engine and, with `out`, write
+    it (method "hipa"). `features` (a frozen network's stage activations) is what the adversarial term's
+    discriminator reads. `loop`: the engine's settings (default: from `settings`, no checkpoints)."""
+    recipe = DistillRecipe(pipe, config, settings, pairs, perceptual=perceptual, features=features)
+    return _engine(settings, Path(out) if out else None, loop, on_event, on_step, should_stop, progress).run(recipe)
+
+
 def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int = 4, prompts_file=None,
                 cache: str | Path | None = None, progress: bool = False, log=print, on_teacher=None, on_step=None,
-                should_stop=None) -> DistillResult:
+                should_stop=None, loop: LoopSettings | None = None,
+                on_event: Callable[[dict], None] | None = None) -> TrainResult:
     """Teacher pairs (from `cache` when they fit), then the adaptor written to `out`. `on_teacher(done, total)`
     reports the teacher's images, `on_step(step, loss)` the student's steps."""
     from studio.adapters.hipa.schedule import last_timestep
@@ -89,8 +234,8 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
 
         perceptual = perceptual_distance(judge)
         features = stage_features(judge) if settings.adversarial_weight else None
-    return distill_adaptor(pipe, config, settings, pairs, out, perceptual=perceptual, features=features, progress=progress,
-                   on_step=on_step, should_stop=should_stop)
+    return distill_adaptor(pipe, config, settings, pairs, out, perceptual=perceptual, features=features,
+                           progress=progress, on_step=on_step, should_stop=should_stop, loop=loop, on_event=on_event)
 
 
 def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] | None = None, rank: int = 4,
@@ -98,33 +243,28 @@ def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] 
             on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
             progress_bar: bool = False) -> TrainResult:
     """Train a one-step adaptor for `model` and write it to `out`; the teacher pairs are cached in `cache`
-    (default: <out>.teacher.safetensors). `settings`: DistillSettings values. Events as the engine's, plus
+    (default: <out>.teacher.safetensors). `settings`: DistillSettings values and the engine's machinery settings
+    (checkpoint_every, keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device).
+    Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a
+    log event and the run starts at step 0) or a checkpoint folder. Events as the engine's, plus
     {"kind": "phase", "message"} while the teacher draws."""
-    from studio.adapters.hipa.config import DistillSettings
     from studio.loading import load_pipeline
     from studio.utils.settings import from_values
 
     on_event = on_event or (lambda event: None)
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise StudioError(f"{out}: a one-step adaptor is written as a .safetensors file")
-    if resume:
-        raise StudioError("distill cannot resume yet")  # the engine move brings it
-    run = from_values(DistillSettings, dict(settings or {}), StudioError, "distill")
+    out = checked_file(out, "a one-step adaptor")
+    own, machinery = split_settings(settings, DistillSettings, "distill")
+    run = from_values(DistillSettings, own, StudioError, "distill")
+    try:
+        run.validate()
+    except AdapterError as e:
+        raise StudioError(str(e)) from None
+    loop = loop_settings(run, machinery, output_dir=run_folder(out), resume=resume, progress_bar=progress_bar)
     cache = Path(cache) if cache else out.with_name(f"{out.stem}.teacher.safetensors")
-    started: list[float] = []
 
     def on_teacher(done: int, total: int) -> None:
         on_event({"kind": "phase", "message": f"teacher images {done}/{total}"})
 
-    def on_step(step: int, loss: float) -> None:
-        started.append(time.perf_counter()) if not started else None
-        eta = (time.perf_counter() - started[0]) / step * (run.steps - step)
-        on_event({"kind": "step", "step": step, "steps": run.steps, "loss": loss, "eta_seconds": eta})
-
-    result = run_distill(load_pipeline(model), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
-                         progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
-                         on_teacher=on_teacher, on_step=on_step, should_stop=should_stop)
-    stopped = result.steps < run.steps
-    on_event({"kind": "done", "step": result.steps, "adapter": str(out), "stopped": stopped})
-    return TrainResult(out, result.steps, result.last_loss, result.seconds, result.trainable_parameters, stopped)
+    return run_distill(load_pipeline(model), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
+                       progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
+                       on_teacher=on_teacher, loop=loop, on_event=on_event, should_stop=should_stop)

@@ -1,0 +1,300 @@
+"""The concept recipe: an adapter trained on images and captions (and control images for control methods),
+with the denoising objective, optional prior preservation and a trainable trigger token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from studio import data
+from studio.adapters.base import token_ids
+from studio.adapters.trigger import (TRIGGER_KEY, TriggerEmbedding, attach_trigger_embedding,
+                                    detach_trigger_embedding, trigger_tensors)
+from studio.training.config import TrainConfig, TrainingError
+from studio.training.objectives import denoising_loss, sample_timesteps, timestep_weights, x0_weights
+from studio.training.recipe import AdapterOutput, Recipe, Share, Trainables
+from studio.utils.files import atomic_path
+
+
+def global_batch(buckets: list[int], batch: int, seed: int, step: int) -> list[int]:
+    per_epoch = data.batches_per_epoch(buckets, batch)
+    epoch, index = divmod(step - 1, per_epoch)
+    return data.batch_plan(buckets, batch, seed, epoch)[index]
+
+
+class ConceptRecipe(Recipe):
+    """`config`'s method attached to its model, trained on its images; `log(message)` reports data warnings."""
+
+    label = "training"
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None]) -> None:
+        from studio.adapters import get_method
+
+        self.config = config
+        self.log = log
+        self.method_impl = get_method(config.method)
+        self.method = config.method
+        self.label = f"training {config.name}"
+        self.trigger = config.trigger or ""
+        self.identity = {"method": config.method, "adapter": config.adapter, "model": config.model}
+        self.out = Path(config.output_dir)
+
+    # -- data --
+
+    def _examples(self, resolution: int) -> list[data.Example]:
+        cfg = self.config
+        kwargs = dict(trigger=cfg.trigger, instance_prompt=cfg.instance_prompt, skip_bad=cfg.skip_bad_images,
+                      min_size=max(8, resolution // 4), warn=self.log)
+        if cfg.images:
+            return data.load_examples([Path(p) for p in cfg.images], **kwargs)
+        return data.scan_folder(cfg.data, **kwargs)
+
+    def _class_examples(self, acc) -> list[data.Example]:
+        """Prior-preservation images: the class prompts drawn in turn by the base model, each saved with its
+        caption and kept for reuse (or a folder of class images with captions given by the user)."""
+        cfg = self.config
+        folder = Path(cfg.class_data_dir) if cfg.class_data_dir else self.out / "class_images"
+        folder.mkdir(parents=True, exist_ok=True)
+        have = sorted(folder.glob("*.png"))
+        missing = cfg.num_class_images - len(have) if cfg.class_prompts else 0
+        if missing > 0 and acc.is_main_process:
+            self.log(f"drawing {missing} class images with the base model")
+            for i in range(0, missing, 8):
+                numbers = range(len(have) + i, len(have) + i + min(8, missing - i))
+                prompts = [cfg.class_prompts[k % len(cfg.class_prompts)] for k in numbers]
+                images = self.pipe(prompts, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
+                                   generator=[torch.Generator().manual_seed(cfg.seed * 7919 + k) for k in numbers],
+                                   height=self.resolution, width=self.resolution).images
+                for k, prompt, image in zip(numbers, prompts, images):
+                    with atomic_path(folder / f"class_{k:05d}.txt") as tmp:
+                        tmp.write_text(prompt, encoding="utf-8")
+                    with atomic_path(folder / f"class_{k:05d}.png") as tmp:
+                        image.save(tmp, format="PNG")
+        acc.wait_for_everyone()
+        paths = sorted(folder.glob("*.png"))[:cfg.num_class_images]
+        if not paths:
+            raise TrainingError(f"no class images in {folder}")
+        fallback = cfg.class_prompts[0] if cfg.class_prompts else None
+        return data.load_examples(paths, instance_prompt=fallback, min_size=8)
+
+    @torch.no_grad()
+    def _encode(self, examples: list[data.Example], control: bool = False) -> dict[str, Any]:
+        """Latent distribution (mean, std), bucket and caption per example (and its control image in [0, 1])."""
+        pipe, resolution = self.pipe, self.resolution
+        sizes = [data.bucket_size(*ex.image.size, resolution) if self.config.buckets else (resolution, resolution)
+                 for ex in examples]
+        bucket_ids = {size: i for i, size in enumerate(sorted(set(sizes)))}
+        means, stds = [], []
+        for ex, size in zip(examples, sizes):
+            pixels = data.to_bucket(ex.image, size).unsqueeze(0).to(self.device, pipe.vae.dtype)
+            dist = pipe.vae.encode(pixels).latent_dist
+            means.append(dist.mean[0].float().cpu())
+            stds.append(dist.std[0].float().cpu())
+        out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
+               "captions": [ex.caption for ex in examples]}
+        if control:
+            out["control"] = [[(data.to_bucket(image, size) + 1) / 2 for image in images]
+                              for images, size in zip(data.control_inputs(examples, self.config.control_data), sizes)]
+        return out
+
+    def _embed_all(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        with torch.no_grad():
+            for i in range(0, len(captions), 64):
+                part = captions[i:i + 64]
+                out.update(zip(part, self.pipe.text_encoder(token_ids(self.pipe, part).to(self.device))[0]))
+        return out
+
+    # -- set-up --
+
+    def _load(self, acc) -> None:
+        from studio.loading import load_pipeline
+
+        cfg = self.config
+        self.device = acc.device
+        self.pipe = pipe = load_pipeline(cfg.model, device="cpu")
+        self.resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        examples = self._examples(self.resolution)  # before any long work: bad data fails fast
+        if acc.is_main_process:
+            with atomic_path(self.out / "config.yaml") as tmp:
+                tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        class_examples = self._class_examples(acc) if cfg.prior_preservation else []
+        self.cache = self._encode(examples, control=bool(cfg.control_data))
+        self.class_cache = self._encode(class_examples) if class_examples else None
+
+    def setup(self, acc) -> Trainables:
+        from studio.adapters import base_fingerprint
+
+        cfg, method = self.config, self.method_impl
+        self._load(acc)
+        pipe = self.pipe
+        self.base = base_fingerprint(pipe)
+        self.adapter_config = method.config_class.from_dict(cfg.adapter)
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed only
+        method.attach(pipe, self.adapter_config, cfg.name)
+        params = method.trainable_parameters(pipe, cfg.name)
+        if not params:
+            raise TrainingError(f"the {cfg.method} adapter has no trainable parameters on this model")
+        trigger_vector = self._attach_trigger_token()
+        n_trainable = sum(p.numel() for p in params) + (trigger_vector.numel() if trigger_vector is not None else 0)
+        self.train_text = any(p.requires_grad for p in pipe.text_encoder.parameters())
+        if not self.train_text:
+            captions = self.cache["captions"] + (self.class_cache["captions"] if self.class_cache else [])
+            self.text_cache = self._embed_all(captions)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if self.train_text:
+                pipe.text_encoder.gradient_checkpointing_enable()
+        optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      kind=cfg.optimizer) or self._optimizer(params))
+        if trigger_vector is not None:
+            optimizer.add_param_group({"params": [trigger_vector], "lr": cfg.trigger_token_lr or cfg.lr,
+                                       "weight_decay": 0.0})
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.t_weights = timestep_weights(cfg, self.noise_scheduler.config.num_train_timesteps)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        pipe.unet.train()
+        modules = {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder} if self.train_text else {})}
+        return Trainables(params, modules, optimizer, trainable_parameters=n_trainable)
+
+    def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.unet = modules["unet"]
+        self.text_encoder = modules.get("text_encoder", self.pipe.text_encoder)
+
+    def _attach_trigger_token(self) -> torch.nn.Parameter | None:
+        from studio.adapters import AdapterError
+
+        if not self.config.trigger_token:
+            return None
+        try:
+            return attach_trigger_embedding(self.pipe, self.config.trigger, self.config.trigger_token_init).vector
+        except AdapterError as e:
+            raise TrainingError(str(e)) from None
+
+    def _optimizer(self, params):
+        cfg = self.config
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise TrainingError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # -- the loss --
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        if self.train_text:
+            return self.text_encoder(token_ids(self.pipe, captions).to(self.device))[0]
+        return torch.stack([self.text_cache[c] for c in captions])
+
+    def _base_prediction(self, noisy, timesteps, text):
+        with self.method_impl.disabled(self.pipe):
+            return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def _batch(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int) -> dict:
+        # the step's randomness is drawn for the whole batch and the share's rows sliced from it: a micro-batch or
+        # a process trains exactly as its part of the whole batch at once
+        mean = torch.stack([source["mean"][i] for i in indices])
+        std = torch.stack([source["std"][i] for i in indices])
+        eps = torch.randn(mean.shape, generator=gen)
+        if not self.config.vae_sample:
+            eps.zero_()
+        noise = torch.randn(mean.shape, generator=gen)
+        timesteps = sample_timesteps(self.t_weights, self.noise_scheduler.config.num_train_timesteps, len(indices), gen)
+        rows, device = share.rows, self.device
+        latents = ((mean + std * eps) * self.pipe.vae.config.scaling_factor)[rows].to(device)
+        batch = {"latents": latents, "noise": noise[rows].to(device), "timesteps": timesteps[rows].to(device),
+                 "captions": [source["captions"][i] for i in indices[rows]], "step": step}
+        if "control" in source:
+            inputs = [source["control"][i] for i in indices[rows]]
+            batch["control"] = torch.stack([own[0] for own in inputs]).to(device)
+            # further inputs (summed with the first), with a 0/1 scale per example: present or not
+            batch["control_more"] = [
+                (torch.stack([own[k] if k < len(own) else torch.zeros_like(own[0]) for own in inputs]).to(device),
+                 torch.tensor([float(k < len(own)) for own in inputs], device=device))
+                for k in range(1, max(len(own) for own in inputs))]
+        return batch
+
+    def _batch_loss(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int,
+                    teacher=None) -> torch.Tensor:
+        cfg, scheduler = self.config, self.noise_scheduler
+        batch = self._batch(source, indices, gen, share, step)
+
+        def default(b):
+            weights = x0_weights(scheduler, b["timesteps"], self.t_weights) if cfg.x0_weighting else None
+            return denoising_loss(self.unet, scheduler, b["latents"], self._encode_text(b["captions"]), b["noise"],
+                                  b["timesteps"], cfg.snr_gamma, teacher, weights)
+
+        return default(batch) if teacher else self.method_impl.training_loss(self.pipe, batch, default)
+
+    def loss(self, step: int, share: Share, generator: torch.Generator) -> torch.Tensor:
+        from studio.training.engine import step_generator
+
+        cfg = self.config
+        indices = global_batch(self.cache["bucket"], cfg.batch_size, cfg.seed, step)
+        loss = self._batch_loss(self.cache, indices, generator, share, step)
+        if self.class_cache:
+            class_indices = global_batch(self.class_cache["bucket"], cfg.batch_size, cfg.seed + 1, step)
+            teacher = self._base_prediction if cfg.prior_target == "base" else None
+            loss = loss + cfg.prior_loss_weight * self._batch_loss(
+                self.class_cache, class_indices, step_generator(cfg.seed, step, 1000), share, step, teacher)
+        return loss * len(share) / share.batch  # the rows' mean -> their part of the global batch's mean
+
+    def after_step(self, step: int, optimizer) -> str | None:
+        return self.method_impl.after_step(self.pipe, self.config.name, step, optimizer)
+
+    # -- state and results --
+
+    def checkpoint_file(self) -> AdapterOutput:
+        tensors = {**self.method_impl.state_dict(self.pipe, self.config.name), **trigger_tensors(self.pipe)}
+        return AdapterOutput(self.method, self.adapter_config, tensors, self.base)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        vector = tensors.pop(TRIGGER_KEY, None)
+        module = self.pipe.text_encoder.get_input_embeddings()
+        if (vector is None) != (not isinstance(module, TriggerEmbedding)):
+            raise TrainingError("the checkpoint and this run differ in trigger_token; start a new output folder")
+        if vector is not None:
+            with torch.no_grad():
+                module.vector.copy_(vector.reshape(-1))
+        if set(self.method_impl.state_dict(self.pipe, self.config.name)) != set(tensors):
+            raise TrainingError("the checkpoint holds different adapter tensors than this run creates")
+        self.method_impl.set_state(self.pipe, self.config.name, tensors)
+
+    def finish(self) -> None:
+        self.pipe.unet.eval()
+
+    def result_file(self) -> AdapterOutput:
+        from studio.loading import architecture
+
+        output = self.checkpoint_file()
+        detach_trigger_embedding(self.pipe)
+        output.extra = {"base_model_name": self.config.model, "architecture": architecture(self.pipe),
+                        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return output
+
+    @torch.no_grad()
+    def preview(self, step: int) -> tuple[list[str], list[Any]]:
+        cfg, pipe = self.config, self.pipe
+        prompts = cfg.preview_prompts or [cfg.instance_prompt or self.cache["captions"][0]]
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        images = pipe(prompts, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
+                      generator=[torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))],
+                      height=self.resolution, width=self.resolution).images
+        pipe.unet.train(was_training)
+        return prompts, images
+
+
+__all__ = ["ConceptRecipe", "global_batch"]

@@ -1,0 +1,65 @@
+"""The denoising objective as plain functions on tensors: timestep weights and sampling, SNR weightings and
+the loss itself."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def timestep_weights(config, num_timesteps: int) -> torch.Tensor | None:
+    """Relative probability of each timestep under `config`'s timestep bias (None: uniform). `config` has the
+    TrainConfig fields timestep_bias, timestep_bias_multiplier, _portion, _begin and _end."""
+    if config.timestep_bias == "none" or config.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps)
+    portion = max(1, round(num_timesteps * config.timestep_bias_portion))
+    favoured = {"later": slice(num_timesteps - portion, None), "earlier": slice(0, portion),
+                "range": slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_timesteps))}
+    weights[favoured[config.timestep_bias]] *= config.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    if weights is None:
+        return torch.randint(0, num_timesteps, (n,), generator=gen)
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def signal_to_noise(scheduler) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t) for every training timestep of a DDPM-style scheduler."""
+    alphas = scheduler.alphas_cumprod.float()
+    return alphas / (1 - alphas)
+
+
+def x0_weights(scheduler, timesteps: torch.Tensor, probabilities: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss weights that turn the noise (or velocity) error into the x0 error: 1/SNR (1/(SNR+1) for v),
+    divided by its mean under the timestep distribution, so the loss keeps its scale."""
+    snr = signal_to_noise(scheduler)
+    weight = 1 / (snr + (scheduler.config.prediction_type == "v_prediction"))
+    mean = weight.mean() if probabilities is None else (weight * probabilities).sum()
+    return (weight / mean).to(timesteps.device)[timesteps]
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE to the noise (or velocity) target; with `teacher` (a callable like the UNet's forward), to the
+    teacher's prediction at the same noisy latents instead. `weights`: per-sample loss weights (x0_weights)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(noisy, timesteps, text)
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:
+        snr = signal_to_noise(scheduler).to(timesteps.device)[timesteps]
+        weight = torch.clamp(snr, max=snr_gamma) / (snr + (scheduler.config.prediction_type == "v_prediction"))
+        per_sample = per_sample * weight
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
