@@ -1,6 +1,6 @@
 """Which keys of a LoRA (or trigger embedding) file ComfyUI would load, by ComfyUI's own code.
 
-    python scripts/comfyui_keys.py FILE --comfyui PATH_TO_COMFYUI_CHECKOUT [--family sd1|sdxl]
+    python scripts/comfyui_keys.py FILE [FILE ...] --comfyui PATH_TO_COMFYUI_CHECKOUT [--family sd1|sdxl]
 
 Nothing of ComfyUI is copied into Studio: the script imports the checkout you point it at and runs, as
 ComfyUI's `comfy.sd.load_lora_for_models` does,
@@ -65,8 +65,13 @@ def import_comfyui(checkout: Path):
     return comfy
 
 
+_KEY_MAPS: dict[str, dict[str, str]] = {}
+
+
 def comfyui_key_map(comfy, family: str) -> dict[str, str]:
     """ComfyUI's LoRA key map for the family's UNet and text encoders, from models built on meta."""
+    if family in _KEY_MAPS:
+        return _KEY_MAPS[family]
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -78,7 +83,8 @@ def comfyui_key_map(comfy, family: str) -> dict[str, str]:
         model = config.get_model({})
         clip = config.clip_target().clip(device="meta")
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    return comfy.lora.model_lora_keys_clip(clip, key_map)
+    _KEY_MAPS[family] = comfy.lora.model_lora_keys_clip(clip, key_map)
+    return _KEY_MAPS[family]
 
 
 class _Collect(logging.Handler):
@@ -113,9 +119,8 @@ def embedding_report(comfy, path: Path, tensors: dict, family: str) -> list[tupl
         vector = comfy.sd1_clip.load_embed(path.stem, str(path.parent), width, key)
         if vector is None:
             raise InputError(f"ComfyUI's load_embed found no embedding {path.stem} in {path.parent}")
-        by_name = key in tensors or "emb_params" in tensors or "string_to_param" in tensors
-        source = next((k for k in ("string_to_param", key, "emb_params") if k in tensors), None)
-        taken = f"`{source}` by name" if by_name and source else "the first tensor (ComfyUI's fallback)"
+        named = next((k for k in ("string_to_param", key) if k in tensors), None)
+        taken = f"`{named}` by name" if named else f"`{next(iter(tensors))}`, its first tensor (ComfyUI's fallback)"
         rows.append((key, f"{taken}, width {vector.shape[-1]}", vector.shape[-1] == width))
     return rows
 
@@ -127,43 +132,49 @@ def guess_family(keys: list[str], metadata: dict[str, str]) -> str:
     return "sdxl" if any(k.startswith(sdxl) for k in keys) or "clip_g" in keys else "sd1"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("file", type=Path, help="a LoRA or trigger-embedding .safetensors file")
-    parser.add_argument("--comfyui", type=Path, required=True, help="path to a ComfyUI source checkout")
-    parser.add_argument("--family", choices=sorted(UNET_CONFIGS), help="base model layout (default: from the file)")
-    parser.add_argument("--all", action="store_true", help="list every unloaded key (default: the first 20)")
-    args = parser.parse_args(argv)
-    limit = None if args.all else 20
-    try:
-        from safetensors import safe_open
+def check_file(comfy, path: Path, family: str | None, limit: int | None) -> bool:
+    """Print what ComfyUI loads of `path`; True when it loads every key."""
+    from safetensors import safe_open
 
-        if not args.file.is_file():
-            raise InputError(f"no such file: {args.file}")
-        try:
-            with safe_open(str(args.file), framework="pt") as f:
-                metadata, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise InputError(f"{args.file.name} is not a readable safetensors file ({exc})") from None
-        family = args.family or guess_family(list(tensors), metadata)
-        comfy = import_comfyui(args.comfyui)
-        if set(tensors) <= set(EMBEDDING_NAMES):
-            rows = embedding_report(comfy, args.file, tensors, family)
-            for key, taken, fits in rows:
-                print(f"{args.file.name} [{family}] embedding for {key}: {taken}"
-                      + ("" if fits else f" (ComfyUI's {key} is {EMBEDDING_KEYS[family][key]} wide: ignored)"))
-            return 0 if all(fits for _, _, fits in rows) else 1
-        patches, missing = lora_report(comfy, tensors, family)
-    except InputError as exc:
-        print(f"comfyui_keys: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.file.name} [{family}]: {len(tensors)} keys, {len(tensors) - len(missing)} loaded by ComfyUI "
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise InputError(f"{path.name} is not a readable safetensors file ({exc})") from None
+    family = family or guess_family(list(tensors), metadata)
+    if set(tensors) <= set(EMBEDDING_NAMES):
+        rows = embedding_report(comfy, path, tensors, family)
+        for key, taken, fits in rows:
+            print(f"{path.name} [{family}] embedding for {key}: {taken}"
+                  + ("" if fits else f" (ComfyUI's {key} is {EMBEDDING_KEYS[family][key]} wide: ignored)"))
+        return all(fits for _, _, fits in rows)
+    patches, missing = lora_report(comfy, tensors, family)
+    print(f"{path.name} [{family}]: {len(tensors)} keys, {len(tensors) - len(missing)} loaded by ComfyUI "
           f"({patches} layers patched), {len(missing)} not loaded")
     for key in missing[:limit] if limit else missing:
         print(f"  not loaded: {key}")
     if limit and len(missing) > limit:
         print(f"  ... and {len(missing) - limit} more (--all lists them)")
-    return 1 if missing else 0
+    return not missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                        help="LoRA or trigger-embedding .safetensors files")
+    parser.add_argument("--comfyui", type=Path, required=True, help="path to a ComfyUI source checkout")
+    parser.add_argument("--family", choices=sorted(UNET_CONFIGS), help="base model layout (default: from each file)")
+    parser.add_argument("--all", action="store_true", help="list every unloaded key (default: the first 20)")
+    args = parser.parse_args(argv)
+    try:
+        comfy = import_comfyui(args.comfyui)
+        results = [check_file(comfy, path, args.family, None if args.all else 20) for path in args.files]
+    except InputError as exc:
+        print(f"comfyui_keys: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":
