@@ -185,7 +185,9 @@ def test_sdxl_diffusers_export_loads_in_diffusers_with_studios_image(sdxl_lora, 
     expected = _image(ours, **size)
     diff = np.abs(_image(theirs, **size) - expected).max()
     assert diff <= PIXEL_BOUND, diff
-    assert np.abs(_image(load_pipeline(str(sdxl_folder)), **size) - expected).max() > 0.02  # the LoRA shows
+    # the LoRA shows (the tiny random VAE damps it: measured 0.015), a hundred times over the two loaders' gap
+    effect = np.abs(_image(load_pipeline(str(sdxl_folder)), **size) - expected).max()
+    assert effect > 0.01 and diff < effect / 100, (effect, diff)
 
 
 def test_sdxl_kohya_export_uses_te1_te2_and_round_trips(sdxl_lora, sdxl_folder, tmp_path):
