@@ -18,7 +18,9 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     fixed strength: other tools have no per-prompt permeability); other methods are refused (`studio bake`
     turns them into a LoRA first). A trained trigger token goes beside the export as a textual-inversion file
     named after the trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI
-    `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`)."""
+    `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`). kohya keys are the ones
+    ComfyUI and A1111 load in full; diffusers keys load in diffusers' `load_lora_weights` (ComfyUI knows the
+    UNet's attention only by older diffusers names: docs/export-compat.md)."""
     if fmt not in FORMATS:
         raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     path = Path(path)

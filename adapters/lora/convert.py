@@ -1,10 +1,14 @@
-"""LoRA key formats: ours and diffusers/PEFT (`unet.<module>.lora_A.weight`) are the same; kohya's
-(`lora_unet_<module_with_underscores>.lora_down.weight` + `.alpha`, what ComfyUI and A1111 read)
-is converted both ways here."""
+"""LoRA key formats: ours and diffusers/PEFT (`unet.<module>.lora_A.weight`) are the same but for the text
+encoders' `text_model.` level (transformers >= 5 dropped it from CLIPTextModel; the files other tools read name
+it); kohya's (`lora_unet_<module_with_underscores>.lora_down.weight` + `.alpha`, what ComfyUI and A1111 read)
+is converted both ways here. SDXL's kohya files name the two text encoders `lora_te1_` and `lora_te2_`, SD 1.x
+files the one `lora_te_`."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -12,6 +16,11 @@ import torch
 from studio.adapters.base import AdapterError, module_path_of
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_SDXL_PREFIX = {**KOHYA_PREFIX, "text_encoder": "lora_te1_"}
+# every prefix some tool writes, longest first, and the component it names
+_KOHYA_READ = sorted({**{p: c for c, p in KOHYA_PREFIX.items()}, "lora_te1_": "text_encoder"}.items(),
+                     key=lambda kv: -len(kv[0]))
+TEXT_MODEL = "text_model."
 
 # module-name parts that contain underscores (diffusers UNet, transformers CLIP); kohya joins
 # every path part with "_", so turning a kohya name back into a path has to re-join these
@@ -25,26 +34,31 @@ _COMPOUNDS = sorted({
 
 def detect_lora_format(tensors: dict[str, torch.Tensor]) -> str | None:
     keys = list(tensors)
-    if any(k.startswith(tuple(KOHYA_PREFIX.values())) and ".lora_down." in k for k in keys):
+    if any(k.startswith(tuple(p for p, _ in _KOHYA_READ)) and ".lora_down." in k for k in keys):
         return "kohya"
     if any(".lora_A." in k for k in keys):
         return "diffusers"
     return None
 
 
-def kohya_name(comp: str, path: str) -> str:
-    if comp.startswith("text_encoder") and not path.startswith("text_model."):
-        path = "text_model." + path  # transformers >= 5 dropped the prefix; A1111/ComfyUI expect it
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
+def standard_path(comp: str, path: str) -> str:
+    """A module path as the files other tools read name it: text encoders' paths start at `text_model.`."""
+    if comp.startswith("text_encoder") and not path.startswith(TEXT_MODEL):
+        return TEXT_MODEL + path
+    return path
+
+
+def kohya_name(comp: str, path: str, sdxl: bool = False) -> str:
+    return (KOHYA_SDXL_PREFIX if sdxl else KOHYA_PREFIX)[comp] + standard_path(comp, path).replace(".", "_")
 
 
 def path_from_kohya(name: str) -> tuple[str, str]:
-    for comp, prefix in sorted(KOHYA_PREFIX.items(), key=lambda kv: -len(kv[1])):
+    for prefix, comp in _KOHYA_READ:
         if name.startswith(prefix):
             rest = name[len(prefix):]
             break
     else:
-        raise AdapterError(f"kohya key {name!r} has no known prefix ({', '.join(KOHYA_PREFIX.values())})")
+        raise AdapterError(f"kohya key {name!r} has no known prefix ({', '.join(p for p, _ in _KOHYA_READ)})")
     parts = rest.split("_")
     out, i = [], 0
     while i < len(parts):
@@ -60,20 +74,25 @@ def path_from_kohya(name: str) -> tuple[str, str]:
     return comp, ".".join(out)
 
 
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
 def to_kohya(tensors: dict[str, torch.Tensor], config: dict[str, Any], base: dict[str, Any],
              name: str = "adapter") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Our tensors -> kohya keys with `.alpha`, plus the `ss_*` / `modelspec.*` header other tools read."""
     out: dict[str, torch.Tensor] = {}
     alpha_pattern = config.get("alpha_pattern") or {}
+    family = base.get("family", "sd1")
+    sdxl = family == "sdxl" or any(k.startswith("text_encoder_2.") for k in tensors)
     for key, tensor in tensors.items():
         comp, _, rest = key.partition(".")
         path = module_path_of(rest)
-        kname = kohya_name(comp, path)
+        kname = kohya_name(comp, path, sdxl)
         kind = "lora_down" if ".lora_A." in rest else "lora_up"
         out[f"{kname}.{kind}.weight"] = tensor.contiguous()
         alpha = float(alpha_pattern.get(f"{comp}.{path}", config.get("alpha") or config.get("rank")))
         out[f"{kname}.alpha"] = torch.tensor(alpha)
-    family = base.get("family", "sd1")
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
     metadata = {
         "ss_network_module": "networks.lora",
@@ -110,44 +129,89 @@ def from_kohya(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return out, alphas
 
 
-def to_diffusers(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Our tensors are already diffusers/PEFT keys; add the `lora_adapter_metadata` header diffusers reads
-    for alpha and rank (without it diffusers assumes alpha = rank)."""
+def module_pattern(comp: str, path: str) -> str:
+    """The PEFT `rank_pattern` / `alpha_pattern` key naming exactly the module at `path` (PEFT matches
+    `(.*\\.)?(key)$`; the `^` anchors it at the component's root). A text encoder's module matches with or
+    without the `text_model.` level, so the key holds for transformers 4 and 5 alike."""
+    if comp.startswith("text_encoder"):
+        return r"^(?:text_model\.)?" + re.escape(path.removeprefix(TEXT_MODEL))
+    return "^" + re.escape(path)
+
+
+def module_value(patterns: dict[str, float], path: str) -> float | None:
+    """The value `patterns` (PEFT keys, written by us or by diffusers/PEFT) gives the module at `path`."""
+    for key, value in patterns.items():
+        for candidate in {path, path.removeprefix(TEXT_MODEL)}:
+            if re.match(rf"(.*\.)?({key})$", candidate):
+                return value
+    return None
+
+
+def to_diffusers(tensors: dict[str, torch.Tensor],
+                 config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Our tensors in diffusers/PEFT keys (text encoders' with their `text_model.` level), with the
+    `lora_adapter_metadata` header diffusers (>= 0.33) reads instead of looking at the tensors: each
+    component's rank `r`, `lora_alpha`, `target_modules` and, for modules whose rank or alpha differ from
+    those (a baked layer narrower than the bake rank, kohya's per-module alphas), `rank_pattern` and
+    `alpha_pattern`. Without the patterns diffusers would build every layer at `r` and fail on the others."""
+    out: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    default_alpha = float(config.get("alpha") or config["rank"])
     for comp in sorted({k.partition(".")[0] for k in tensors}):
-        paths = sorted({module_path_of(k.partition(".")[2]) for k in tensors if k.startswith(comp + ".")})
-        alpha_pattern = {p: a for key, a in (config.get("alpha_pattern") or {}).items()
-                         for c, _, p in [key.partition(".")] if c == comp}
-        packed.update({f"{comp}.r": int(config["rank"]), f"{comp}.lora_alpha": float(config.get("alpha") or config["rank"]),
-                       f"{comp}.target_modules": paths, f"{comp}.alpha_pattern": alpha_pattern,
-                       f"{comp}.rank_pattern": {}})
-    return dict(tensors), {"lora_adapter_metadata": json.dumps(packed, sort_keys=True), "format": "pt"}
+        ranks: dict[str, int] = {}
+        for key, tensor in tensors.items():
+            head, _, rest = key.partition(".")
+            if head == comp:
+                out[f"{comp}.{standard_path(comp, rest)}"] = tensor
+                if ".lora_A." in rest:
+                    ranks[module_path_of(rest)] = int(tensor.shape[0])
+        alphas = {p: float(alpha_pattern.get(f"{comp}.{p}", default_alpha)) for p in ranks}
+        r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+        packed.update({
+            f"{comp}.r": r, f"{comp}.lora_alpha": alpha,
+            f"{comp}.target_modules": sorted(p.removeprefix(TEXT_MODEL) for p in ranks),
+            f"{comp}.rank_pattern": {module_pattern(comp, p): v for p, v in sorted(ranks.items()) if v != r},
+            f"{comp}.alpha_pattern": {module_pattern(comp, p): a for p, a in sorted(alphas.items()) if a != alpha},
+        })
+    return out, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True), "format": "pt"}
 
 
-def lora_from_foreign(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """A LoRA written by kohya, diffusers or PEFT -> (our tensors, LoraConfig dict)."""
+def _diffusers_alphas(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, float]:
+    """Each module's alpha from a diffusers file's `lora_adapter_metadata` (none there: alpha = rank)."""
+    packed = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    alphas: dict[str, float] = {}
+    for key, tensor in tensors.items():
+        comp, _, rest = key.partition(".")
+        if ".lora_A." not in rest:
+            continue
+        path = module_path_of(rest)
+        alpha = float(tensor.shape[0])  # diffusers' rule for a file without the header: scale 1
+        if f"{comp}.lora_alpha" in packed:
+            own = module_value(packed.get(f"{comp}.alpha_pattern") or {}, path)
+            alpha = packed[f"{comp}.lora_alpha"] if own is None else own
+        alphas[f"{comp}.{path}"] = float(alpha)
+    return alphas
+
+
+def lora_from_foreign(tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA written by kohya, diffusers or PEFT -> (our tensors, LoraConfig dict). Text-encoder keys keep
+    whatever `text_model.` level the file has (the loader fits them to the model)."""
     fmt = detect_lora_format(tensors)
     alphas: dict[str, float] = {}
     if fmt == "kohya":
         tensors, alphas = from_kohya(tensors)
     elif fmt == "diffusers":
         tensors = {k if k.partition(".")[0] in KOHYA_PREFIX else f"unet.{k}": v for k, v in tensors.items()}
-        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        for key, value in packed.items():
-            comp, _, field = key.partition(".")
-            if field == "lora_alpha":
-                for k in tensors:
-                    if k.startswith(comp + ".") and ".lora_A." in k:
-                        alphas.setdefault(f"{comp}.{module_path_of(k.partition('.')[2])}", float(value))
-            elif field == "alpha_pattern":
-                alphas.update({f"{comp}.{p}": float(a) for p, a in value.items()})
+        alphas = _diffusers_alphas(tensors, metadata)
     else:
         raise AdapterError("not a LoRA in kohya or diffusers/PEFT keys")
     ranks = [int(t.shape[0]) for k, t in tensors.items() if ".lora_A." in k]
     if not ranks:
         raise AdapterError("the LoRA file has no lora_down / lora_A tensors")
-    rank = max(set(ranks), key=ranks.count)
-    default_alpha = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else float(rank)
+    rank = _most_common(ranks)
+    default_alpha = _most_common(alphas.values()) if alphas else float(rank)
     config = {"rank": rank, "alpha": default_alpha, "target_modules": [],
               "alpha_pattern": {k: a for k, a in alphas.items() if a != default_alpha},
               "text_encoder": any(k.startswith("text_encoder") for k in tensors)}

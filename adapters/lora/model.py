@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -46,8 +47,9 @@ def expected_shape(module: torch.nn.Module, key: str, tensor: torch.Tensor):
     return (fan_out, rank, *(1 for _ in kernel))
 
 
-def _match_text_model_prefix(pipe, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers >= 5 CLIP models have no `text_model.` level; files from other tools name it."""
+def _match_text_model_prefix(pipe, tensors: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 CLIP models have no `text_model.` level; files from other tools name it. `tensors`:
+    anything keyed `<component>.<module path>...` (tensors, a config's alpha_pattern)."""
     out = {}
     for key, tensor in tensors.items():
         comp, rest = split_key(key)
@@ -112,13 +114,14 @@ class LoraMethod(AdapterMethod):
             comp, rest = split_key(key)
             by_comp.setdefault(comp, {})[rest] = tensor
         config = config or LoraConfig()
+        alpha_pattern = _match_text_model_prefix(pipe, config.alpha_pattern)
         for comp, sub in by_comp.items():
             model = component(pipe, comp)
             paths = sorted({module_path_of(k) for k in sub})
             ranks = {p: int(sub[f"{p}.lora_A.weight"].shape[0]) for p in paths}
             default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
             # a file's alpha is per module (kohya) or one value for all; PEFT takes the odd ones as patterns
-            alphas = {p: float(config.alpha_pattern.get(f"{comp}.{p}", config.alpha)) for p in paths}
+            alphas = {p: float(alpha_pattern.get(f"{comp}.{p}", config.alpha)) for p in paths}
             default_alpha = alphas[paths[0]]
             cfg = LoraConfig(rank=default_rank, alpha=default_alpha, dropout=config.dropout)
             rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != default_rank}
