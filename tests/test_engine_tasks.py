@@ -5,7 +5,6 @@ says so, and an output folder that is a file is refused in one line."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -134,10 +133,10 @@ def test_killed_or_interrupted_then_resumed_equals_uninterrupted(tmp_path, child
 
 
 def _two_processes(child_script, task, out, settings, cache):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`, whatever is on PATH
     # `--cpu` would make accelerate's simple launcher start one process; `--multi_gpu` on a host without GPUs starts
     # 2 through torchrun (gloo DDP, MULTI_CPU), as tests/test_train.py's 2-process test does
-    run = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    run = subprocess.run([*launcher, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", str(child_script), task, str(out),
                           json.dumps(settings), "", str(cache)], capture_output=True, text=True, env=ENV,
                          timeout=600)
