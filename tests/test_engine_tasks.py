@@ -1,11 +1,10 @@
 """Erase and distill run through the training engine: killed (SIGKILL) or interrupted (Ctrl+C) and resumed with
 resume="latest" they write the same adapter as an uninterrupted run, with the exact step count; under
-`accelerate launch --multi_gpu --num_processes 2` on the CPU they match one process; resume with no checkpoint says so, and an
-output folder that is a file is refused in one line."""
+`accelerate launch --multi_gpu --num_processes 2` on the CPU they match one process; resume with no checkpoint
+says so, and an output folder that is a file is refused in one line."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +74,9 @@ def uninterrupted(tmp_path_factory):
     """One uninterrupted run of each task (the reference), and the teacher cache the distill runs share."""
     root = tmp_path_factory.mktemp("whole")
     cache = root / "pairs.safetensors"
+    # the pairs first, as every run below then reads them: student steps after pairs made in the same process
+    # differ from those after cached ones in the last ulps (~1e-6 after 4 steps)
+    _run("distill", root / "pairs_only.safetensors", {**DISTILL, "steps": 1}, cache)
     return {task: _run(task, root / f"{task}.safetensors", settings, cache).adapter_path
             for task, settings in (("erase", ERASE), ("distill", DISTILL))}, cache
 
@@ -131,10 +133,10 @@ def test_killed_or_interrupted_then_resumed_equals_uninterrupted(tmp_path, child
 
 
 def _two_processes(child_script, task, out, settings, cache):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`, whatever is on PATH
     # `--cpu` would make accelerate's simple launcher start one process; `--multi_gpu` on a host without GPUs starts
     # 2 through torchrun (gloo DDP, MULTI_CPU), as tests/test_train.py's 2-process test does
-    run = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    run = subprocess.run([*launcher, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", str(child_script), task, str(out),
                           json.dumps(settings), "", str(cache)], capture_output=True, text=True, env=ENV,
                          timeout=600)
@@ -145,13 +147,20 @@ def _two_processes(child_script, task, out, settings, cache):
 
 @pytest.mark.parametrize("task", ["erase", "distill"])
 def test_two_processes_match_one(tmp_path, child_script, uninterrupted, task):
-    """Each process takes half of every global batch (batch 2: one row each); DDP averages the gradients."""
+    """Each process takes half of every global batch (batch 2: one row each); DDP averages the gradients. The
+    sums run in another order (two half-batch gradients all-reduced), and Adam's first steps move each element by
+    about lr whatever its gradient's size, so elements whose gradient is ~0 may differ by a fraction of one
+    step: the tolerance is a tenth of lr (measured: 1.3e-4 for erase at lr 5e-3, 6.3e-5 for distill at 1e-3)."""
+    from studio.adapters.hipa.config import DistillSettings
+    from studio.adapters.spm.config import EraseSettings
+
     whole, cache = uninterrupted
     settings = ERASE if task == "erase" else DISTILL
+    lr = settings.get("lr") or (EraseSettings if task == "erase" else DistillSettings)().lr
     out = tmp_path / f"{task}.safetensors"
     _two_processes(child_script, task, out, settings, cache)
     tensors, meta = _file(out)
-    _same_tensors(tensors, _file(whole[task])[0], atol=1e-5)
+    _same_tensors(tensors, _file(whole[task])[0], atol=0.1 * lr)
     assert meta["steps"] == str(settings["steps"])
 
 

@@ -20,7 +20,9 @@ TASK_DEFAULTS = {"max_grad_norm": 0.0, "checkpoint_every": 50, "tensorboard": Fa
 def split_settings(values: dict[str, Any] | None, task_class: type, what: str) -> tuple[dict, dict]:
     """`values` as (the task's settings, the engine's machinery settings); unknown names are refused."""
     own = {f.name for f in fields(task_class)}
-    machinery = set(LoopSettings.__dataclass_fields__) - set(TASK_NAMES.values()) - {"output_dir", "resume"}
+    # (the task's own schedule and no previews: lr_scheduler and preview_every do not apply)
+    machinery = (set(LoopSettings.__dataclass_fields__) - set(TASK_NAMES.values())
+                 - {"output_dir", "resume", "progress_bar", "lr_scheduler", "preview_every"})
     values = dict(values or {})
     unknown = sorted(set(values) - own - machinery)
     if unknown:
