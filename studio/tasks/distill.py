@@ -16,6 +16,7 @@ from studio.loading import StudioError
 from studio.training.engine import TrainResult
 
 PROMPT_SEED = 20_261_125
+SETTINGS = DistillSettings  # the `settings` distill takes: front ends generate their fields from it
 
 
 def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: int = PROMPT_SEED) -> list[str]:
@@ -96,9 +97,10 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
 def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] | None = None, rank: int = 4,
             prompts_file: str | Path | None = None, cache: str | Path | None = None, resume: str | None = None,
             on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-            progress_bar: bool = False) -> TrainResult:
+            progress_bar: bool = False, load: dict[str, Any] | None = None) -> TrainResult:
     """Train a one-step adaptor for `model` and write it to `out`; the teacher pairs are cached in `cache`
-    (default: <out>.teacher.safetensors). `settings`: DistillSettings values. Events as the engine's, plus
+    (default: <out>.teacher.safetensors). `settings`: DistillSettings values; `load`: load_pipeline options
+    (device, dtype, scheduler, config, offline). Events as the engine's, plus
     {"kind": "phase", "message"} while the teacher draws."""
     from studio.adapters.hipa.config import DistillSettings
     from studio.loading import load_pipeline
@@ -122,8 +124,9 @@ def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] 
         eta = (time.perf_counter() - started[0]) / step * (run.steps - step)
         on_event({"kind": "step", "step": step, "steps": run.steps, "loss": loss, "eta_seconds": eta})
 
-    result = run_distill(load_pipeline(model), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
-                         progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
+    pipe = load_pipeline(model, **(load or {}))
+    result = run_distill(pipe, run, out, rank=rank, prompts_file=prompts_file, cache=cache, progress=progress_bar,
+                         log=lambda message: on_event({"kind": "log", "message": message}),
                          on_teacher=on_teacher, on_step=on_step, should_stop=should_stop)
     stopped = result.steps < run.steps
     on_event({"kind": "done", "step": result.steps, "adapter": str(out), "stopped": stopped})

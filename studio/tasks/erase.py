@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.adapters.spm.config import EraseSettings
 from studio.training.engine import TrainResult
+
+SETTINGS = EraseSettings  # the `settings` erase takes: front ends generate their fields from it
 
 
 def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> list[str]:
@@ -24,9 +27,10 @@ def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> li
 def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset: str = "shapes",
           settings: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None, resume: str | None = None,
           on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          progress_bar: bool = False) -> TrainResult:
+          progress_bar: bool = False, load: dict[str, Any] | None = None) -> TrainResult:
     """Train a membrane erasing `concepts` on `model` and write it to `out` (a .safetensors file).
-    `settings`: EraseSettings values over the preset's; `adapter`: SpmConfig values. Events as the engine's."""
+    `settings`: EraseSettings values over the preset's; `adapter`: SpmConfig values; `load`: load_pipeline
+    options (device, dtype, scheduler, config, offline). Events as the engine's."""
     from studio.adapters.spm.erase import erase_config, train_membrane
     from studio.loading import StudioError, load_pipeline
 
@@ -37,7 +41,7 @@ def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset
     if resume:
         raise StudioError("erase cannot resume yet")  # the engine move brings it
     config, run = erase_config(list(concepts), preset, settings=settings, adapter=adapter)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, **(load or {}))
     if not config.prompts:
         config.prompts = default_prompts(pipe, config.concepts, seed=run.seed)
     started = time.perf_counter()
