@@ -9,6 +9,7 @@ keeps its values. Float flags take finite numbers only: `nan` and `inf` are refu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Iterable
 
@@ -29,9 +30,10 @@ def finite_float(text: str) -> float:
 _TYPES = {"int": int, "float": finite_float, "str": str}
 
 
-def _element_type(spec: SettingSpec):
+def _element_type(cls: type, spec: SettingSpec):
     """The type of one item of a list setting (list[int] -> int); str unless the annotation says otherwise."""
-    inner = spec.type.partition("[")[2]
+    hint = next(f.type for f in dataclasses.fields(cls) if f.name == spec.name)
+    inner = (hint if isinstance(hint, str) else str(hint)).partition("[")[2]
     return next((t for name, t in _TYPES.items() if inner.startswith(name)), str)
 
 
@@ -60,7 +62,7 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[s
         if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif spec.kind == "list":
-            kwargs.update(action="append", type=_element_type(spec))
+            kwargs.update(action="append", type=_element_type(cls, spec))
             kwargs["help"] = f"{kwargs['help']} (repeatable)" if kwargs["help"] else "repeatable"
         else:
             kwargs["type"] = _TYPES[spec.kind]
