@@ -78,7 +78,8 @@ def bake_deltas(deltas: dict[str, tuple[torch.Tensor, tuple[int, ...]]], rank: i
         residual += float(s[r:].square().sum())
         norm += float(s.square().sum())
         kernel = tuple(shape[2:])
-        tensors[f"{layer}.lora_A.weight"] = lora_a.reshape(r, *((shape[1], *kernel) if kernel else (cols,))).contiguous()
+        a_shape = (shape[1], *kernel) if kernel else (cols,)
+        tensors[f"{layer}.lora_A.weight"] = lora_a.reshape(r, *a_shape).contiguous()
         tensors[f"{layer}.lora_B.weight"] = lora_b.reshape(rows, r, *((1,) * len(kernel))).contiguous()
         ranks[layer] = r
     error = math.sqrt(residual / norm) if norm else 0.0

@@ -200,7 +200,8 @@ def named_methods(source: str, words: list[str]) -> list[tuple[int, str]]:
 
 def test_the_scan_finds_a_method_name_where_one_is_written():
     words = ["lora", "t2i_adapter", "controlnet"]
-    source = 'x = "train a LoRA"\nbake_lora = 1\n# lora in a comment\ny = "controlnext, T2I-Adapter"\nz = "t2i_adapter"\n'
+    source = ('x = "train a LoRA"\nbake_lora = 1\n# lora in a comment\ny = "controlnext, T2I-Adapter"\n'
+              'z = "t2i_adapter"\n')
     assert [line for line, _ in named_methods(source, words)] == [1, 2, 5]
 
 
@@ -211,3 +212,32 @@ def test_no_cli_module_names_a_method():
     assert {m.name for m in modules} >= {"__init__.py", "flags.py", "common.py", "train.py", "bench.py"}
     found = {m.name: named_methods(m.read_text(encoding="utf-8"), words) for m in modules}
     assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+def test_bake_goes_by_the_files_method_to_its_registered_baker(capsys, tmp_path):
+    import torch
+
+    from studio.adapters import get_method, method_names, save_adapter
+    from studio.adapters.bake import bake_adapter, bakeable_methods
+
+    assert bakeable_methods() == ["sara", "soda"] and set(bakeable_methods()) <= set(method_names("concept"))
+    hra = get_method("hra")
+    path = save_adapter(tmp_path / "h.safetensors", "hra", hra.config_class(), {"unet.x.weight": torch.zeros(2, 2)},
+                        {})
+    line = _one_line_error(capsys, ["bake", str(path), "--rank", "2"])
+    assert line == "studio: error: h.safetensors is a hra adapter; bake takes sara, soda adapters"
+    soda = get_method("soda")
+    path = save_adapter(tmp_path / "s.safetensors", "soda", soda.config_class(), {"unet.x.delta": torch.zeros(2)}, {})
+    with pytest.raises(ValueError, match="baking a soda adapter needs its base model"):
+        bake_adapter(path, 2)
+    line = _one_line_error(capsys, ["bake", str(path), "--rank", "2"])
+    assert "s.safetensors does not name its base model; give --model" in line
+    assert not list(tmp_path.glob("*lora*"))
+
+
+def test_only_the_method_that_writes_extra_files_after_training_does():
+    from studio.adapters import AdapterMethod, get_method, method_names
+
+    own = [name for name in method_names() if type(get_method(name)).export_extra is not AdapterMethod.export_extra]
+    assert own == ["controlnet"]
+    assert get_method("hra").export_extra(Path("nowhere.safetensors")) == []

@@ -16,7 +16,7 @@ def _membrane_settings() -> str:
     from studio.utils.settings import describe
 
     names = {spec.name for name in method_names("erase") for spec in describe(get_method(name).config_class)}
-    return ", ".join(sorted(names - {"prompts", "concepts", "target_modules"}))
+    return ", ".join(sorted(names - {"prompts", "concepts"}))  # those two: the command's own arguments
 
 
 def register(sub) -> None:
