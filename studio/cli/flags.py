@@ -52,11 +52,13 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[s
                  exclude: Iterable[str] = (), prefix: str = "") -> list[str]:
     """One flag per field of the settings dataclass `cls` (those in `only`, none in `exclude`):
     `--<prefix><field-name>` with the field's help, type and choices. bool fields get --x/--no-x, list fields
-    a repeatable flag. Returns the field names given flags."""
+    a repeatable flag; dict fields none. Returns the field names given flags."""
     only = set(only) if only is not None else None
     names = []
     for spec in describe(cls):
         if (only is not None and spec.name not in only) or spec.name in set(exclude):
+            continue
+        if spec.type.startswith(("dict", "Dict", "typing.Dict")):  # no flag form: KEY=VALUE flags carry these
             continue
         kwargs = {"dest": prefix + spec.name, "default": argparse.SUPPRESS, "help": _help(spec)}
         if spec.kind == "bool":
