@@ -5,11 +5,46 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from studio.adapters.base import AdapterError, AdapterFile, read_adapter, save_adapter, thin_svd
 from studio.adapters.lora.config import LoraConfig
+
+
+# method name -> (its baker, whether the baker needs the base model's pipeline): registered by the methods
+_BAKERS: dict[str, tuple[Callable[..., tuple[Path, float]], bool]] = {}
+
+
+def register_baker(method: str, *, needs_base: bool = False):
+    """Declare the decorated `bake(path, rank, out)` (with `needs_base`: `bake(path, rank, pipe, out)`) as
+    the way files of `method` become a LoRA; `bake_adapter` dispatches on a file's method to it."""
+    def decorate(func):
+        _BAKERS[method] = (func, needs_base)
+        return func
+    return decorate
+
+
+def bakeable_methods() -> list[str]:
+    return sorted(_BAKERS)
+
+
+def bake_adapter(path: str | Path, rank: int, out: str | Path | None = None, *,
+                 load_base: Callable[[str | None], Any] | None = None) -> tuple[Path, float]:
+    """Write the adapter file at `path` as a LoRA of `rank` by its method's registered baker; returns (LoRA
+    path, relative error). `load_base(name)` loads the base model for methods whose update is a function of
+    the base weights (given the model name the file records, or None)."""
+    file = read_adapter(path)
+    if file.method not in _BAKERS:
+        raise AdapterError(f"{Path(path).name} is a {file.method} adapter; bake takes "
+                           f"{', '.join(bakeable_methods())} adapters")
+    bake, needs_base = _BAKERS[file.method]
+    if not needs_base:
+        return bake(path, rank, out)
+    if load_base is None:
+        raise AdapterError(f"{Path(path).name}: baking a {file.method} adapter needs its base model")
+    return bake(path, rank, load_base(file.metadata.get("base_model_name")), out)
 
 
 def read_for_bake(path: str | Path, method: str, rank: int) -> AdapterFile:

@@ -112,6 +112,11 @@ class AdapterMethod:
         """The objective; most methods train on the engine's denoising loss unchanged."""
         return default_loss(batch)
 
+    def export_extra(self, path: Path) -> list[Path]:
+        """Files written beside a freshly trained adapter file `path` for other tools (e.g. a diffusers
+        model folder), returned for the front end to show; none by default."""
+        return []
+
 
 _REGISTRY: dict[str, AdapterMethod] = {}
 

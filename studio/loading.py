@@ -106,33 +106,25 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
     the pipeline with num_inference_steps=1 (or timesteps=[999]) and guidance_scale=0. `control` attaches control
     adapters with their images: {"adapter": file, "image": img, "scale": 1.0, "start": 0.0, "end": 1.0} or a list
     of them (summed). Raises StudioError with a one-line reason on bad input."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
     torch_dtype = _resolve_dtype(dtype, device)
-    source = str(model)
-    path = embedded.SHAPES_DIR if source == "shapes" else Path(source).expanduser()
+    pipe = _open(str(model), torch_dtype, config, offline)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe.studio_architecture = architecture(pipe)
+    if adapters or membranes or one_step:
+        _attach_files(pipe, adapters, membranes, transport, one_step)
+    pipe = pipe.to(device)
+    if control:
+        _attach_control(pipe, control)
+    pipe.studio_attention = apply_attention_backend(pipe, device)
+    return pipe
+
+
+def _open(source: str, torch_dtype: torch.dtype, config: str | None, offline: bool | None):
+    """The pipeline of `source`, every way loading can fail turned into a one-line StudioError."""
     try:
-        if source == "shapes" or path.is_dir():
-            if not (path / "model_index.json").is_file():
-                if source == "shapes":
-                    raise StudioError(f"the embedded model is missing from {path}; run `studio pretrain`")
-                raise StudioError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-            pipe = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.exists():
-            if not path.is_file():
-                raise StudioError(f"{path}: no such checkpoint file")
-            if path.suffix == ".safetensors":
-                _check_safetensors(path)
-            cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
-            config = config or _embedded_config_for(path)
-            kwargs = {"config": config} if config else {}
-            pipe = cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline),
-                                        **kwargs)
-        elif "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype,
-                                                     local_files_only=bool(offline))
-        else:
-            raise StudioError(f"{source}: no such model (not 'shapes', a folder, a checkpoint file or a hub id)")
+        return _from_source(source, torch_dtype, config, offline)
     except StudioError:
         raise
     except OSError as e:
@@ -144,35 +136,63 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
     except Exception as e:  # a corrupt file surfaces as many error types deep in the loaders
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise StudioError(f"{source}: cannot be loaded ({type(e).__name__}: {msg})") from None
-    if scheduler:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=not progress)
-    pipe.studio_architecture = architecture(pipe)
-    if adapters or membranes or one_step:
-        from studio.adapters import AdapterError, load_adapters
-        from studio.pipelines.membranes import load_membranes
-        from studio.pipelines.one_step import load_one_step
 
-        try:
-            if adapters:
-                load_adapters(pipe, adapters)
-            if membranes:
-                load_membranes(pipe, membranes, transport)
-            if one_step:
-                load_one_step(pipe, one_step)
-        except AdapterError as e:
-            raise StudioError(str(e)) from None
-    pipe = pipe.to(device)
-    if control:
-        from studio.adapters import AdapterError
-        from studio.pipelines.control import load_control
 
-        try:
-            load_control(pipe, control)
-        except AdapterError as e:
-            raise StudioError(str(e)) from None
-    pipe.studio_attention = apply_attention_backend(pipe, device)
-    return pipe
+def _from_source(source: str, torch_dtype: torch.dtype, config: str | None, offline: bool | None):
+    """The embedded model, a diffusers folder, a single checkpoint file or a hub id, by what `source` is."""
+    from diffusers import DiffusionPipeline
+
+    path = embedded.SHAPES_DIR if source == "shapes" else Path(source).expanduser()
+    if source == "shapes" or path.is_dir():
+        if not (path / "model_index.json").is_file():
+            if source == "shapes":
+                raise StudioError(f"the embedded model is missing from {path}; run `studio pretrain`")
+            raise StudioError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.exists():
+        return _from_single_file(path, torch_dtype, config, offline)
+    if "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=bool(offline))
+    raise StudioError(f"{source}: no such model (not 'shapes', a folder, a checkpoint file or a hub id)")
+
+
+def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None, offline: bool | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not path.is_file():
+        raise StudioError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+    config = config or _embedded_config_for(path)
+    kwargs = {"config": config} if config else {}
+    return cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline), **kwargs)
+
+
+def _attach_files(pipe, adapters, membranes, transport: str | None, one_step) -> None:
+    from studio.adapters import AdapterError, load_adapters
+    from studio.pipelines.membranes import load_membranes
+    from studio.pipelines.one_step import load_one_step
+
+    try:
+        if adapters:
+            load_adapters(pipe, adapters)
+        if membranes:
+            load_membranes(pipe, membranes, transport)
+        if one_step:
+            load_one_step(pipe, one_step)
+    except AdapterError as e:
+        raise StudioError(str(e)) from None
+
+
+def _attach_control(pipe, control) -> None:
+    from studio.adapters import AdapterError
+    from studio.pipelines.control import load_control
+
+    try:
+        load_control(pipe, control)
+    except AdapterError as e:
+        raise StudioError(str(e)) from None
 
 
 def make_scheduler(name: str, config):

@@ -60,6 +60,10 @@ class ControlNetMethod(ControlMethod):
             inject.modules(pipe).pop(adapter)
             raise AdapterError(f"{source}: {e}") from None
 
+    def export_extra(self, path: Path) -> list[Path]:
+        """The trained file also as a diffusers ControlNet folder (`path` without its suffix)."""
+        return [export_controlnet(path, Path(path).with_suffix(""))]
+
 
 def controlnet_module(pipe, adapter: str):
     """The diffusers ControlNetModel of a loaded ControlNet adapter (for diffusers' own ControlNet pipelines)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from studio.adapters.bake import bake_deltas, baked_path, read_for_bake
+from studio.adapters.bake import bake_deltas, baked_path, read_for_bake, register_baker
 from studio.adapters.base import AdapterError
 from studio.kernels.sparse_delta import SparsePattern, dense_delta
 
 
+@register_baker("sara")
 def bake_to_lora(path: str | Path, rank: int, out: str | Path | None = None) -> tuple[Path, float]:
     """Write `path` (a SaRA file) as a LoRA file of `rank`; returns (LoRA path, relative error), the error
     being ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers together."""

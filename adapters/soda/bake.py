@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters.bake import bake_deltas, baked_path, read_for_bake
+from studio.adapters.bake import bake_deltas, baked_path, read_for_bake, register_baker
 from studio.adapters.base import get_method
 
 
+@register_baker("soda", needs_base=True)
 def bake_to_lora(path: str | Path, rank: int, pipe, out: str | Path | None = None) -> tuple[Path, float]:
     """Write `path` (a SODA file) as a LoRA file of `rank` for `pipe`'s model (the one it was trained on;
     another is refused); returns (LoRA path, relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers)."""

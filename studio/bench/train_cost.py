@@ -15,6 +15,9 @@ from types import SimpleNamespace
 
 import torch
 
+# `studio bench train` without --methods: the whole UNet against LoRAs of two ranks
+DEFAULT_METHODS = ("full", "lora-r4", "lora-r16")
+
 # SD 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), built with random weights
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,

@@ -27,6 +27,7 @@ from studio.tasks.runs import checked_file, loop_settings, run_folder, split_set
 from studio.training import AdapterOutput, Engine, LoopSettings, Recipe, Share, Trainables, TrainingError, TrainResult
 
 PROMPT_SEED = 20_261_125
+SETTINGS = DistillSettings  # the `settings` distill takes: front ends generate their fields from it
 
 
 def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: int = PROMPT_SEED) -> list[str]:
@@ -241,11 +242,11 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
 def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] | None = None, rank: int = 4,
             prompts_file: str | Path | None = None, cache: str | Path | None = None, resume: str | None = None,
             on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-            progress_bar: bool = False) -> TrainResult:
+            progress_bar: bool = False, load: dict[str, Any] | None = None) -> TrainResult:
     """Train a one-step adaptor for `model` and write it to `out`; the teacher pairs are cached in `cache`
     (default: <out>.teacher.safetensors). `settings`: DistillSettings values and the engine's machinery settings
-    (checkpoint_every, keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device).
-    Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a
+    (checkpoint_every, keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device);
+    `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a
     log event and the run starts at step 0) or a checkpoint folder. Events as the engine's, plus
     {"kind": "phase", "message"} while the teacher draws."""
     from studio.loading import load_pipeline
@@ -265,6 +266,6 @@ def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] 
     def on_teacher(done: int, total: int) -> None:
         on_event({"kind": "phase", "message": f"teacher images {done}/{total}"})
 
-    return run_distill(load_pipeline(model), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
+    return run_distill(load_pipeline(model, **(load or {})), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
                        progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
                        on_teacher=on_teacher, loop=loop, on_event=on_event, should_stop=should_stop)

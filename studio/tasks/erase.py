@@ -23,6 +23,8 @@ from studio.adapters.spm.model import SpmMethod
 from studio.tasks.runs import checked_file, loop_settings, run_folder, split_settings
 from studio.training import AdapterOutput, Engine, LoopSettings, Recipe, Share, Trainables, TrainResult
 
+SETTINGS = EraseSettings  # the `settings` erase takes: front ends generate their fields from it
+
 
 def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> list[str]:
     """What the membrane is trained on when no prompts are given: on the embedded model, captions of its
@@ -168,11 +170,11 @@ def erase_esd(pipe, config: SpmConfig, settings: EraseSettings | None = None, *,
 def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset: str = "shapes",
           settings: dict[str, Any] | None = None, adapter: dict[str, Any] | None = None, resume: str | None = None,
           on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          progress_bar: bool = False) -> TrainResult:
+          progress_bar: bool = False, load: dict[str, Any] | None = None) -> TrainResult:
     """Train a membrane erasing `concepts` on `model` and write it to `out` (a .safetensors file).
     `settings`: EraseSettings values over the preset's, and the engine's machinery settings (checkpoint_every,
     keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device); `adapter`: SpmConfig
-    values. Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is
+    values; `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is
     said with a log event and the run starts at step 0) or a checkpoint folder. Events as the engine's."""
     from studio.loading import load_pipeline
 
@@ -180,7 +182,7 @@ def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset
     own, machinery = split_settings(settings, EraseSettings, "erase")
     config, run = erase_config(list(concepts), preset, settings=own, adapter=adapter)
     loop = loop_settings(run, machinery, output_dir=run_folder(out), resume=resume, progress_bar=progress_bar)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, **(load or {}))
     if not config.prompts:
         config.prompts = default_prompts(pipe, config.concepts, seed=run.seed)
     return train_membrane(pipe, config, run, out, loop=loop, on_event=on_event, should_stop=should_stop)
