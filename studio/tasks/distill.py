@@ -246,8 +246,9 @@ def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] 
     """Train a one-step adaptor for `model` and write it to `out`; the teacher pairs are cached in `cache`
     (default: <out>.teacher.safetensors). `settings`: DistillSettings values and the engine's machinery settings
     (checkpoint_every, keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device);
-    `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a
-    log event and the run starts at step 0) or a checkpoint folder. Events as the engine's, plus
+    `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to
+    <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a log event and the
+    run starts at step 0) or a checkpoint folder. Events as the engine's, plus
     {"kind": "phase", "message"} while the teacher draws."""
     from studio.loading import load_pipeline
     from studio.utils.settings import from_values
@@ -266,6 +267,7 @@ def distill(out: str | Path, *, model: str = "shapes", settings: dict[str, Any] 
     def on_teacher(done: int, total: int) -> None:
         on_event({"kind": "phase", "message": f"teacher images {done}/{total}"})
 
-    return run_distill(load_pipeline(model, **(load or {})), run, out, rank=rank, prompts_file=prompts_file, cache=cache,
+    pipe = load_pipeline(model, **(load or {}))
+    return run_distill(pipe, run, out, rank=rank, prompts_file=prompts_file, cache=cache,
                        progress=progress_bar, log=lambda message: on_event({"kind": "log", "message": message}),
                        on_teacher=on_teacher, loop=loop, on_event=on_event, should_stop=should_stop)

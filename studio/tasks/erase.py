@@ -174,8 +174,9 @@ def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset
     """Train a membrane erasing `concepts` on `model` and write it to `out` (a .safetensors file).
     `settings`: EraseSettings values over the preset's, and the engine's machinery settings (checkpoint_every,
     keep_checkpoints, mixed_precision, grad_accum, max_grad_norm, tensorboard, device); `adapter`: SpmConfig
-    values; `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is
-    said with a log event and the run starts at step 0) or a checkpoint folder. Events as the engine's."""
+    values; `load`: load_pipeline options (device, dtype, scheduler, config, offline). Checkpoints go to
+    <out without suffix>_run/; `resume`: "latest" (that folder's newest; none yet is said with a log event and the
+    run starts at step 0) or a checkpoint folder. Events as the engine's."""
     from studio.loading import load_pipeline
 
     out = checked_file(out, "a membrane")
