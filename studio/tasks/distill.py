@@ -15,6 +15,7 @@ from studio.adapters.hipa.distill import distill as distill_adaptor
 from studio.loading import StudioError
 from studio.training.engine import TrainResult
 
+SETTINGS = DistillSettings
 PROMPT_SEED = 20_261_125
 
 

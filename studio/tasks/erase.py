@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.adapters.spm.config import EraseSettings
 from studio.training.engine import TrainResult
+
+SETTINGS = EraseSettings
 
 
 def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> list[str]:
