@@ -202,9 +202,8 @@ class MethodForms:
                 chosen = changed
             elif changed:
                 one = len(changed) == 1
-                raise StudioError(f"{', '.join(sorted(changed))} {'is a' if one else 'are'} {name} "
-                                  f"setting{'' if one else 's'}; pick the {name} method or set "
-                                  f"{'it' if one else 'them'} back")
+                raise StudioError(f"{', '.join(sorted(changed))} {'is a setting' if one else 'are settings'} of "
+                                  f"{name}; pick the {name} method or set {'it' if one else 'them'} back")
         return chosen
 
 
