@@ -41,11 +41,18 @@ def _shown(spec: SettingSpec, value: Any) -> Any:
     return value
 
 
+def _default_text(spec: SettingSpec) -> str:
+    if spec.default in (None, "", [], {}):
+        return "empty"
+    if isinstance(spec.default, (list, tuple)):
+        return ", ".join(map(str, spec.default))
+    return json.dumps(spec.default) if isinstance(spec.default, dict) else str(spec.default)
+
+
 def _info(spec: SettingSpec, unset_note: str | None) -> str:
-    default = "empty" if spec.default in (None, "", [], {}) else json.dumps(spec.default) \
-        if not isinstance(spec.default, (str, int, float)) else str(spec.default)
+    """The line under the field: its help, then its default (or what leaving it empty means)."""
     parts = [spec.help] if spec.help else []
-    parts.append(unset_note or f"default {default}")
+    parts.append(unset_note or f"default {_default_text(spec)}")
     if spec.kind == "list":
         parts.append("one a line")
     elif _is_mapping(spec):
@@ -218,7 +225,7 @@ def method_forms(kind: str, selected: str, *, skip: tuple[str, ...] = ()) -> Met
     for name in method_names(kind):
         method = get_method(name)
         with gr.Group(visible=name == selected) as groups[name]:
-            gr.Markdown(f"{name} settings (empty or unchanged: the preset's)", padding=True)
+            gr.Markdown(f"**{name}** settings", padding=True)
             forms[name] = settings_form(method.config_class, prefix=name + METHOD_SEPARATOR, skip=skip,
                                         unset=_preset_notes(method))
     return MethodForms(forms, groups, skip)
