@@ -15,7 +15,7 @@ from conftest import serve_app
 def running_app(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("workspace")
     url, app = serve_app(workspace)
-    yield url, workspace
+    yield url, workspace, app
     app.close()
 
 
@@ -31,16 +31,21 @@ def _image_path(item):
     return image if isinstance(image, str) else image["path"]
 
 
-def _generate(client, prompt, steps=6, batch=1, adapters=(), weight=1.0, model="shapes"):
-    return client.predict(model, prompt, "", steps, 5.0, 1, batch, list(adapters), weight, api_name="/generate")
+def _generate(client, prompt, steps=6, batch=1, adapters=(), weight=1.0, model="shapes", **more):
+    return client.predict(model=model, prompt=prompt, negative="", steps=steps, guidance=5.0, seed=1, batch=batch,
+                          adapters=list(adapters), weight=weight, **more, api_name="/generate")
 
 
-def _train(client, files, name, folder="", trigger="sks", steps=0, captions=None, trigger_token=False):
+def _train(client, files, name, folder="", trigger="sks", steps=0, captions=None, trigger_token=False,
+           method="lora", **method_settings):
+    """The Train tab's endpoint, bound by name: what is not given keeps the page's value; a method's own
+    settings are `<method>__<field>`."""
     from gradio_client import handle_file
 
-    return client.predict([handle_file(str(f)) for f in files], folder, name, trigger, "", "lora", "quick", steps, 0,
-                          0, 0, 0, 0, False, {"headers": ["image", "caption"], "data": captions or []}, "", "", 0,
-                          trigger_token, api_name="/train")
+    return client.predict(files=[handle_file(str(f)) for f in files], folder=folder, name=name, trigger=trigger,
+                          method=method, preset="quick", steps=steps, trigger_token=trigger_token,
+                          captions={"headers": ["image", "caption"], "data": captions or []}, **method_settings,
+                          api_name="/train")
 
 
 def _wait_for_job(client, until=("done", "failed"), timeout=600):
@@ -123,7 +128,7 @@ def test_bad_uploads_are_answered_in_the_page(client, star_files, tmp_path, case
 
 
 def test_captions_from_files_and_from_the_page(tmp_path, star_files):
-    from studio.ui.app import stage_uploads, upload_captions
+    from studio.ui.tabs.train import stage_uploads, upload_captions
 
     files = [str(f) for f in star_files[:3]] + [str(star_files[8])]  # 3 images, the first one's caption file
     rows = upload_captions(files)
@@ -188,26 +193,26 @@ def test_train_the_quick_preset_then_generate_with_it(client, star_files, runnin
     assert [Path(p).name for p in paths] == ["star.kohya.safetensors", "sks.safetensors"]  # the token beside it
     assert "embedding sks.safetensors" in note
     assert (running_app[1] / "exports" / "sks.safetensors").is_file()
-    table, _, _, note = client.predict("star", "star_v2", api_name="/rename")
+    table, _, _, note = client.predict(name="star", new_name="star_v2", api_name="/rename")
     assert "renamed star to star_v2" in note
     with pytest.raises(Exception, match="tick 'really delete' first"):
-        client.predict("star_v2", False, api_name="/delete")
-    table, _, _, note = client.predict("star_v2", True, api_name="/delete")
+        client.predict(name="star_v2", confirmed=False, api_name="/delete")
+    table, _, _, note = client.predict(name="star_v2", confirmed=True, api_name="/delete")
     rows = table["data"] if isinstance(table, dict) else table
     assert "deleted star_v2" in note and not any(r and r[0] == "star_v2" for r in rows)
 
 
 def test_erase_tab_trains_a_membrane_and_compares_before_and_after(client, running_app):
     for nothing in ("", " , "):
-        assert "name what to erase" in client.predict(nothing, "x", 0, 0, 0, api_name="/erase")
-    reply = client.predict("circle", "no_circle", 4, 0, 0, api_name="/erase")
+        assert "name what to erase" in client.predict(concepts=nothing, name="x", api_name="/erase")
+    reply = client.predict(concepts="circle", name="no_circle", steps=4, api_name="/erase")
     assert "queued membrane **no_circle**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
     assert (running_app[1] / "adapters" / "no_circle.safetensors").is_file()
     client.predict(api_name="/membranes")  # what opening the Erase tab does: the new membrane is listed
-    gallery, strengths = client.predict("shapes", ["no_circle"], "a red circle\na blue square", 4, 5.0, 0,
-                                        api_name="/compare_erase")
+    gallery, strengths = client.predict(model="shapes", membranes=["no_circle"], prompts="a red circle\na blue square",
+                                        steps=4, guidance=5.0, seed=0, api_name="/compare_erase")
     assert len(gallery) == 4 and [g["caption"].split(":")[0] for g in gallery] == ["before"] * 2 + ["after"] * 2
     assert "a red circle: no_circle 1.00" in strengths and "a blue square: no_circle 0.00" in strengths
 
@@ -217,33 +222,49 @@ def test_one_step_tab_distils_an_adaptor_and_generate_uses_it(client, running_ap
 
     from studio.adapters import read_adapter
 
-    assert "rank" in client.predict("fast", 2, 2, 0, True, 0, 0, api_name="/distill")
-    assert "weights must be >= 0" in client.predict("fast", 2, 2, 2, True, 0, -1, api_name="/distill")
-    reply = client.predict("fast", 2, 2, 2, True, 0, 0.5, api_name="/distill")
+    fast = {"name": "fast", "steps": 2, "pairs": 2, "seed": 0}
+    assert "rank" in client.predict(**fast, rank=0, api_name="/distill")
+    assert "weights must be >= 0" in client.predict(**fast, rank=2, adversarial_weight=-1, api_name="/distill")
+    reply = client.predict(**fast, rank=2, adversarial_weight=0.5, api_name="/distill")
     assert "queued one-step adaptor **fast**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
     assert (running_app[1] / "adapters" / "fast.safetensors").is_file()
     assert read_adapter(running_app[1] / "adapters" / "fast.safetensors").metadata["adversarial_term"] == "true"
     client.predict(api_name="/one_step_adaptors")  # what opening the Generate tab does
-    gallery, status = client.predict("shapes", "a red circle", "", 25, 5.0, 3, 1, [], 1.0, "fast",
-                                     api_name="/generate")
+    gallery, status = client.predict(model="shapes", prompt="a red circle", steps=25, guidance=5.0, seed=3, batch=1,
+                                     one_step="fast", api_name="/generate")
     assert len(gallery) == 1 and "one step with fast" in status
     settings = json.loads(Image.open(_image_path(gallery[0])).text["parameters"])
     assert settings["steps"] == 1 and settings["guidance"] == 0.0 and settings["one_step"] == "fast"
 
 
 def test_method_settings_of_another_method_are_refused_in_the_page(client, star_files):
-    from gradio_client import handle_file
+    good = [f for f in star_files if f.suffix == ".png"][:3]
+    reply = _train(client, good, "soda_bad", soda__rotate="both")  # method lora, a setting in the soda form
+    assert "rotate is a setting of soda; pick the soda method" in reply and "Traceback" not in reply
+    reply = _train(client, good, "oft_bad", method="soda", oft__block_size=16)
+    assert "block_size is a setting of oft" in reply
 
-    good = [handle_file(str(f)) for f in star_files if f.suffix == ".png"][:3]
-    captions = {"headers": ["image", "caption"], "data": []}
-    reply = client.predict(good, "", "soda_bad", "sks", "", "lora", "quick", 0, 0, 0, 0, 0, 0, False, captions, "",
-                           "both", 0, api_name="/train")
-    assert "SODA setting" in reply and "Traceback" not in reply
-    reply = client.predict(good, "", "oft_bad", "sks", "", "soda", "quick", 0, 0, 0, 0, 0, 0, False, captions, "",
-                           "", 16, api_name="/train")
-    assert "OFT setting" in reply
+
+def test_a_method_setting_reaches_the_config_by_name(client, running_app):
+    from studio.training import config_with_preset
+
+    bad = running_app[1] / "uploads" / "unreadable"
+    bad.mkdir(parents=True)
+    for i in range(3):
+        (bad / f"{i}.png").write_text("not an image")
+    reply = _train(client, [], "budgeted", folder="uploads/unreadable", method="sara", sara__budget="2%",
+                   sara__nuclear_layers=2)
+    assert "queued **budgeted**" in reply, reply
+    job = running_app[2].studio_jobs.latest()
+    # only what the page changed, by its field's name; the rest stays the preset's
+    assert job.settings["config"]["method"] == "sara"
+    assert job.settings["config"]["adapter"] == {"budget": "2%", "nuclear_layers": 2}
+    config = config_with_preset(job.settings["preset"], **job.settings["config"])
+    assert config.adapter["budget"] == "2%" and config.adapter["nuclear_layers"] == 2 and config.lr == 1e-3
+    status, _, _ = _wait_for_job(client, timeout=120)
+    assert "failed" in status
 
 
 def _editor(path):
@@ -263,9 +284,20 @@ def _disc(path, size=(128, 128)):
 
 
 def _control(client, adapter, image, preprocess="none", scale=1.0, prompt="a large red circle on a gray background",
-             seed=1, batch=1, steps=4):
-    return client.predict("shapes", adapter, image, preprocess, scale, 0.0, 1.0, prompt, "", steps, 5.0, seed, batch,
-                          api_name="/control_generate")
+             seed=1, batch=1, steps=4, **second):
+    return client.predict(model="shapes", adapter=adapter, image=image, preprocess=preprocess, scale=scale, start=0.0,
+                          end=1.0, prompt=prompt, negative="", steps=steps, guidance=5.0, seed=seed, batch=batch,
+                          **second, api_name="/control_generate")
+
+
+def _preview(client, image, preprocess, prompt="", seed=0):
+    return client.predict(image=image, preprocess=preprocess, prompt=prompt, seed=seed, api_name="/control_preview")
+
+
+def _control_train(client, name, condition, steps, examples, two_shapes=0.0, start_from="", method="t2i_adapter"):
+    return client.predict(name=name, method=method, condition=condition, preset="quick", steps=steps,
+                          examples=examples, seed=0, two_shapes=two_shapes, overlay_scenes=False,
+                          start_from=start_from, api_name="/control_train")
 
 
 def test_control_tab_previews_conditions(client, tmp_path):
@@ -275,33 +307,31 @@ def test_control_tab_previews_conditions(client, tmp_path):
     photo = Image.new("RGB", (96, 80), "gray")
     photo.paste(Image.new("RGB", (40, 30), "red"), (20, 20))
     photo.save(tmp_path / "photo.png")
-    condition, note = client.predict(_editor(tmp_path / "photo.png"), "canny", "", 0, api_name="/control_preview")
+    condition, note = _preview(client, _editor(tmp_path / "photo.png"), "canny", "", 0)
     canny = Image.open(condition)
     assert canny.size == (96, 80) and "condition 96x80" in note
     edges = np.asarray(canny.convert("L")) > 0
     assert edges.any() and not edges[:10].any()  # the red box's outline, nothing on the flat border
-    condition, note = client.predict(None, "mask", "a small blue square at the left on a white background", 3,
-                                     api_name="/control_preview")
+    condition, note = _preview(client, None, "mask", "a small blue square at the left on a white background", 3)
     assert Image.open(condition).size == (128, 128)
 
 
 def test_control_tab_bad_input_is_a_message_and_the_server_keeps_serving(client, tmp_path):
     with pytest.raises(Exception, match="give a control image"):
-        client.predict(None, "canny", "", 0, api_name="/control_preview")
+        _preview(client, None, "canny", "", 0)
     with pytest.raises(Exception, match="'hed' needs an annotator with downloaded weights"):
-        client.predict(_editor(_disc(tmp_path / "disc.png")), "hed", "", 0, api_name="/control_preview")
+        _preview(client, _editor(_disc(tmp_path / "disc.png")), "hed")
     with pytest.raises(Exception, match="must name a shape, a colour and a background"):
-        client.predict(None, "edges", "something nice", 0, api_name="/control_preview")
+        _preview(client, None, "edges", "something nice", 0)
     with pytest.raises(Exception, match="pick a control adapter"):
         _control(client, None, _editor(tmp_path / "disc.png"))
-    reply = client.predict("bad", "t2i_adapter", "hed", "quick", 2, 4, 0, 0.0, False, "", api_name="/control_train")
+    reply = _control_train(client, "bad", "hed", 2, 4)
     assert "downloaded weights" in reply and "Traceback" not in reply
-    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 0, 0, 0.0, False, "", api_name="/control_train")
+    reply = _control_train(client, "bad", "mask", 2, 0)
     assert "examples must be at least 1" in reply
-    reply = client.predict("bad", "t2i_adapter", "mask", "quick", 2, 4, 0, 0.0, False, "nope",
-                           api_name="/control_train")
+    reply = _control_train(client, "bad", "mask", 2, 4, start_from="nope")
     assert "no adapter named 'nope' in the library" in reply
-    condition, _ = client.predict(_editor(tmp_path / "disc.png"), "lineart", "", 0, api_name="/control_preview")
+    condition, _ = _preview(client, _editor(tmp_path / "disc.png"), "lineart", "", 0)
     assert condition  # still serving
 
 
@@ -310,8 +340,7 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     from PIL import Image
 
     started = time.time()
-    reply = client.predict("disc_control", "t2i_adapter", "mask", "quick", 4, 8, 0, 0.0, False, "",
-                           api_name="/control_train")
+    reply = _control_train(client, "disc_control", "mask", 4, 8)
     assert "queued control adapter **disc_control**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
@@ -321,8 +350,7 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     assert rows[0][:3] == ["disc_control", "t2i_adapter", "shapes"]
     client.predict(api_name="/control_adapters")  # what opening the Control tab does: the new adapter is listed
     # a second stage: from the first adapter, on two-shape scenes whose two conditions are two summed inputs
-    reply = client.predict("scenes_control", "t2i_adapter", "mask,edges", "quick", 2, 6, 0, 1.0, False,
-                           "disc_control", api_name="/control_train")
+    reply = _control_train(client, "scenes_control", "mask,edges", 2, 6, two_shapes=1.0, start_from="disc_control")
     assert "queued control adapter **scenes_control**" in reply, reply
     status, _, _ = _wait_for_job(client, timeout=300)
     assert "done" in status, status
@@ -345,9 +373,8 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     pixels = [np.asarray(Image.open(_image_path(g[0])), dtype=int) for g in (plain, off, gallery)]
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
     # two conditions are summed: the adapter twice at half scale is the adapter once at full scale
-    halves, _, note = client.predict("shapes", "disc_control", disc, "none", 0.5, 0.0, 1.0,
-                                     "a large red circle on a gray background", "", 4, 5.0, 1, 1, "disc_control", disc,
-                                     "none", 0.5, api_name="/control_generate")
+    halves, _, note = _control(client, "disc_control", disc, scale=0.5, adapter2="disc_control", image2=disc,
+                               preprocess2="none", scale2=0.5)
     assert "disc_control at 0.5 + disc_control at 0.5" in note
     assert np.abs(np.asarray(Image.open(_image_path(halves[0])), dtype=int) - pixels[2]).max() <= 1
     # a condition rendered from the prompt, and a control image of another shape than the output is refused

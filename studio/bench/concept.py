@@ -121,8 +121,8 @@ def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:
         try:
             t0 = time.perf_counter()
             client = Client(url, verbose=False)
-            client.predict([handle_file(f) for f in files], "", "star", "sks", "", "lora", preset, 0, 0, 0, 0, 0, 0,
-                           False, {"headers": ["image", "caption"], "data": []}, api_name="/train")
+            client.predict(files=[handle_file(f) for f in files], name="star", trigger="sks", method="lora",
+                           preset=preset, captions={"headers": ["image", "caption"], "data": []}, api_name="/train")
             while True:
                 status = client.predict(api_name="/job_status")[0]
                 if "done" in status or "failed" in status:
@@ -132,8 +132,8 @@ def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:
                 raise RuntimeError(status)
             t_trained = time.perf_counter() - t0
             client.predict(api_name="/library")  # what opening the Generate tab does: the new adapter is listed
-            client.predict("shapes", "a red sks on a blue background", "", 25, 5.0, 0, 1, ["star"], 1.0,
-                           api_name="/generate")
+            client.predict(model="shapes", prompt="a red sks on a blue background", steps=25, guidance=5.0, seed=0,
+                           batch=1, adapters=["star"], weight=1.0, api_name="/generate")
             total = time.perf_counter() - t0
         finally:
             app.close()
