@@ -26,7 +26,6 @@ from studio.loading import StudioError
 from studio.tasks.runs import checked_file, loop_settings, run_folder, split_settings
 from studio.training import AdapterOutput, Engine, LoopSettings, Recipe, Share, Trainables, TrainingError, TrainResult
 
-SETTINGS = DistillSettings
 PROMPT_SEED = 20_261_125
 SETTINGS = DistillSettings  # the `settings` distill takes: front ends generate their fields from it
 
