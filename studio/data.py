@@ -59,7 +59,8 @@ def open_image(path: Path, min_size: int) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
     if min(image.size) < min_size:
-        raise DataError(f"{path}: {image.size[0]}x{image.size[1]} is too small (the shorter side must be at least {min_size} px)")
+        raise DataError(f"{path}: {image.size[0]}x{image.size[1]} is too small (the shorter side must be at least "
+                        f"{min_size} px)")
     return image
 
 

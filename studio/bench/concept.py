@@ -81,7 +81,8 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
         settings["lr"] = lr
     shown = dict(extra)
     if prior_renders:
-        shown["prior"] = f"{prior_renders} base renders" + (" + the 8 redrawn as each base shape" if prior_paired else "")
+        paired = " + the 8 redrawn as each base shape" if prior_paired else ""
+        shown["prior"] = f"{prior_renders} base renders{paired}"
     setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())
     judge = load_judge()
     rows = []

@@ -56,7 +56,8 @@ def evaluate_control(pipe, judge, examples, adapter: str | None, *, steps: int =
         if adapter:
             cond = torch.from_numpy(np.stack([e.condition for e in chunk])).permute(0, 3, 1, 2).float() / 255
             set_control(pipe, [{"adapter": adapter, "image": cond, "scale": scale}])
-        images = generate_images(pipe, [e.caption for e in chunk], [e.seed for e in chunk], steps, guidance, batch=batch)
+        images = generate_images(pipe, [e.caption for e in chunk], [e.seed for e in chunk], steps, guidance,
+                                 batch=batch)
         preds = judge_images(judge, images)[1]
         for j, e in enumerate(chunk):
             ious.append(iou(generated_mask(images[j]), world.render_mask(e.spec, e.seed)))
@@ -301,7 +302,8 @@ def bench_multi_condition(adapter: str | Path | None = None, also: list[str | Pa
     for path in [Path(adapter)] + [Path(a) for a in also]:
         pipe = load_pipeline("shapes", adapters={path: 1.0})
         name = path.stem
-        variants = {"caption only": [], f"{first_kind} only": [(name, firsts)], f"{second_kind} only": [(name, seconds_)],
+        variants = {"caption only": [], f"{first_kind} only": [(name, firsts)],
+                    f"{second_kind} only": [(name, seconds_)],
                     f"{first_kind} + {second_kind}": [(name, firsts), (name, seconds_)]}
         for what, inputs in variants.items():
             s = evaluate_two_conditions(pipe, inputs, scenes, scale, eval_steps, guidance)

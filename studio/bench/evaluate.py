@@ -209,8 +209,8 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     leak_rng = random.Random(B2_SEED + 2)
     leak_colours = [leak_rng.choice(list(world.COLOURS)) for _ in range(n)]
     leak_seeds = [leak_rng.randrange(2**31) for _ in range(n)]
-    _, leak_preds = judge_images(judge, generate_images(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps,
-                                                  guidance))
+    leak_images = generate_images(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps, guidance)
+    _, leak_preds = judge_images(judge, leak_images)
     leak = float(np.mean([p == B2_SHAPE for p in leak_preds["shape"]]))
     base = b1_prompts(n)
     base_specs = [s for s, _ in base]

@@ -268,7 +268,8 @@ def bench_unmerged_generation(model: str = "sd15", adapters: int = 3, rank: int 
             "merged_vs_unmerged_max_diff": error}
 
 
-def b7_tables(rows: list[dict], generation: list[dict]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+def b7_tables(rows: list[dict], generation: list[dict]) -> tuple[list[str], list[list[str]], list[str],
+                                                                list[list[str]]]:
     """The goal columns judge the path each device runs by default: fused on the CPU, Triton on CUDA."""
     chosen = rows[0]["chosen"] if rows else "fused"
     triton = bool(rows) and "triton_over" in rows[0]

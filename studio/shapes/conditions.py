@@ -139,7 +139,8 @@ def _detector(kind: str):
             else:
                 from controlnet_aux import LineartStandardDetector as cls
         except ImportError as e:
-            raise ConditionError(f"the {kind} annotator needs controlnet-aux (pip install controlnet-aux): {e}") from None
+            raise ConditionError(f"the {kind} annotator needs controlnet-aux (pip install controlnet-aux): {e}") \
+                from None
         _DETECTORS[kind] = cls()
     return _DETECTORS[kind]
 

@@ -73,7 +73,8 @@ def render_set(specs: list[world.Spec], seeds: list[int], workers: int | None = 
         return np.concatenate(list(pool.map(_render_chunk, chunks)))
 
 
-def world_sample(n: int, seed: int, shapes: tuple[str, ...], heldout: bool | None) -> tuple[list[world.Spec], list[int]]:
+def world_sample(n: int, seed: int, shapes: tuple[str, ...], heldout: bool | None
+                 ) -> tuple[list[world.Spec], list[int]]:
     rng = random.Random(seed)
     specs = [world.random_spec(rng, shapes, heldout=heldout) for _ in range(n)]
     seeds = [rng.randrange(2**31) for _ in range(n)]
@@ -170,13 +171,7 @@ def judge_report(judge, vae, n: int, seed: int, device: str = "cpu") -> dict[str
     }
 
 
-def train_unet(cfg: PretrainConfig, vae, log=print):
-    """Text encoder and UNet trained together on base shapes with EMA, min-SNR weighting."""
-    from diffusers import DDPMScheduler
-
-    from studio.training.engine import signal_to_noise
-
-    dev = cfg.device
+def _unet_components(cfg: PretrainConfig, log) -> dict:
     comps = embedded.new_components(cfg.seed)
     if cfg.init_from:
         from diffusers import UNet2DConditionModel
@@ -185,22 +180,63 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
         comps["unet"] = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet")
         comps["text_encoder"] = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder")
         log(f"unet: continuing from {cfg.init_from}")
-    tokenizer, text_encoder, unet = comps["tokenizer"], comps["text_encoder"].to(dev), comps["unet"].to(dev)
-    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
+    return comps
 
+
+def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The cached VAE latents of `unet_images` renders, the token ids of their 8 caption variants each (image i's
+    variant v at i * 8 + v) and the index of the empty caption (for caption dropout)."""
     specs, seeds = world_sample(cfg.unet_images, cfg.seed + 4, world.BASE_SHAPES, heldout=False)
     images = torch.from_numpy(render_set(specs, seeds))
-    vae = vae.to(dev)
     with torch.no_grad():
         latents = torch.cat([
             vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
             for i in range(0, len(images), 256)]) * vae.config.scaling_factor
-    del images
     captions = [c for s in specs for c in world.caption_variants(s)] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=embedded.MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids.to(dev)
-    empty_id = len(captions) - 1
-    log(f"unet: {len(specs)} cached latents, std {latents.std().item():.3f}")
+    return latents, ids, len(captions) - 1
+
+
+def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen) -> torch.Tensor:
+    """One batch's loss: min-SNR-5 weighting, and the layout part of the batch (`layout_fraction`, captions naming
+    the position, t >= layout_t_min) weighted in x0 space (1/SNR, normalised)."""
+    latents, ids, empty_id = data
+    dev, b = latents.device, cfg.unet_batch
+    idx = torch.randint(0, len(latents), (b,), device=dev, generator=gen)
+    variant = torch.randint(0, 8, (b,), device=dev, generator=gen)
+    n_layout = int(b * cfg.layout_fraction)
+    variant[:n_layout] |= 2  # bit 1 of the variant index names the position
+    cap = idx * 8 + variant
+    cap = torch.where(torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout,
+                      torch.full_like(cap, empty_id), cap)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, device=dev, generator=gen)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
+    t[:n_layout] = torch.randint(cfg.layout_t_min, noise_sched.config.num_train_timesteps, (n_layout,),
+                                 device=dev, generator=gen)
+    xt = noise_sched.add_noise(x0, noise, t)
+    with torch.autocast("cuda", torch.bfloat16, enabled=str(dev).startswith("cuda")):
+        emb = text_encoder(ids[cap])[0]
+        pred = unet(xt, t, emb).sample.float()
+    weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+    weight[:n_layout] = (1 / snr[t[:n_layout]]) / layout_norm
+    return (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
+
+
+def train_unet(cfg: PretrainConfig, vae, log=print):
+    """Text encoder and UNet trained together on base shapes with EMA, min-SNR weighting."""
+    from diffusers import DDPMScheduler
+
+    from studio.training.objectives import signal_to_noise
+
+    dev = cfg.device
+    comps = _unet_components(cfg, log)
+    tokenizer, text_encoder, unet = comps["tokenizer"], comps["text_encoder"].to(dev), comps["unet"].to(dev)
+    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
+    vae = vae.to(dev)
+    data = _caption_data(cfg, vae, tokenizer, dev)
+    log(f"unet: {len(data[0])} cached latents, std {data[0].std().item():.3f}")
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone().float() for p in params]
@@ -215,26 +251,7 @@ def train_unet(cfg: PretrainConfig, vae, log=print):
         time_progress = (time.time() - t0) / (minutes * 60) if minutes > 0 else 0.0
         for group in opt.param_groups:
             group["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup, time_progress)
-        b = cfg.unet_batch
-        idx = torch.randint(0, len(latents), (b,), device=dev, generator=gen)
-        variant = torch.randint(0, 8, (b,), device=dev, generator=gen)
-        n_layout = int(b * cfg.layout_fraction)
-        variant[:n_layout] |= 2  # bit 1 of the variant index names the position
-        cap = idx * 8 + variant
-        cap = torch.where(torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout,
-                          torch.full_like(cap, empty_id), cap)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, device=dev, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
-        t[:n_layout] = torch.randint(cfg.layout_t_min, noise_sched.config.num_train_timesteps, (n_layout,),
-                                     device=dev, generator=gen)
-        xt = noise_sched.add_noise(x0, noise, t)
-        with torch.autocast("cuda", torch.bfloat16, enabled=dev.startswith("cuda")):
-            emb = text_encoder(ids[cap])[0]
-            pred = unet(xt, t, emb).sample.float()
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        weight[:n_layout] = (1 / snr[t[:n_layout]]) / layout_norm
-        loss = (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
+        loss = _unet_loss(cfg, unet, text_encoder, noise_sched, data, snr, layout_norm, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
