@@ -65,7 +65,8 @@ def check(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) ->
         la = [leaf(r, fan_in) for r in ranks]
         lb = [leaf(fan_out, r) for r in ranks]
         full = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, b, *la, *lb)]
-        want = lora_outputs_and_grads("reference", full[0], full[1], full[2], full[3:3 + len(ranks)], full[3 + len(ranks):])
+        downs, ups = full[3:3 + len(ranks)], full[3 + len(ranks):]
+        want = lora_outputs_and_grads("reference", full[0], full[1], full[2], downs, ups)
         got = lora_outputs_and_grads(path, x, w, b, la, lb)
         with torch.no_grad():  # inference takes a path of its own (no autograd node)
             a, bb = stack_adapters(la, lb, [0.7] * len(la))

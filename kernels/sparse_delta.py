@@ -111,8 +111,9 @@ def sampled_grad(grad_y: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, 
         with warnings.catch_warnings():  # "CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             crow = torch._convert_indices_from_coo_to_csr(rows, pattern.shape[0])
-            mask = torch.sparse_csr_tensor(crow, pattern.index - rows * pattern.shape[1], x.new_zeros(pattern.index.numel()),
-                                           pattern.shape, check_invariants=False)
+            columns = pattern.index - rows * pattern.shape[1]
+            mask = torch.sparse_csr_tensor(crow, columns, x.new_zeros(pattern.index.numel()), pattern.shape,
+                                           check_invariants=False)
         return torch.sparse.sampled_addmm(mask, grad_y.t().contiguous(), x, beta=0.0).values()
     return (grad_y.t() @ x).view(-1)[pattern.index]
 

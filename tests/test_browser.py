@@ -25,7 +25,8 @@ def test_train_and_generate_in_a_real_browser(page_url, tmp_path):
 
     from studio.bench.evaluate import write_b2_training_set
 
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: scripts/test.sh installs it (apt-get install chromium)"
+    assert Path(CHROMIUM).exists(), \
+        "Debian's chromium is missing: scripts/test.sh installs it (apt-get install chromium)"
     images = write_b2_training_set(tmp_path / "stars")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:

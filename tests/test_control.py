@@ -70,7 +70,8 @@ def test_two_shape_scenes_and_their_overlaid_conditions():
         assert np.abs(np.median(image[world.render_mask(spec, 5)], axis=0) - colour).max() <= 12
     assert (world.render_scene(specs[:1], 5) == world.render(specs[0], 5)).all()
     assert world.scene_caption(specs) == (f"{world.caption(specs[0], background=False)} and "
-                                          f"{world.caption(specs[1], background=False)} on a {specs[0].background} background")
+                                          f"{world.caption(specs[1], background=False)} on a "
+                                          f"{specs[0].background} background")
     data = control_dataset("mask,edges", 6, two_shapes=1.0)
     assert all(len(d.specs) == 2 for d in data)
     d = data[0]  # the first shape's mask and the second's outline, in one image
@@ -202,7 +203,8 @@ def test_window_and_scale_match_diffusers_controlnet_pipeline(tmp_path):
     mask = world_condition("mask", SPEC, 0)
     set_control(pipe, [{"adapter": "cn", "image": mask, "scale": 0.7, "start": 0.3, "end": 1.0}])
     ours = _images(pipe, steps=4)
-    theirs = _images(controlnet_pipeline(pipe), steps=4, image=torch.from_numpy(mask).permute(2, 0, 1)[None].float() / 255,
+    mask_image = torch.from_numpy(mask).permute(2, 0, 1)[None].float() / 255
+    theirs = _images(controlnet_pipeline(pipe), steps=4, image=mask_image,
                      controlnet_conditioning_scale=0.7, control_guidance_start=0.3, control_guidance_end=1.0)
     assert np.abs(ours.astype(int) - theirs).max() <= 1
 
@@ -238,7 +240,8 @@ def test_engine_step_trains_only_the_control_parameters(tmp_path, monkeypatch):
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, unet[n])}
     assert changed and all("attn2.to_out" in n for n in changed)
     for comp in ("vae", "text_encoder"):
-        assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, comp).parameters(), getattr(fresh, comp).parameters()))
+        pairs = zip(getattr(pipe, comp).parameters(), getattr(fresh, comp).parameters())
+        assert all(torch.equal(a, b) for a, b in pairs)
     torch.manual_seed(0)
     initial = ControlNeXtEncoder(64, [16, 32, 64, 128]).state_dict()
     trained = pipe._studio_control["modules"]["cx"].module.state_dict()

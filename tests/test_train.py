@@ -258,7 +258,8 @@ def test_options_gradient_checkpointing_bf16_and_8bit_adam(tmp_path, star_data):
 
 
 def test_prior_preservation_draws_and_reuses_class_images(tmp_path, star_data):
-    settings = {**FAST, "steps": 2, "prior_preservation": True, "class_prompts": ["a large red circle", "a blue square"],
+    settings = {**FAST, "steps": 2, "prior_preservation": True,
+                "class_prompts": ["a large red circle", "a blue square"],
                 "num_class_images": 3, "preview_steps": 4}
     train(data=str(star_data), trigger="sks", output_dir=str(tmp_path / "prior"), **settings)
     drawn = sorted((tmp_path / "prior" / "class_images").glob("*.png"))
@@ -294,7 +295,8 @@ def test_two_processes_match_one(tmp_path, star_data, method):
     one = subprocess.run([sys.executable, "-m", "studio.cli", *common, "--output-dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    diff = _max_diff(_tensors(tmp_path / "two" / "concept.safetensors"), _tensors(tmp_path / "one" / "concept.safetensors"))
+    two, one = tmp_path / "two" / "concept.safetensors", tmp_path / "one" / "concept.safetensors"
+    diff = _max_diff(_tensors(two), _tensors(one))
     assert diff < 1e-4, diff
 
 
@@ -327,7 +329,8 @@ def test_timestep_bias_draws_the_favoured_timesteps_and_none_is_unchanged():
     assert timestep_weights(TrainConfig(), 1000) is None
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.equal(sample_timesteps(None, 1000, 64, gen()), torch.randint(0, 1000, (64,), generator=gen()))
-    later = timestep_weights(TrainConfig(timestep_bias="later", timestep_bias_multiplier=3, timestep_bias_portion=0.4), 1000)
+    biased = TrainConfig(timestep_bias="later", timestep_bias_multiplier=3, timestep_bias_portion=0.4)
+    later = timestep_weights(biased, 1000)
     t = sample_timesteps(later, 1000, 20_000, gen())
     assert abs(float((t >= 600).float().mean()) - 1.2 / 1.8) < 0.02  # 0.4·3 / (0.4·3 + 0.6)
     earlier = timestep_weights(TrainConfig(timestep_bias="earlier", timestep_bias_multiplier=1e6), 1000)
@@ -407,7 +410,8 @@ def test_trigger_token_trains_its_own_row_and_loads_back(tmp_path, star_data):
     with torch.no_grad():
         assert torch.equal(pipe.text_encoder(token_ids(pipe, plain))[0], base.text_encoder(token_ids(base, plain))[0])
         trig = ["a red sks on a blue background"]
-        assert not torch.allclose(pipe.text_encoder(token_ids(pipe, trig))[0], base.text_encoder(token_ids(base, trig))[0])
+        trained, untouched = pipe.text_encoder(token_ids(pipe, trig))[0], base.text_encoder(token_ids(base, trig))[0]
+        assert not torch.allclose(trained, untouched)
 
 
 def test_trigger_token_resumes_exactly(tmp_path, star_data):

@@ -80,7 +80,8 @@ def bench_erase(n: int = 64, out: str | Path = "runs/bench_erase", settings: dic
     def add(name: str, transport: str, result, base, trained=None):
         residual = {k: f"{100 * v:.1f}%" for k, v in result.residual.items()}
         rows.append([name, transport, residual.get("shape=circle", "—"), residual.get("colour=red", "—"),
-                     f"{100 * (result.accuracy - base.accuracy):+.1f}", f"{100 * (result.shape_accuracy - base.shape_accuracy):+.1f}",
+                     f"{100 * (result.accuracy - base.accuracy):+.1f}",
+                     f"{100 * (result.shape_accuracy - base.shape_accuracy):+.1f}",
                      f"{result.fd:.1f} ({result.fd - base.fd:+.1f})",
                      f"{trained.seconds:.0f}" if trained else "—",
                      f"{trained.trainable_parameters:,}" if trained else "—",

@@ -37,7 +37,8 @@ def _row(label: str, steps: int, guidance: float, r, unet_s: float, teacher_ips:
     heads = list(r.accuracy)
     mean = sum(r.accuracy.values()) / len(heads)
     unet_ips = r.n / unet_s
-    speedup = f"{r.images_per_second / teacher_ips:.1f}x / {unet_ips / teacher_unet_ips:.1f}x" if teacher_ips else "1x / 1x"
+    speedup = (f"{r.images_per_second / teacher_ips:.1f}x / {unet_ips / teacher_unet_ips:.1f}x" if teacher_ips
+               else "1x / 1x")
     return [label, str(steps), f"{guidance:g}", *(f"{100 * r.accuracy[h]:.1f}%" for h in heads), f"{100 * mean:.1f}%",
             f"{100 * r.all_correct:.1f}%", f"{r.fd:.2f}", f"{r.images_per_second:.2f}", f"{unet_ips:.1f}", speedup,
             extra]
@@ -96,7 +97,8 @@ def bench_onestep(n: int = 256, out: str | Path = "runs/bench_onestep", settings
         note = " (earlier run)" if result else ""
         if result is None:
             result = run_distill(pipe, run, path, cache=cache, log=log)
-        log(f"{label}: {result.steps} steps in {result.seconds:.0f} s{note}, {result.trainable_parameters:,} parameters")
+        log(f"{label}: {result.steps} steps in {result.seconds:.0f} s{note}, "
+            f"{result.trainable_parameters:,} parameters")
         unet_params = sum(p.numel() for n_, p in pipe.unet.named_parameters() if "lora_" not in n_)
         trained[label] = (path, result, unet_params, note)
 
