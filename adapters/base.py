@@ -7,13 +7,15 @@ import hashlib
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from studio.utils.settings import setting
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -28,7 +30,9 @@ class AdapterError(ValueError):
 class AdapterConfig:
     """Settings shared by every method; each method subclasses it with its own fields."""
 
-    target_modules: list[str] = field(default_factory=list)  # regexes on module names inside a component
+    target_modules: list[str] = setting(
+        default_factory=list, advanced=True,
+        help="modules the adapter goes on: regexes matching a module path or a dotted suffix of it")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +60,10 @@ class AdapterMethod:
     # True: each training example comes with a control image (TrainConfig.control_data), given to
     # training_loss as batch["control"] (Bx3xHxW in [0, 1])
     conditioned: ClassVar[bool] = False
+    # False: an adapter acts at weight 1 or 0 only, and set_weights / merge refuse any other weight
+    scalable: ClassVar[bool] = True
+    # False: the adapter cannot be folded into the base weights, and merge refuses it
+    mergeable: ClassVar[bool] = True
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         raise NotImplementedError

@@ -22,6 +22,7 @@ class PeftTunerMethod(AdapterMethod):
     linear "half"), so their adapters act at weight 1 or 0 only."""
 
     layer_class: ClassVar[type[BaseTunerLayer]]
+    scalable = False
 
     def peft_config(self, config: AdapterConfig, targets):
         raise NotImplementedError

@@ -22,6 +22,7 @@ LAYOUT_TIMESTEPS = {"timestep_bias": "later", "timestep_bias_multiplier": 8.0, "
 class ControlMethod(AdapterMethod):
     kind = "control"
     conditioned = True   # the engine gives it a control image per example (batch["control"])
+    mergeable = False    # it needs a control image at generation: there is nothing to fold into the weights
     prefix = "control"   # tensor keys: "<prefix>.<module tensor>"
 
     # -- the module itself, per method --
