@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from studio.utils.settings import setting
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -26,9 +29,16 @@ class AdapterError(ValueError):
 
 @dataclass
 class AdapterConfig:
-    """Settings shared by every method; each method subclasses it with its own fields."""
+    """Settings shared by every method; each method subclasses it with its own fields.
 
-    target_modules: list[str] = field(default_factory=list)  # regexes on module names inside a component
+    `target_modules` means the same for every method: each pattern is a regular expression that must match a
+    module's whole path inside its component (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`) or a
+    suffix of it that starts after a dot (`attn1.to_q`, `attn[12].to_(q|k)`, `to_q`); `.*` is every module.
+    `matches_target` is the one matcher every method uses."""
+
+    target_modules: list[str] = setting(
+        default_factory=list, advanced=True,
+        help="modules the adapter goes on: regexes matching a module path or a dotted suffix of it")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +66,10 @@ class AdapterMethod:
     # True: each training example comes with a control image (TrainConfig.control_data), given to
     # training_loss as batch["control"] (Bx3xHxW in [0, 1])
     conditioned: ClassVar[bool] = False
+    # False: an adapter acts at weight 1 or 0 only, and set_weights / merge refuse any other weight
+    scalable: ClassVar[bool] = True
+    # False: the adapter cannot be folded into the base weights, and merge refuses it
+    mergeable: ClassVar[bool] = True
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         raise NotImplementedError
@@ -159,17 +173,44 @@ def token_ids(pipe, texts: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
+# ---- which modules an adapter targets ----
+
+@functools.lru_cache(maxsize=64)
+def _compiled_targets(patterns: tuple[str, ...]) -> re.Pattern:
+    try:
+        return re.compile(target_regex(list(patterns)))
+    except re.error as exc:
+        raise AdapterError(f"target_modules {list(patterns)} are not valid regular expressions ({exc})") from None
+
+
+def target_regex(patterns: list[str]) -> str:
+    """One regex for `patterns`, to be full-matched against a module path (what PEFT's `target_modules` takes as a
+    string): a pattern matches the whole path or a suffix of it at a dot boundary. No pattern matches nothing."""
+    if not patterns:
+        return r"(?!)"
+    return r"(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + r")"
+
+
+def matches_target(path: str, patterns: list[str]) -> bool:
+    """Whether the module at `path` is targeted by `patterns` (see AdapterConfig)."""
+    return _compiled_targets(tuple(patterns)).fullmatch(path) is not None
+
+
 # ---- the base-model fingerprint ----
 
 def base_fingerprint(pipe) -> dict[str, Any]:
     """What an adapter needs to know about the model it was trained on: the family (from the UNet's
-    config) and a hash of the UNet's linear/conv layer names and shapes."""
+    config) and a hash of the UNet's linear/conv layer names and shapes. Adapter layers wrapped around a layer
+    count as the layer they wrap, so the fingerprint is the same with adapters attached."""
     unet = pipe.unet
     cfg = unet.config
     layers = []
     for name, module in unet.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name and "base_layer" not in name:
-            layers.append(f"{name}:{tuple(module.weight.shape)}")
+        if "lora_" in name or ".base_layer" in f".{name}":
+            continue
+        layer = base_linear(module)
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            layers.append(f"{name}:{tuple(layer.weight.shape)}")
     digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:16]
     return {"family": unet_family(cfg), "cross_attention_dim": int(_first(cfg.cross_attention_dim)),
             "block_out_channels": list(cfg.block_out_channels), "layers_sha256": digest}
@@ -197,17 +238,60 @@ class AdapterFile:
     metadata: dict[str, str]      # the raw header
 
 
+HEADER_KEYS = ("format", "format_version", "method", "kind", "config", "base_model", "studio_version")  # always
+TRAINING_KEYS = ("steps", "trigger", "training_config")  # where the writer gives them
+
+
 def save_adapter(path: str | Path, method: str, config: AdapterConfig | dict, tensors: dict[str, torch.Tensor],
-                 base: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
-    """Write an adapter file: its tensors and the header metadata every studio adapter carries."""
+                 base: dict[str, Any], extra: dict[str, str] | None = None, *, steps: int | None = None,
+                 trigger: str | None = None, training_config: dict[str, Any] | str | None = None) -> Path:
+    """Write an adapter file (atomically): its tensors and the one header layout of every studio adapter, whatever
+    wrote it (the training engine, erase, distill, bake). The header's values are strings (safetensors):
+
+    - `format`: "studio-adapter"; `format_version`: FORMAT_VERSION
+    - `method`: the registered method's name; `kind`: its kind from the registry (concept, erase, one-step, control)
+    - `config`: the method's settings as JSON (what its `config_class.from_dict` reads back)
+    - `base_model`: the base model's fingerprint (`base_fingerprint`) as JSON, "{}" where unknown
+    - `studio_version`: the version of studio that wrote the file
+    - `steps`: the optimizer steps trained, a whole number (where given)
+    - `trigger`: the trigger word the adapter was trained with, "" for none (where given)
+    - `training_config`: the training settings as JSON (where given)
+
+    `extra`: the writer's own further keys (e.g. `base_model_name`, `trained_at`); `steps`, `trigger` and
+    `training_config` may come there too (as before) and are checked as the keyword arguments are, which win."""
     from studio.utils.version import __version__
 
     config_dict = config.to_dict() if isinstance(config, AdapterConfig) else dict(config)
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(HEADER_KEYS))
+    if clash:
+        raise AdapterError(f"save_adapter writes {', '.join(clash)} itself; do not pass them in extra")
     metadata = {"format": "studio-adapter", "format_version": FORMAT_VERSION, "method": method,
-                "config": json.dumps(config_dict, sort_keys=True), "base_model": json.dumps(base, sort_keys=True),
-                "studio_version": __version__}
-    metadata.update(extra or {})
+                "kind": get_method(method).kind, "config": json.dumps(config_dict, sort_keys=True),
+                "base_model": json.dumps(base, sort_keys=True), "studio_version": __version__}
+    given = {"steps": steps, "trigger": trigger, "training_config": training_config}
+    for key in TRAINING_KEYS:
+        value = given[key] if given[key] is not None else extra.pop(key, None)
+        if value is not None:
+            metadata[key] = _header_value(key, value)
+    metadata.update({k: str(v) for k, v in extra.items()})
     return write_safetensors(path, tensors, metadata)
+
+
+def _header_value(key: str, value) -> str:
+    """`steps`, `trigger` or `training_config` as the header stores it, or an AdapterError saying what is wrong."""
+    if key == "steps":
+        if isinstance(value, bool) or not str(value).isdigit():
+            raise AdapterError(f"steps in an adapter header is a whole number >= 0, got {value!r}")
+        return str(int(value))
+    if key == "trigger":
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise AdapterError("training_config in an adapter header is JSON (or a dict)") from None
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -283,7 +367,8 @@ def check_fits(pipe, tensors: dict[str, torch.Tensor], shapes_for, base: dict[st
     """Refuse an adapter whose target modules are missing or shaped differently in the loaded model.
     `shapes_for(module, key, tensor)` gives the shape `tensor` must have on that module."""
     loaded = base_fingerprint(pipe)
-    where = f"{source} was trained for {describe_base(base)}; the loaded model is {describe_base(loaded)}"
+    where = (f"{source} was trained for {describe_base(base)}; the loaded model is {describe_base(loaded)} "
+             "(another architecture)")
     modules = {comp: dict(component(pipe, comp).named_modules()) for comp in {split_key(k)[0] for k in tensors}}
     for key, tensor in tensors.items():
         comp, rest = split_key(key)
@@ -293,10 +378,12 @@ def check_fits(pipe, tensors: dict[str, torch.Tensor], shapes_for, base: dict[st
             raise AdapterError(f"{where}: it targets {comp}.{module_path}, which the loaded model does not have")
         expected = shapes_for(module, rest, tensor)
         if expected is not None and tuple(expected) != tuple(tensor.shape):
-            raise AdapterError(f"{where}: {key} has shape {tuple(tensor.shape)}, the loaded model needs {tuple(expected)}")
+            raise AdapterError(f"{where}: {key} has shape {tuple(tensor.shape)}, the loaded model needs "
+                               f"{tuple(expected)}")
 
 
-_TENSOR_SUFFIX = re.compile(r"\.(lora_[AB]|lora_down|lora_up|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$|\.(alpha|delta|values|indices)$")
+_TENSOR_SUFFIX = re.compile(r"\.(lora_[AB]|lora_down|lora_up|lora_magnitude_vector)(\.[^.]+)*\.(weight|bias)$"
+                            r"|\.(alpha|delta|values|indices)$")
 
 
 def module_path_of(key: str) -> str:

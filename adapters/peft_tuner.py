@@ -12,9 +12,8 @@ import torch
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, component, replace_module,
-                                  switched_on)
-from studio.adapters.lora.model import _suffix_regex
+from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, component, matches_target,
+                                  replace_module, switched_on, target_regex)
 
 
 class PeftTunerMethod(AdapterMethod):
@@ -22,6 +21,7 @@ class PeftTunerMethod(AdapterMethod):
     linear "half"), so their adapters act at weight 1 or 0 only."""
 
     layer_class: ClassVar[type[BaseTunerLayer]]
+    scalable = False
 
     def peft_config(self, config: AdapterConfig, targets):
         raise NotImplementedError
@@ -50,10 +50,9 @@ class PeftTunerMethod(AdapterMethod):
 
     def attach(self, pipe, config: AdapterConfig, adapter: str) -> None:
         unet = component(pipe, "unet")
-        regex = re.compile(_suffix_regex(config.target_modules))
-        if not any(regex.fullmatch(path) for path, _ in unet.named_modules()):
+        if not any(matches_target(path, config.target_modules) for path, _ in unet.named_modules()):
             raise AdapterError(f"no module of the unet matches the {self.name} targets {config.target_modules}")
-        self._inject(unet, config, _suffix_regex(config.target_modules), adapter)
+        self._inject(unet, config, target_regex(config.target_modules), adapter)
         self._freeze_others(unet, adapter)
 
     def _freeze_others(self, unet, adapter: str | None) -> None:
@@ -87,8 +86,9 @@ class PeftTunerMethod(AdapterMethod):
         try:
             mine = dict(self._params(unet, adapter))
             if set(mine) != set(tensors):
+                unexpected, missing = len(set(tensors) - set(mine)), len(set(mine) - set(tensors))
                 raise AdapterError(f"{source}: its tensors do not match what its settings create on this model "
-                                   f"({len(set(tensors) - set(mine))} unexpected, {len(set(mine) - set(tensors))} missing)")
+                                   f"({unexpected} unexpected, {missing} missing)")
             for key, p in mine.items():
                 if tuple(p.shape) != tuple(tensors[key].shape):
                     raise AdapterError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the loaded model "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from studio.adapters.base import AdapterConfig, AdapterError
+from studio.utils.settings import setting
 
 
 TUNE = ("all", "bias")
@@ -18,9 +19,11 @@ class ControlConfig(AdapterConfig):
     adapter of the same method, and `tune="bias"` trains only the bias vector of every layer (the small set of
     task parameters; the weights stay those learnt on the seen kinds)."""
 
-    condition: str = ""
-    init_from: str = ""
-    tune: str = "all"
+    condition: str = setting("", help="the kind of control image it is trained on (mask, edges, canny, ...)")
+    init_from: str = setting("", help="start from this trained adapter file of the same method (few-shot); '' : "
+                                      "a new adapter", advanced=True)
+    tune: str = setting("all", choices=TUNE, help="train every parameter, or only the biases (few-shot adaptation)",
+                        advanced=True)
 
     def __post_init__(self) -> None:
         if self.tune not in TUNE:
@@ -34,8 +37,10 @@ class ControlNeXtConfig(ControlConfig):
     untrained adapter leaves the base output unchanged). `unet_trainable`: regexes on UNet parameter names also
     trained (ControlNeXt tunes a few UNet layers, e.g. `attn2\\.to_out`); they are saved as weight deltas."""
 
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one stride-2 stage between each
-    unet_trainable: list[str] = field(default_factory=list)
+    channels: list[int] = setting(default_factory=lambda: [16, 32, 64, 128], advanced=True,
+                                  help="encoder widths, one stride-2 stage between each (downsampling = the VAE's)")
+    unet_trainable: list[str] = setting(default_factory=list, advanced=True,
+                                        help="regexes on UNet parameter names also trained (saved as weight deltas)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,8 +54,11 @@ class ControlNetConfig(ControlConfig):
     """diffusers `ControlNetModel.from_unet`: a trainable copy of the UNet's encoder with zero convolutions.
     `controlnet_config` is filled in when the adapter is attached (the diffusers config it was built with)."""
 
-    embedding_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
-    controlnet_config: dict[str, Any] = field(default_factory=dict)
+    embedding_channels: list[int] = setting(
+        default_factory=lambda: [16, 32, 96, 256], advanced=True,
+        help="widths of the control image's embedding, one stride-2 stage between each (downsampling = the VAE's)")
+    controlnet_config: dict[str, Any] = setting(default_factory=dict, advanced=True,
+                                                help="the diffusers ControlNet config (filled in when attached)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,8 +74,9 @@ class T2IAdapterConfig(ControlConfig):
     feature per UNet down block (its channels), added inside the blocks (`down_intrablock_additional_residuals`).
     It takes no timestep. Not zero-initialised (as in the paper): scale 0 is the identity, step 0 is not."""
 
-    num_res_blocks: int = 2
-    adapter_config: dict[str, Any] = field(default_factory=dict)
+    num_res_blocks: int = setting(2, help="residual blocks per feature level (>= 1)", advanced=True)
+    adapter_config: dict[str, Any] = setting(default_factory=dict, advanced=True,
+                                             help="the diffusers T2IAdapter config (filled in when attached)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -32,7 +32,8 @@ class ControlNetMethod(ControlMethod):
 
         if config.controlnet_config:
             return ControlNetModel.from_config(config.controlnet_config)
-        model = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=tuple(config.embedding_channels))
+        model = ControlNetModel.from_unet(pipe.unet,
+                                          conditioning_embedding_out_channels=tuple(config.embedding_channels))
         config.controlnet_config = _config_dict(model)  # saved with the adapter: it rebuilds without the UNet
         return model
 
@@ -45,8 +46,9 @@ class ControlNetMethod(ControlMethod):
         super()._attach_trainable(pipe, config, adapter)
         self._entry(pipe, adapter).module.train()
 
-    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: ControlNetConfig | None = None,
-                        base: dict | None = None, source: str = "adapter") -> None:
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor],
+                        config: ControlNetConfig | None = None, base: dict | None = None,
+                        source: str = "adapter") -> None:
         config = config or ControlNetConfig()
         self.check_base(pipe, base or {}, source)
         if not config.controlnet_config:

@@ -6,6 +6,7 @@ trained too (`unet_trainable` regexes), stored as weight deltas."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ class ControlNeXtEncoder(nn.Module):
 
     def __init__(self, out_channels: int, channels: list[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.GroupNorm(_groups(channels[0]), channels[0]),
-                                   nn.SiLU()]
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1),
+                                   nn.GroupNorm(_groups(channels[0]), channels[0]), nn.SiLU()]
         for cin, cout in zip(channels, channels[1:]):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU(),
                        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU()]
@@ -77,16 +78,19 @@ class ControlNeXtMethod(ControlMethod):
     def build(self, pipe, config: ControlNeXtConfig) -> nn.Module:
         factor = getattr(pipe, "vae_scale_factor", 8)
         if 2 ** (len(config.channels) - 1) != factor:
-            raise AdapterError(f"ControlNeXt channels {config.channels} downsample by {2 ** (len(config.channels) - 1)}, "
-                               f"the model's latents are 1/{factor} of the image: give {factor.bit_length()} widths")
+            raise AdapterError(f"ControlNeXt channels {config.channels} downsample by "
+                               f"{2 ** (len(config.channels) - 1)}, the model's latents are 1/{factor} of the image: "
+                               f"give {factor.bit_length()} widths")
         return ControlNeXtEncoder(pipe.unet.config.block_out_channels[0], config.channels)
 
     def _attach_trainable(self, pipe, config: ControlNeXtConfig, adapter: str) -> None:
         unet_params = _unet_params(pipe, config.unet_trainable)
         super()._attach_trainable(pipe, config, adapter)
         entry = self._entry(pipe, adapter)
+        bases = inject.state(pipe)["unet_bases"]
         for name, p in unet_params.items():
-            entry.originals[name] = p.detach().clone()
+            bases.setdefault(name, p.detach().clone())
+            entry.originals[name] = bases[name]
             p.requires_grad_(True)
 
     def _train_biases_only(self, pipe, adapter: str) -> None:
@@ -118,8 +122,9 @@ class ControlNeXtMethod(ControlMethod):
             for name, original in entry.originals.items():   # training: resume the tuned UNet weights
                 unet[name].copy_(original + tensors[f"unet.{name}.delta"])
 
-    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: ControlNeXtConfig | None = None,
-                        base: dict | None = None, source: str = "adapter") -> None:
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor],
+                        config: ControlNeXtConfig | None = None, base: dict | None = None,
+                        source: str = "adapter") -> None:
         config = config or ControlNeXtConfig()
         self.check_base(pipe, base or {}, source)
         unet = dict(pipe.unet.named_parameters())
@@ -135,16 +140,60 @@ class ControlNeXtMethod(ControlMethod):
         except AdapterError as e:
             inject.modules(pipe).pop(adapter)
             raise AdapterError(f"{source}: {e}") from None
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                unet[name].add_(delta.to(unet[name]))
-                entry.deltas[name] = delta
+        bases = inject.state(pipe)["unet_bases"]
+        for name, delta in deltas.items():
+            bases.setdefault(name, unet[name].detach().clone())
+            entry.deltas[name] = delta.to(unet[name])
+        _apply_deltas(pipe)
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        """The conditioning scale, and the UNet deltas of each loaded adapter at its weight (0: the base layers)."""
+        super().set_weights(pipe, weights)
+        for name, entry in inject.modules(pipe).items():
+            if entry.method == self.name:
+                entry.weight = float(weights.get(name, 0.0))
+        _apply_deltas(pipe)
+
+    @contextmanager
+    def disabled(self, pipe):
+        """No control, and the tuned UNet layers at their base values (the parameters themselves are set aside,
+        untouched, so a graph that holds them stays valid)."""
+        bases = inject.state(pipe)["unet_bases"]
+        unet = pipe.unet
+        swapped = []
+        for name, base in bases.items():
+            owner, _, leaf = name.rpartition(".")
+            module = unet.get_submodule(owner)
+            swapped.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = nn.Parameter(base, requires_grad=False)
+        try:
+            with super().disabled(pipe):
+                yield
+        finally:
+            for module, leaf, param in swapped:
+                module._parameters[leaf] = param
 
     def remove(self, pipe, adapter: str) -> None:
-        entry = inject.modules(pipe).get(adapter)
-        if entry is not None:
-            unet = dict(pipe.unet.named_parameters())
-            with torch.no_grad():
-                for name, delta in entry.deltas.items():
-                    unet[name].sub_(delta.to(unet[name]))
         super().remove(pipe, adapter)
+        _apply_deltas(pipe)
+
+
+def _apply_deltas(pipe) -> None:
+    """Set every UNet parameter a control adapter changed to its base value plus the deltas of the loaded adapters
+    at their weights; one trained by an attached adapter is left to it, one no adapter changes any more is given
+    back its base value exactly (and forgotten)."""
+    bases = inject.state(pipe)["unet_bases"]
+    entries = list(inject.modules(pipe).values())
+    trained = {name for entry in entries for name in entry.originals}
+    unet = dict(pipe.unet.named_parameters())
+    with torch.no_grad():
+        for name in list(bases):
+            if name in trained:
+                continue
+            value = bases[name]
+            for entry in entries:
+                if name in entry.deltas and entry.weight:
+                    value = value + entry.weight * entry.deltas[name]
+            unet[name].copy_(value)
+            if not any(name in entry.deltas for entry in entries):
+                del bases[name]

@@ -34,6 +34,7 @@ class ControlModule:
     config: object
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)    # UNet parameter -> delta applied (ControlNeXt)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # UNet parameter -> base value (training)
+    weight: float = 1.0  # the weight its UNet deltas act at (its default conditioning scale)
 
 
 @dataclass
@@ -77,7 +78,9 @@ class ControlInput:
 def state(pipe) -> dict:
     """The pipeline's control state: {"modules": name -> ControlModule, "inputs": [ControlInput], ...}."""
     if not hasattr(pipe, "_studio_control"):
-        pipe._studio_control = {"modules": {}, "inputs": [], "handles": [], "suspended": 0, "training": None}
+        # unet_bases: UNet parameter -> its value before any control adapter changed it (ControlNeXt's tuned layers)
+        pipe._studio_control = {"modules": {}, "inputs": [], "handles": [], "suspended": 0, "training": None,
+                                "unet_bases": {}}
     return pipe._studio_control
 
 
@@ -233,9 +236,9 @@ def install(pipe) -> None:
             image = c.at(height, width, sample.shape[0], sample)
             scale = c.scale_for(sample.shape[0], sample)
             if mod.method == "controlnet":
-                d, m = mod.module(sample.to(mod.module.dtype), timestep, encoder_hidden_states=text.to(mod.module.dtype),
-                                  controlnet_cond=image.to(mod.module.dtype), conditioning_scale=scale,
-                                  return_dict=False)
+                dtype = mod.module.dtype
+                d, m = mod.module(sample.to(dtype), timestep, encoder_hidden_states=text.to(dtype),
+                                  controlnet_cond=image.to(dtype), conditioning_scale=scale, return_dict=False)
                 down = list(d) if down is None else [a + b for a, b in zip(down, d)]
                 mid = m if mid is None else mid + m
             elif mod.method == "t2i_adapter":
@@ -252,7 +255,8 @@ def install(pipe) -> None:
                 list(intra) if given is None else [a + b for a, b in zip(given, intra)])
         if down is None:
             return args, kwargs
-        given_down, given_mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+        given_down = kwargs.get("down_block_additional_residuals")
+        given_mid = kwargs.get("mid_block_additional_residual")
         kwargs["down_block_additional_residuals"] = (tuple(down) if given_down is None
                                                      else tuple(a + b for a, b in zip(given_down, down)))
         kwargs["mid_block_additional_residual"] = mid if given_mid is None else given_mid + mid

@@ -22,6 +22,7 @@ LAYOUT_TIMESTEPS = {"timestep_bias": "later", "timestep_bias_multiplier": 8.0, "
 class ControlMethod(AdapterMethod):
     kind = "control"
     conditioned = True   # the engine gives it a control image per example (batch["control"])
+    mergeable = False    # it needs a control image at generation: there is nothing to fold into the weights
     prefix = "control"   # tensor keys: "<prefix>.<module tensor>"
 
     # -- the module itself, per method --
@@ -88,7 +89,8 @@ class ControlMethod(AdapterMethod):
         return entry
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
-        return {f"{self.prefix}.{k}": v.detach().clone() for k, v in self._entry(pipe, adapter).module.state_dict().items()}
+        module = self._entry(pipe, adapter).module
+        return {f"{self.prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
 
     def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
         module = self._entry(pipe, adapter).module
@@ -102,9 +104,9 @@ class ControlMethod(AdapterMethod):
         """Refuse a file trained for a model of another architecture (the layer fingerprint differs)."""
         loaded = base_fingerprint(pipe)
         if base and base.get("layers_sha256") != loaded["layers_sha256"]:
-            raise AdapterError(f"{source} was trained for {describe_base(base)} with other layers than the loaded "
-                               f"model ({describe_base(loaded)}); a control adapter only fits the architecture it "
-                               "was trained on")
+            raise AdapterError(f"{source} was trained for {describe_base(base)}, another architecture than the "
+                               f"loaded model ({describe_base(loaded)}, other layers): a control adapter only fits "
+                               "the architecture it was trained on")
 
     def training_loss(self, pipe, batch, default_loss):
         name = inject.state(pipe)["training"]

@@ -31,8 +31,9 @@ class T2IAdapterMethod(ControlMethod):
         config.adapter_config = {k: v for k, v in json.loads(model.to_json_string()).items() if not k.startswith("_")}
         return model
 
-    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: T2IAdapterConfig | None = None,
-                        base: dict | None = None, source: str = "adapter") -> None:
+    def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor],
+                        config: T2IAdapterConfig | None = None, base: dict | None = None,
+                        source: str = "adapter") -> None:
         config = config or T2IAdapterConfig()
         self.check_base(pipe, base or {}, source)
         if not config.adapter_config:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig, AdapterError
+from studio.utils.settings import setting
 
 # the attention projections of every transformer block (attn1 and attn2 q/k/v/out): the brief's reading
 # of HiPA's 3.3M parameters as a rank-16 attention LoRA on SD 2.1
@@ -16,9 +17,12 @@ class HipaConfig(AdapterConfig):
     """A low-rank adaptor (LoRA through PEFT) with which the UNet, called once at `timestep` on pure noise,
     predicts noise whose one-step estimate of x0 looks like the multi-step teacher's image."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-    rank: int = 4
-    timestep: int = 999            # the last training timestep: what "trailing" spacing gives one step
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(ATTENTION_PROJECTIONS), advanced=True,
+        help="UNet modules that carry the adaptor: regexes matching a module path or a dotted suffix of it")
+    rank: int = setting(4, help="rank of the adaptor's LoRA (>= 1)")
+    timestep: int = setting(999, help="the one timestep the UNet is called at (the last training timestep: what "
+                                      "'trailing' spacing gives one step)", advanced=True)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -31,23 +35,28 @@ class HipaConfig(AdapterConfig):
 class DistillSettings:
     """How the adaptor is trained: teacher pairs, then the student on them."""
 
-    pairs: int = 1024              # (noise, prompt, teacher image) triplets made by the frozen model
-    teacher_steps: int = 25
-    teacher_guidance: float = 5.0
-    steps: int = 800
-    lr: float = 1e-3
-    batch: int = 8
-    warmup: int = 50
-    latent_weight: float = 1.0     # spatial loss: MSE of the x0 latents (cheap, well-conditioned) ...
-    pixel_weight: float = 10.0     # ... plus MSE of the decoded pixels ...
-    perceptual_weight: float = 1.0  # ... plus a perceptual distance (when a feature network is given)
-    fourier_weight: float = 1.0    # high-frequency loss: L1 of Fourier high-passed images ...
-    edge_weight: float = 1.0       # ... plus L1 of Sobel edge maps
-    radius: float = 0.1            # the high-pass removes frequencies below this fraction of the sampling rate
-    adversarial_weight: float = 0.0  # not HiPA: an ADD-style discriminator term (adversarial.py); 0 is off
-    discriminator_lr: float = 2e-4
-    ema_decay: float = 0.0         # > 0: the file holds an exponential moving average of the adaptor's weights
-    seed: int = 0
+    pairs: int = setting(1024, help="(noise, prompt, teacher image) triplets made by the frozen model (>= 1)")
+    teacher_steps: int = setting(25, help="sampling steps of the multi-step teacher (>= 1)")
+    teacher_guidance: float = setting(5.0, help="classifier-free guidance of the teacher")
+    steps: int = setting(800, help="optimizer steps of the student (>= 1)")
+    lr: float = setting(1e-3, help="learning rate of the adaptor (AdamW, > 0)")
+    batch: int = setting(8, help="teacher pairs per step (>= 1)")
+    warmup: int = setting(50, help="learning-rate warm-up steps (linear from 0)", advanced=True)
+    latent_weight: float = setting(1.0, help="weight of the MSE of the x0 latents (spatial loss, >= 0)")
+    pixel_weight: float = setting(10.0, help="weight of the MSE of the decoded pixels (spatial loss, >= 0)")
+    perceptual_weight: float = setting(1.0, help="weight of the perceptual distance, when a feature network is "
+                                                 "given (>= 0)", advanced=True)
+    fourier_weight: float = setting(1.0, help="weight of the L1 of Fourier high-passed images (high-frequency "
+                                              "loss, >= 0)")
+    edge_weight: float = setting(1.0, help="weight of the L1 of Sobel edge maps (high-frequency loss, >= 0)")
+    radius: float = setting(0.1, help="the high-pass removes frequencies below this fraction of the sampling rate, "
+                                      "in (0, 0.5)", advanced=True)
+    adversarial_weight: float = setting(0.0, help="weight of an ADD-style discriminator term (not HiPA; 0 is off)",
+                                        advanced=True)
+    discriminator_lr: float = setting(2e-4, help="learning rate of the discriminator (> 0)", advanced=True)
+    ema_decay: float = setting(0.0, help="in [0, 1): > 0 saves an exponential moving average of the adaptor's "
+                                         "weights", advanced=True)
+    seed: int = setting(0, help="random seed of the noise, prompts and teacher pairs")
 
     def validate(self) -> None:
         if self.pairs < 1 or self.steps < 1 or self.batch < 1 or self.teacher_steps < 1 or self.lr <= 0:

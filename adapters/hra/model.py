@@ -3,7 +3,7 @@ reflections, W' = W·∏(I − 2uᵢuᵢᵀ/‖uᵢ‖²), starting at the ident
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import HRAConfig
 from peft.tuners.hra import HRALayer
@@ -11,15 +11,19 @@ from peft.tuners.hra import HRALayer
 from studio.adapters.base import AdapterConfig, AdapterError, register
 from studio.adapters.lora.config import UNET_ATTENTION_FF
 from studio.adapters.peft_tuner import PeftTunerMethod
+from studio.utils.settings import setting
 
 
 @dataclass
 class HraConfig(AdapterConfig):
     """Householder reflection adaptation of rank `rank` (even: the identity start pairs equal vectors)."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
-    rank: int = 8
-    apply_gs: bool = False   # Gram–Schmidt on the vectors: H = I − 2UUᵀ exactly
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
+        help="UNet Linear modules that HRA adapts: regexes matching a module path or a dotted suffix of it")
+    rank: int = setting(8, help="number of Householder reflections per layer (even, >= 2)")
+    apply_gs: bool = setting(False, help="Gram–Schmidt on the reflection vectors, so H = I − 2UUᵀ exactly",
+                             advanced=True)
 
     def __post_init__(self) -> None:
         if int(self.rank) < 2 or int(self.rank) % 2:

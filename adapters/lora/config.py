@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig
+from studio.utils.settings import setting
 
 # module-name regexes, matched against the end of each module path inside the component
 UNET_ATTENTION_FF = [
@@ -19,14 +20,20 @@ TEXT_ENCODER_ATTENTION = [r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"]
 class LoraConfig(AdapterConfig):
     """Low-rank update `W + (alpha / rank) * B A` on the targeted linears (through PEFT)."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
-    resnet_convs: bool = False        # also the UNet's ResNet 3x3 convolutions
-    rank: int = 4
-    alpha: float | None = None        # None: alpha = rank (scale 1)
-    dropout: float = 0.0
-    text_encoder: bool = False        # also train LoRA on the text encoder's attention
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # "<component>.<module>" -> alpha, for imports
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
+        help="UNet modules that get a LoRA: regexes matching a module path or a dotted suffix of it")
+    resnet_convs: bool = setting(False, help="also put LoRA on the UNet's ResNet 3x3 convolutions (LoCon-style)")
+    rank: int = setting(4, help="rank of the low-rank update B·A (>= 1; larger learns more, file grows linearly)")
+    alpha: float | None = setting(None, help="scale numerator: the update is (alpha / rank)·B·A; empty: alpha = rank")
+    dropout: float = setting(0.0, help="dropout on the LoRA branch's input while training, in [0, 1)", advanced=True)
+    text_encoder: bool = setting(False, help="also train a LoRA on the text encoder's attention projections")
+    text_encoder_target_modules: list[str] = setting(
+        default_factory=lambda: list(TEXT_ENCODER_ATTENTION), advanced=True,
+        help="text-encoder modules that get a LoRA (with text_encoder): regexes as for target_modules")
+    alpha_pattern: dict[str, float] = setting(
+        default_factory=dict, advanced=True,
+        help="per-module alpha, '<component>.<module path>' -> alpha (set when importing kohya/diffusers files)")
 
     def __post_init__(self) -> None:
         from studio.adapters.base import AdapterError

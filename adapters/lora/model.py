@@ -12,7 +12,8 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
-                                  module_path_of, register, replace_module, split_key, switched_on)
+                                  matches_target, module_path_of, register, replace_module, split_key, switched_on,
+                                  target_regex)
 from studio.adapters.lora.config import UNET_RESNET_CONVS, LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
@@ -26,10 +27,6 @@ def _lora_layers(model: torch.nn.Module):
 def _peft_config(targets: list[str] | str, config: LoraConfig, rank_pattern=None, alpha_pattern=None):
     return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
                           rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, init_lora_weights=True)
-
-
-def _suffix_regex(patterns: list[str]) -> str:
-    return r"(.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + r")"
 
 
 def expected_shape(module: torch.nn.Module, key: str, tensor: torch.Tensor):
@@ -72,10 +69,9 @@ class LoraMethod(AdapterMethod):
             plan.append(("text_encoder", config.text_encoder_target_modules))
         for comp, patterns in plan:
             model = component(pipe, comp)
-            regex = re.compile(_suffix_regex(patterns))
-            if not any(regex.fullmatch(path) for path, _ in model.named_modules()):
+            if not any(matches_target(path, patterns) for path, _ in model.named_modules()):
                 raise AdapterError(f"no module of the {comp} matches the LoRA targets {patterns}")
-            inject_adapter_in_model(_peft_config(_suffix_regex(patterns), config), model, adapter_name=adapter)
+            inject_adapter_in_model(_peft_config(target_regex(patterns), config), model, adapter_name=adapter)
             use_fused_layers(model)
         self._freeze_others(pipe, adapter)
 
@@ -178,7 +174,11 @@ class LoraMethod(AdapterMethod):
                 replace_module(model, path, layer.get_base_layer())
 
     def remove(self, pipe, adapter: str) -> None:
+        """Drop `adapter`; a layer left with no adapter (of any method on PEFT's LoRA layers) is replaced by its
+        base layer, so removing every adapter gives back the model's own modules."""
         for _, model in components(pipe):
-            for _, layer in _lora_layers(model):
+            for path, layer in list(_lora_layers(model)):
                 if adapter in layer.lora_A:
                     layer.delete_adapter(adapter)
+                if not any(len(getattr(layer, attr)) for attr in layer.adapter_layer_names):
+                    replace_module(model, path, layer.get_base_layer())

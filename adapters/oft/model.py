@@ -4,7 +4,7 @@ series (OFTv2) unless `use_cayley_neumann` is off (then the exact Cayley inverse
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import OFTConfig
 from peft.tuners.oft import OFTLayer
@@ -12,18 +12,22 @@ from peft.tuners.oft import OFTLayer
 from studio.adapters.base import AdapterConfig, AdapterError, register
 from studio.adapters.lora.config import UNET_ATTENTION_FF
 from studio.adapters.peft_tuner import PeftTunerMethod
+from studio.utils.settings import setting
 
 
 @dataclass
 class OftConfig(AdapterConfig):
     """Orthogonal fine-tuning: block-diagonal rotations of `block_size` of each targeted linear's input."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
-    block_size: int = 32
-    use_cayley_neumann: bool = True    # OFTv2's Cayley–Neumann series instead of a matrix inverse
-    num_cayley_neumann_terms: int = 5
-    coft: bool = False                 # constrained OFT: ‖Q‖ kept below eps
-    eps: float = 6e-5
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
+        help="UNet Linear modules that OFT rotates: regexes matching a module path or a dotted suffix of it")
+    block_size: int = setting(32, help="size of each orthogonal block of the rotation (>= 2; divides the input width)")
+    use_cayley_neumann: bool = setting(True, help="OFTv2's Cayley–Neumann series instead of an exact matrix inverse",
+                                       advanced=True)
+    num_cayley_neumann_terms: int = setting(5, help="terms of the Cayley–Neumann series (>= 1)", advanced=True)
+    coft: bool = setting(False, help="constrained OFT: keep ‖Q‖ below eps", advanced=True)
+    eps: float = setting(6e-5, help="with coft: the bound on ‖Q‖ (how far the rotation may move)", advanced=True)
 
     def __post_init__(self) -> None:
         if int(self.block_size) < 2:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig, AdapterError
+from studio.utils.settings import setting
 
 
 @dataclass
@@ -19,13 +20,18 @@ class SaraConfig(AdapterConfig):
     whose weight W + ΔW has grown past the threshold are frozen at their learned values; the others train
     on with their optimizer state."""
 
-    target_modules: list[str] = field(default_factory=lambda: [r".*"])  # every Linear / Conv2d of the UNet
-    threshold: float | None = None
-    budget: str | None = "3%"
-    nuclear_weight: float = 5e-4
-    nuclear_layers: int = 1
-    nuclear_min_dim: int = 32          # layers with min(out, in) below this are not penalised
-    reselect_at: int | None = None     # progressive re-selection after this step (the paper: half the steps)
+    target_modules: list[str] = setting(
+        default_factory=lambda: [r".*"], advanced=True,
+        help="UNet Linear/Conv2d modules whose small weights may train: regexes on a module path or its dotted suffix")
+    threshold: float | None = setting(None, help="train the weights with |w| below this (> 0); give it or budget")
+    budget: str | None = setting("3%", help="how many weights train: a count ('150k', '20M') or a fraction "
+                                            "('0.05', '5%')")
+    nuclear_weight: float = setting(5e-4, help="weight of the nuclear-norm penalty on the update ΔW (>= 0; 0 is off)")
+    nuclear_layers: int = setting(1, help="layers penalised per step, drawn at random (0: every eligible layer)",
+                                  advanced=True)
+    nuclear_min_dim: int = setting(32, help="layers with min(out, in) below this are not penalised", advanced=True)
+    reselect_at: int | None = setting(None, help="progressive re-selection after this step (the paper: half the "
+                                                 "steps); empty: off")
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.budget is None):

@@ -6,20 +6,22 @@ import torch
 import torch.nn.functional as F
 
 from studio.kernels import SparsePattern, sparse_delta_conv2d, sparse_delta_linear
+from studio.adapters.wrapped import WrappedLayer
 from studio.kernels.sparse_delta import dense_delta
 
 
-class SaraLayer(torch.nn.Module):
+class SaraLayer(WrappedLayer):
     """Wraps the original layer (kept as `base_layer`, frozen). Every adapter holds the flat indices of the
     weights it trains and a `values` parameter (the update, zero at the start). While an adapter trains,
     a Linear runs the sparse-delta kernel (its values' gradient is computed only at the trained entries)
     and a Conv2d scatters the values into a transient weight; in inference the summed weight is cached."""
 
+    label = "SaRA"
+
     def __init__(self, base_layer: torch.nn.Module):
-        super().__init__()
         if not isinstance(base_layer, (torch.nn.Linear, torch.nn.Conv2d)):
             raise TypeError(f"SaRA wraps Linear and Conv2d layers, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.values = torch.nn.ParameterDict()
         self.patterns: dict[str, SparsePattern] = {}
         # progressive re-selection: entries frozen at their learned value (a mask over the values), and
@@ -27,10 +29,7 @@ class SaraLayer(torch.nn.Module):
         self.frozen: dict[str, torch.Tensor] = {}
         self._frozen_values: dict[str, torch.Tensor] = {}
         self.thresholds: dict[str, float] = {}  # θ each training adapter was selected with
-        self.weights: dict[str, float] = {}   # active adapters and their weights
         self.merged: dict[str, float] = {}    # adapters folded into base_layer.weight, at these weights
-        self.disabled = False
-        self._cache = None
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -60,44 +59,36 @@ class SaraLayer(torch.nn.Module):
             with torch.no_grad():
                 self.values[name][self.frozen[name]] = self._frozen_values[name]
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            self.unmerge()
+    def adapter_names(self) -> list[str]:
+        return list(self.values.keys())
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [self.values[name]]
+
+    def _drop(self, name: str) -> None:
         del self.values[name]
         del self.patterns[name]
         self.frozen.pop(name, None)
         self._frozen_values.pop(name, None)
         self.thresholds.pop(name, None)
-        self.weights.pop(name, None)
 
     def dense_delta(self, name: str) -> torch.Tensor:
         """ΔW of one adapter as a dense tensor of the weight's shape."""
         return dense_delta(self.values[name].detach(), self.patterns[name]).view(self.weight_shape)
 
-    def _active(self) -> list[tuple[str, float]]:
-        if self.disabled:
-            return []
-        return [(n, w) for n, w in self.weights.items() if w != 0 and n not in self.merged]
+    def add_update(self, weight: torch.Tensor, name: str, scale: float) -> None:
+        weight.view(-1).index_add_(0, self.patterns[name].index, self.values[name].detach(), alpha=scale)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, torch.nn.Linear):
             return F.linear(x, weight, base.bias)
         return base._conv_forward(x, weight, base.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self._active()
+    def training_forward(self, x: torch.Tensor, name: str, scale: float, weight: torch.Tensor) -> torch.Tensor:
+        """A Linear through the sparse-delta kernel; a Conv2d through its kernel on the base weight, else with
+        the values scattered into a transient weight."""
         base = self.base_layer
-        if not active:
-            return base(x)
-        training = [(n, w) for n, w in active if torch.is_grad_enabled() and self.values[n].requires_grad]
-        if not training:
-            return self._conv(x, self._inference_weight(active))
-        # the trained adapter through the kernel; any other active ones folded into the base weight
-        (name, scale), others = training[0], [(n, w) for n, w in active if n != training[0][0]]
-        if len(training) > 1:
-            raise RuntimeError("SaRA trains one adapter at a time")
-        weight = self._inference_weight(others) if others else base.weight
         values = self.values[name] * scale if scale != 1 else self.values[name]
         pattern = self.patterns[name]
         if isinstance(base, torch.nn.Linear):
@@ -105,18 +96,7 @@ class SaraLayer(torch.nn.Module):
         if weight is base.weight and base.padding_mode == "zeros":
             return sparse_delta_conv2d(x, base, values, pattern.index)
         merged = weight.reshape(-1).index_add(0, pattern.index, values).view_as(weight)
-        return self._conv(x, merged)
-
-    def _inference_weight(self, active: list[tuple[str, float]]) -> torch.Tensor:
-        w = self.base_layer.weight
-        key = (id(w), w._version, tuple((n, s, self.values[n]._version) for n, s in active))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                flat = w.detach().reshape(-1).clone()
-                for n, s in active:
-                    flat.index_add_(0, self.patterns[n].index, self.values[n].detach(), alpha=s)
-            self._cache = (key, flat.view_as(w))
-        return self._cache[1]
+        return self.linear(x, merged)
 
     def merge(self, name: str, weight: float) -> None:
         with torch.no_grad():

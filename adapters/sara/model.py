@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-from contextlib import contextmanager
-
 import torch
 
-from studio.adapters.base import (AdapterError, AdapterMethod, component, register, replace_module, split_key,
-                                  switched_on)
+from studio.adapters.base import AdapterError, component, matches_target, register, split_key
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
+from studio.adapters.wrapped import WrappedLayerMethod
 from studio.kernels.sparse_delta import dense_delta
 
 log = logging.getLogger(__name__)
@@ -29,11 +26,10 @@ DIGEST_KEY = "unet.sara_base_digest"
 
 def _targets(unet: torch.nn.Module, patterns: list[str]):
     """(path, layer) for each Linear / Conv2d (or SaRA-wrapped one) whose path matches a pattern."""
-    regex = re.compile(r"(?:" + "|".join(f"(?:{p})" for p in patterns) + r")")
     for path, module in unet.named_modules():
         if ".base_layer" in f".{path}" or "lora_" in path:
             continue
-        if isinstance(module, (SaraLayer, torch.nn.Linear, torch.nn.Conv2d)) and regex.fullmatch(path):
+        if isinstance(module, (SaraLayer, torch.nn.Linear, torch.nn.Conv2d)) and matches_target(path, patterns):
             yield path, module
 
 
@@ -72,10 +68,12 @@ def base_digest(unet: torch.nn.Module, adapter: str) -> torch.Tensor:
 
 
 @register
-class SaraMethod(AdapterMethod):
+class SaraMethod(WrappedLayerMethod):
     name = "sara"
+    layer_class = SaraLayer
     config_class = SaraConfig
-    presets = {"quick": {"lr": 1e-3, "adapter": {"budget": "3%"}}, "standard": {"lr": 5e-4, "adapter": {"budget": "3%"}}}
+    presets = {"quick": {"lr": 1e-3, "adapter": {"budget": "3%"}},
+               "standard": {"lr": 5e-4, "adapter": {"budget": "3%"}}}
 
     def attach(self, pipe, config: SaraConfig, adapter: str) -> None:
         unet = component(pipe, "unet")
@@ -86,7 +84,8 @@ class SaraMethod(AdapterMethod):
         total = sum(w.numel() for w in weights)
         theta = (float(config.threshold) if config.threshold is not None
                  else threshold_for(weights, parse_budget(config.budget, total)))
-        index = {path: (w.detach().abs() < theta).reshape(-1).nonzero().squeeze(1) for (path, _), w in zip(targets, weights)}
+        index = {path: (w.detach().abs() < theta).reshape(-1).nonzero().squeeze(1)
+                 for (path, _), w in zip(targets, weights)}
         selected = {p: i for p, i in index.items() if i.numel()}
         if not selected:
             raise AdapterError(f"no weight of the targets is below the SaRA threshold {theta:g}")
@@ -103,22 +102,6 @@ class SaraMethod(AdapterMethod):
         self.selection = {"threshold": theta, "trained": count, "total": total,
                           "per_layer": {p: (int(i.numel()), int(unet.get_submodule(p).base_layer.weight.numel()))
                                         for p, i in selected.items()}}
-
-    @staticmethod
-    def _install(unet: torch.nn.Module, paths) -> None:
-        for path in paths:
-            module = unet.get_submodule(path)
-            if not isinstance(module, SaraLayer):
-                replace_module(unet, path, SaraLayer(module))
-
-    @staticmethod
-    def _freeze_others(unet, adapter: str | None) -> None:
-        for _, layer in _sara_layers(unet):
-            for name, values in layer.values.items():
-                values.requires_grad_(name == adapter)
-
-    def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
-        return [layer.values[adapter] for _, layer in _sara_layers(pipe.unet) if adapter in layer.values]
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -149,8 +132,9 @@ class SaraMethod(AdapterMethod):
             idx, values = tensors[f"unet.{path}.indices"], tensors.get(f"unet.{path}.values")
             shape = tensors.get(f"unet.{path}.shape")
             weight = _base_weight(module)
+            out_of_range = idx.numel() and int(idx.max()) >= weight.numel()
             if (values is None or values.shape != idx.shape or shape is None
-                    or tuple(shape.tolist()) != tuple(weight.shape) or (idx.numel() and int(idx.max()) >= weight.numel())):
+                    or tuple(shape.tolist()) != tuple(weight.shape) or out_of_range):
                 raise AdapterError(f"{source}: unet.{path} does not fit the loaded model's layer "
                                    f"(it was trained on {tuple(shape.tolist()) if shape is not None else '?'}, "
                                    f"the loaded layer is {tuple(weight.shape)})")
@@ -196,37 +180,6 @@ class SaraMethod(AdapterMethod):
             trained += values.numel()
         return (f"SaRA re-selection at step {step}: {grown_total} of {trained} trained weights grew past the "
                 f"threshold and are frozen; {trained - grown_total} train on")
-
-    @contextmanager
-    def disabled(self, pipe):
-        with switched_on([layer for _, layer in _sara_layers(pipe.unet)], "disabled"):
-            yield
-
-    def set_weights(self, pipe, weights: dict[str, float]) -> None:
-        for _, layer in _sara_layers(pipe.unet):
-            layer.weights = {n: float(w) for n, w in weights.items() if n in layer.values}
-
-    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
-        for _, layer in _sara_layers(pipe.unet):
-            if adapter in layer.values:
-                layer.merge(adapter, float(weight))
-
-    def unmerge(self, pipe) -> None:
-        for _, layer in _sara_layers(pipe.unet):
-            layer.unmerge()
-
-    def unload(self, pipe) -> None:
-        unet = pipe.unet
-        for path, layer in list(_sara_layers(unet)):
-            replace_module(unet, path, layer.base_layer)
-
-    def remove(self, pipe, adapter: str) -> None:
-        unet = pipe.unet
-        for path, layer in list(_sara_layers(unet)):
-            if adapter in layer.values:
-                layer.delete_adapter(adapter)
-            if not layer.values:
-                replace_module(unet, path, layer.base_layer)
 
     def training_loss(self, pipe, batch: dict, default_loss) -> torch.Tensor:
         loss = default_loss(batch)

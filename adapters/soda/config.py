@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig, AdapterError
 from studio.adapters.lora.config import UNET_ATTENTION_FF
+from studio.utils.settings import setting
 
 ROTATE = ("input", "both")
 
@@ -21,12 +22,17 @@ class SodaConfig(AdapterConfig):
     does; "both" also rotates the left (output) basis. The factors train with StiefelAdam at
     lr·`rotation_lr_scale`, δ with AdamW at lr."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_FF))
-    kron_factors: int = 3
-    max_factor: int = 64
-    rotate: str = "input"
-    rotation_lr_scale: float = 1.0
-    delta_init: float = 0.0   # the official code starts at 1e-3 (a model slightly off the base); 0 starts on it
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
+        help="UNet Linear modules that SODA tunes: regexes matching a module path or a dotted suffix of it")
+    kron_factors: int = setting(3, help="orthogonal factors in each Kronecker rotation (>= 1)")
+    max_factor: int = setting(64, help="largest size of one rotation factor (>= 2)", advanced=True)
+    rotate: str = setting("input", choices=ROTATE,
+                          help="which singular basis rotates: the input one (as the official code) or both")
+    rotation_lr_scale: float = setting(1.0, help="learning rate of the rotations as a multiple of lr (> 0)")
+    delta_init: float = setting(0.0, advanced=True,
+                                help="start of the singular-value shifts δ (0 starts exactly on the base; "
+                                     "the official code: 1e-3)")
 
     def __post_init__(self) -> None:
         if int(self.kron_factors) < 1:

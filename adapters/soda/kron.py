@@ -57,8 +57,10 @@ def _mode_products(x: torch.Tensor, factors: list[torch.Tensor], transpose: bool
     rows = x.shape[0]
     for i, q in enumerate(factors):
         pre, k, post = math.prod(sizes[:i]), sizes[i], math.prod(sizes[i + 1:])
-        # Y[r, j, p] = Σ_a M[j, a] X[r, a, p] with M = Qᵀ (for Rᵀx) or Q (for Rx)
-        x = torch.matmul(q.t() if transpose else q, x.reshape(rows * pre, k, post))
+        # Y[r, j, p] = Σ_a M[j, a] X[r, a, p] with M = Qᵀ (for Rᵀx) or Q (for Rx); an explicit bmm: torch.matmul
+        # picks another kernel when Q requires grad, so a trained adapter and its loaded file rounded differently
+        x3 = x.reshape(rows * pre, k, post)
+        x = torch.bmm((q.t() if transpose else q).expand(x3.shape[0], k, k), x3)
     return x.reshape(rows, -1)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from studio.adapters.base import thin_svd
 from studio.adapters.soda.kron import KroneckerRotation
+from studio.adapters.wrapped import WrappedLayer
 
 
 class SodaAdapter(torch.nn.Module):
@@ -28,27 +29,25 @@ class SodaAdapter(torch.nn.Module):
         return list(self.rot_in.factors) + (list(self.rot_out.factors) if self.rot_out is not None else [])
 
 
-class SodaLayer(torch.nn.Module):
+class SodaLayer(WrappedLayer):
     """Wraps the original Linear (kept as `base_layer`, frozen). The SVD factors are buffers (moved with
     the module, not saved in the model's state dict). A training adapter runs on the activations:
     z = R_inᵀx by mode products, h = Wz + U(Δs ⊙ Vᵀz) (see `adapted`), y = R_out h + b; inference uses the
     summed dense weight, cached while nothing changes."""
 
+    label = "SODA"
+
     def __init__(self, base_layer: torch.nn.Linear) -> None:
-        super().__init__()
         if not isinstance(base_layer, torch.nn.Linear):
             raise TypeError(f"SODA wraps Linear layers, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         w = base_layer.weight.detach()
         u, s, vh = thin_svd(w)
         self.register_buffer("U", u.to(w.dtype), persistent=False)
         self.register_buffer("S", s.to(w.dtype), persistent=False)
         self.register_buffer("Vh", vh.to(w.dtype), persistent=False)
         self.adapters = torch.nn.ModuleDict()
-        self.weights: dict[str, float] = {}   # active adapters and their weights
         self.merged: dict[str, torch.Tensor] = {}  # adapter -> the weight delta folded into base_layer.weight
-        self.disabled = False
-        self._cache = None
 
     @property
     def rank(self) -> int:
@@ -60,11 +59,14 @@ class SodaLayer(torch.nn.Module):
                                           both=both, delta_init=delta_init, dtype=w.dtype, device=w.device)
         self.weights[name] = 1.0
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            self.unmerge()
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return list(self.adapters[name].parameters())
+
+    def _drop(self, name: str) -> None:
         del self.adapters[name]
-        self.weights.pop(name, None)
 
     def shift(self, name: str) -> torch.Tensor:
         """Δs = ReLU(S + δ) − S: the change of each singular value (singular values stay ≥ 0)."""
@@ -99,40 +101,18 @@ class SodaLayer(torch.nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.dense_weight(name) - self.base_layer.weight
 
-    def _active(self) -> list[tuple[str, float]]:
-        if self.disabled:
-            return []
-        return [(n, w) for n, w in self.weights.items() if w != 0 and n not in self.merged]
+    def add_update(self, weight: torch.Tensor, name: str, scale: float) -> None:
+        weight += scale * self.delta_weight(name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self._active()
-        base = self.base_layer
-        if not active:
-            return base(x)
-        training = [(n, w) for n, w in active if torch.is_grad_enabled()
-                    and any(p.requires_grad for p in self.adapters[n].parameters())]
-        if not training:
-            return F.linear(x, self._inference_weight(active), base.bias)
-        if len(training) > 1:
-            raise RuntimeError("SODA trains one adapter at a time")
-        (name, scale), others = training[0], [(n, w) for n, w in active if n != training[0][0]]
-        weight = self._inference_weight(others) if others else base.weight
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def training_forward(self, x: torch.Tensor, name: str, scale: float, weight: torch.Tensor) -> torch.Tensor:
         y = self.adapted(name, x, weight)
         if scale != 1:  # W + w·(W' − W) on the activations
             y = scale * y + (1 - scale) * F.linear(x, weight)
-        return y + base.bias if base.bias is not None else y
-
-    @torch.no_grad()
-    def _inference_weight(self, active: list[tuple[str, float]]) -> torch.Tensor:
-        w = self.base_layer.weight
-        key = (id(w), w._version, tuple((n, s, tuple(p._version for p in self.adapters[n].parameters()))
-                                        for n, s in active))
-        if self._cache is None or self._cache[0] != key:
-            total = w.detach().clone()
-            for n, s in active:
-                total += s * self.delta_weight(n)
-            self._cache = (key, total)
-        return self._cache[1]
+        bias = self.base_layer.bias
+        return y + bias if bias is not None else y
 
     @torch.no_grad()
     def merge(self, name: str, weight: float) -> None:

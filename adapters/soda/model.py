@@ -14,27 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import re
-from contextlib import contextmanager
-
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, component, register, replace_module, switched_on
-from studio.adapters.lora.model import _suffix_regex
+from studio.adapters.base import AdapterError, component, matches_target, register
 from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
 from studio.adapters.soda.optimizer import soda_optimizer
+from studio.adapters.wrapped import WrappedLayerMethod
 
 DIGEST_KEY = "unet.soda_base_digest"
 _KEY = re.compile(r"^unet\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
 
 
 def _targets(unet: torch.nn.Module, patterns: list[str]):
-    regex = re.compile(_suffix_regex(patterns))
     for path, module in unet.named_modules():
         if ".base_layer" in f".{path}" or "lora_" in path:
             continue
-        if isinstance(module, (SodaLayer, torch.nn.Linear)) and regex.fullmatch(path):
+        if isinstance(module, (SodaLayer, torch.nn.Linear)) and matches_target(path, patterns):
             yield path, module
 
 
@@ -56,8 +53,9 @@ def base_digest(unet: torch.nn.Module, paths) -> torch.Tensor:
 
 
 @register
-class SodaMethod(AdapterMethod):
+class SodaMethod(WrappedLayerMethod):
     name = "soda"
+    layer_class = SodaLayer
     config_class = SodaConfig
     presets = {"quick": {"lr": 2e-3, "adapter": {}}, "standard": {"lr": 1e-3, "adapter": {}}}
 
@@ -66,27 +64,18 @@ class SodaMethod(AdapterMethod):
         targets = [path for path, _ in _targets(unet, config.target_modules)]
         if not targets:
             raise AdapterError(f"no Linear of the unet matches the SODA targets {config.target_modules}")
-        self._install(unet, targets, config, adapter)
+        self._add_adapters(unet, targets, config, adapter)
         self._freeze_others(unet, adapter)
         pipe._studio_soda_config = config  # the rotation learning-rate scale, for the optimizer hook
 
-    @staticmethod
-    def _install(unet, paths, config: SodaConfig, adapter: str) -> None:
+    def _add_adapters(self, unet, paths, config: SodaConfig, adapter: str) -> None:
+        self._install(unet, paths)
         for path in paths:
             module = unet.get_submodule(path)
-            if not isinstance(module, SodaLayer):
-                module = SodaLayer(module)
-                replace_module(unet, path, module)
             if adapter in module.adapters:
                 raise AdapterError(f"a SODA adapter named {adapter!r} is already attached")
             module.add_adapter(adapter, count=config.kron_factors, max_factor=config.max_factor,
                                both=config.rotate == "both", delta_init=config.delta_init)
-
-    @staticmethod
-    def _freeze_others(unet, adapter: str | None) -> None:
-        for _, layer in soda_layers(unet):
-            for name, a in layer.adapters.items():
-                a.requires_grad_(name == adapter)
 
     def _parts(self, pipe, adapter: str):
         for path, layer in sorted(soda_layers(pipe.unet), key=lambda item: item[0]):
@@ -100,7 +89,8 @@ class SodaMethod(AdapterMethod):
                   kind: str = "adamw") -> torch.optim.Optimizer:
         """StiefelAdam for the factors (they stay orthogonal), AdamW for δ."""
         if kind != "adamw":
-            raise AdapterError(f"SODA trains its rotations with StiefelAdam; optimizer {kind!r} is not available for it")
+            raise AdapterError(f"SODA trains its rotations with StiefelAdam; optimizer {kind!r} is not available "
+                               "for it")
         factors = {id(q) for _, _, a in self._parts(pipe, adapter) for q in a.factors()}
         config = getattr(pipe, "_studio_soda_config", None) or SodaConfig()
         return soda_optimizer([p for p in params if id(p) in factors], [p for p in params if id(p) not in factors],
@@ -148,7 +138,7 @@ class SodaMethod(AdapterMethod):
             raise AdapterError(f"{source} was trained on another checkpoint: the weights of the layers it adapts "
                                "differ from the loaded model's (SODA rotates and rescales the exact singular "
                                "vectors it was trained on; bake it to a LoRA for other checkpoints)")
-        self._install(unet, paths, config, adapter)
+        self._add_adapters(unet, paths, config, adapter)
         self.set_state(pipe, adapter, tensors)
         self._freeze_others(unet, None)
 
@@ -160,34 +150,6 @@ class SodaMethod(AdapterMethod):
                     rotation = getattr(a, side)
                     for i, q in enumerate(rotation.factors if rotation is not None else []):
                         q.copy_(tensors[f"unet.{path}.{side}.{i}"])
-
-    @contextmanager
-    def disabled(self, pipe):
-        with switched_on([layer for _, layer in soda_layers(pipe.unet)], "disabled"):
-            yield
-
-    def set_weights(self, pipe, weights: dict[str, float]) -> None:
-        for _, layer in soda_layers(pipe.unet):
-            layer.weights = {n: float(w) for n, w in weights.items() if n in layer.adapters}
-
-    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
-        for _, layer, _ in self._parts(pipe, adapter):
-            layer.merge(adapter, float(weight))
-
-    def unmerge(self, pipe) -> None:
-        for _, layer in soda_layers(pipe.unet):
-            layer.unmerge()
-
-    def unload(self, pipe) -> None:
-        for path, layer in list(soda_layers(pipe.unet)):
-            replace_module(pipe.unet, path, layer.base_layer)
-
-    def remove(self, pipe, adapter: str) -> None:
-        for path, layer in list(soda_layers(pipe.unet)):
-            if adapter in layer.adapters:
-                layer.delete_adapter(adapter)
-            if not len(layer.adapters):
-                replace_module(pipe.unet, path, layer.base_layer)
 
     def delta_weights(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         """unet.<path> -> W' − W at weight 1 (what bake.py truncates to a LoRA)."""

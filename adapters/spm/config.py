@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig, AdapterError
+from studio.utils.settings import setting
 
 # every Linear/1x1 Conv of the transformer blocks (SPM's targets), matched as module-path suffixes
 TRANSFORMER_LINEARS = [
@@ -22,15 +23,21 @@ class SpmConfig(AdapterConfig):
     while `anchors` random points of text-embedding space (plus the empty prompt) keep the frozen model's
     prediction, weighted by `anchor_weight` (Latent Anchoring)."""
 
-    target_modules: list[str] = field(default_factory=lambda: list(TRANSFORMER_LINEARS))
-    concepts: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    surrogate: str = ""
-    eta: float = 2.0               # the paper's 1.0 left 14-19% of circles on the embedded model (B3); 2.0: 3%
-    anchor_weight: float = 1.0     # the paper's 1000 (SD 1.4) kept erasure from starting on the embedded model
-    anchors: int = 3               # random anchors per step; the empty prompt is always a fourth
-    anchor_empty: bool = True      # keep eps(empty prompt) too (what CFG's unconditional branch uses)
-    rank: int = 1
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(TRANSFORMER_LINEARS), advanced=True,
+        help="UNet modules that carry the membrane: regexes matching a module path or a dotted suffix of it")
+    concepts: list[str] = setting(default_factory=list, help="the concepts the membrane erases (e.g. 'circle')")
+    prompts: list[str] = setting(default_factory=list,
+                                 help="prompts the membrane is trained on; empty: the concepts themselves")
+    surrogate: str = setting("", help="what the concept is pushed towards ('' : the empty prompt)")
+    eta: float = setting(2.0, help="strength of the negative guidance away from the concept (the paper: 1.0; "
+                                   "2.0 erases more on the embedded model, B3)")
+    anchor_weight: float = setting(1.0, help="weight of the anchors' preservation loss (>= 0; the paper: 1000 on "
+                                             "SD 1.4)")
+    anchors: int = setting(3, help="random text-embedding anchors per step (>= 0)", advanced=True)
+    anchor_empty: bool = setting(True, help="also keep the empty prompt's prediction (CFG's unconditional branch)",
+                                 advanced=True)
+    rank: int = setting(1, help="rank of the membrane's LoRA (>= 1; the paper: 1)")
 
     def __post_init__(self) -> None:
         self.concepts = [c.strip() for c in ([self.concepts] if isinstance(self.concepts, str) else self.concepts)
@@ -48,14 +55,16 @@ class SpmConfig(AdapterConfig):
 class EraseSettings:
     """How a membrane is trained (not stored in the file)."""
 
-    steps: int = 350
-    lr: float = 5e-3
-    batch: int = 4
-    denoise_steps: int = 8         # the DDIM schedule the training latents are drawn from
-    sample_guidance: float = 3.0   # CFG while denoising the training latents (membrane on)
-    seed: int = 0
-    resolution: int | None = None  # default: the model's native size
-    warmup: int = 20
+    steps: int = setting(350, help="optimizer steps (>= 1)")
+    lr: float = setting(5e-3, help="learning rate of the membrane (AdamW, > 0)")
+    batch: int = setting(4, help="prompts per step (>= 1)")
+    denoise_steps: int = setting(8, help="steps of the DDIM schedule the training latents are drawn from")
+    sample_guidance: float = setting(3.0, help="classifier-free guidance while denoising the training latents "
+                                               "(membrane on)")
+    seed: int = setting(0, help="random seed of the latents, anchors and timesteps")
+    resolution: int | None = setting(None, help="image side in pixels of the training latents; empty: the model's "
+                                                "native size", advanced=True)
+    warmup: int = setting(20, help="learning-rate warm-up steps (linear from 0)", advanced=True)
 
 
 # the defaults are what the embedded model needs to erase a shape in under five CPU minutes (BENCHMARKS.md,
