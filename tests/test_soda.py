@@ -238,8 +238,8 @@ def _train(tmp_path, method, data, **kw):
     from studio.training.engine import train
 
     return train(data=str(data), trigger="sks", method=method, output_dir=str(tmp_path / method), name=method,
-                 steps=2, batch_size=2, lr=5e-2, preview_every=0, preview_steps=1, checkpoint_every=100, tensorboard=False,
-                 progress_bar=False, **kw)
+                 steps=2, batch_size=2, lr=5e-2, preview_every=0, preview_steps=1, checkpoint_every=100,
+                 tensorboard=False, progress_bar=False, **kw)
 
 
 @pytest.fixture(scope="module")
