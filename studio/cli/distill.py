@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from studio.cli.common import add_model_args, check_safetensors_out, load_options, log_events, parse_settings, summary
-from studio.cli.flags import add_settings, values_from
+from studio.cli.flags import add_engine_settings, add_settings, engine_values, values_from
 
 
 def register(sub) -> None:
@@ -20,6 +20,7 @@ def register(sub) -> None:
     d.add_argument("--cache", default=None, help="teacher pairs file (default: <out>.teacher.safetensors; reused "
                                                  "when it fits)")
     add_settings(d, SETTINGS)
+    add_engine_settings(d)
     d.add_argument("--rank", type=int, default=4, help="adaptor rank (default 4)")
     d.add_argument("--no-high-frequency", action="store_true", help="spatial loss only (the ablation)")
     d.add_argument("--setting", action="append", metavar="KEY=VALUE", help="any of the settings above by its "
@@ -32,7 +33,7 @@ def register(sub) -> None:
 def run(args) -> None:
     from studio.tasks.distill import SETTINGS, distill
 
-    settings = {**values_from(args, SETTINGS), **parse_settings(args.setting, "--setting")}
+    settings = {**values_from(args, SETTINGS), **engine_values(args), **parse_settings(args.setting, "--setting")}
     if args.no_high_frequency:
         settings.update(fourier_weight=0.0, edge_weight=0.0)
     out = check_safetensors_out(args.out, "a one-step adaptor")

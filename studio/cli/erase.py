@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from studio.cli.common import add_model_args, check_safetensors_out, load_options, log_events, parse_settings, summary
-from studio.cli.flags import add_settings, values_from
+from studio.cli.flags import add_engine_settings, add_settings, engine_values, values_from
 
 
 def _membrane_settings() -> str:
@@ -29,6 +29,7 @@ def register(sub) -> None:
                                                       "embedded model, captions naming the concept; else the concepts)")
     er.add_argument("--preset", default="shapes", help="shapes (embedded model) or sd15 (the paper's SD 1.x settings)")
     add_settings(er, SETTINGS)
+    add_engine_settings(er)
     er.add_argument("--setting", action="append", metavar="KEY=VALUE",
                     help=f"membrane setting: {_membrane_settings()} (repeatable)")
     er.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue a stopped run")
@@ -44,7 +45,8 @@ def run(args) -> None:
         adapter["prompts"] = list(args.prompt)
     out = check_safetensors_out(args.out or f"{'_'.join(args.concepts)}.safetensors".replace(" ", "-"),
                                 "a membrane")
-    result = erase(args.concepts, out, model=args.model, preset=args.preset, settings=values_from(args, SETTINGS),
+    settings = {**values_from(args, SETTINGS), **engine_values(args)}
+    result = erase(args.concepts, out, model=args.model, preset=args.preset, settings=settings,
                    adapter=adapter, resume=args.resume, on_event=log_events, progress_bar=sys.stderr.isatty(),
                    load=load_options(args))
     print(result.adapter_path)

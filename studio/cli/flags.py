@@ -49,13 +49,16 @@ def _help(spec: SettingSpec) -> str | None:
 
 
 def add_settings(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[str] | None = None,
-                 exclude: Iterable[str] = (), prefix: str = "") -> list[str]:
+                 exclude: Iterable[str] = (), prefix: str = "", defaults: dict | None = None) -> list[str]:
     """One flag per field of the settings dataclass `cls` (those in `only`, none in `exclude`):
-    `--<prefix><field-name>` with the field's help, type and choices. bool fields get --x/--no-x, list fields
+    `--<prefix><field-name>` with the field's help, type and choices (`defaults`: what the help says a field's
+    default is where the command's differs from the dataclass's). bool fields get --x/--no-x, list fields
     a repeatable flag; dict fields none. Returns the field names given flags."""
     only = set(only) if only is not None else None
     names = []
     for spec in describe(cls):
+        if defaults and spec.name in defaults:
+            spec = dataclasses.replace(spec, default=defaults[spec.name])
         if (only is not None and spec.name not in only) or spec.name in set(exclude):
             continue
         if spec.type.startswith(("dict", "Dict", "typing.Dict")):  # no flag form: KEY=VALUE flags carry these
@@ -78,3 +81,19 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[s
 def values_from(args: argparse.Namespace, cls: type, prefix: str = "") -> dict:
     """{field: value} of the `cls` flags (added by add_settings) that were given on the command line."""
     return {spec.name: getattr(args, prefix + spec.name) for spec in describe(cls) if hasattr(args, prefix + spec.name)}
+
+
+def add_engine_settings(parser: argparse.ArgumentParser) -> None:
+    """The training engine's settings a task command offers (checkpoints, precision, clipping, ...)."""
+    from studio.tasks.runs import MACHINERY_FLAGS, TASK_DEFAULTS
+    from studio.training import LoopSettings
+
+    add_settings(parser, LoopSettings, only=MACHINERY_FLAGS, defaults=TASK_DEFAULTS)
+
+
+def engine_values(args: argparse.Namespace) -> dict:
+    """The engine settings given on the command line (see add_engine_settings)."""
+    from studio.tasks.runs import MACHINERY_FLAGS
+    from studio.training import LoopSettings
+
+    return {k: v for k, v in values_from(args, LoopSettings).items() if k in MACHINERY_FLAGS}

@@ -15,6 +15,9 @@ from studio.utils.settings import from_values
 TASK_NAMES = {"steps": "steps", "lr": "lr", "batch": "batch_size", "seed": "seed", "warmup": "lr_warmup_steps"}
 # the engine's defaults for erase and distill: their loops never clipped gradients
 TASK_DEFAULTS = {"max_grad_norm": 0.0, "checkpoint_every": 50, "tensorboard": False}
+# the engine settings a task's front ends offer beside the task's own (its steps, lr, batch, seed)
+MACHINERY_FLAGS = ("checkpoint_every", "keep_checkpoints", "mixed_precision", "grad_accum", "max_grad_norm",
+                   "weight_decay", "tensorboard")
 
 
 def split_settings(values: dict[str, Any] | None, task_class: type, what: str) -> tuple[dict, dict]:
