@@ -181,11 +181,13 @@ class TrainConfig:
         from studio.adapters import AdapterError, get_method
 
         try:
-            trainer = get_method(self.method).trained_by
+            method = get_method(self.method)
+            method.config_class.from_dict(self.adapter)  # the method's settings, checked before any work
         except AdapterError as e:
             raise TrainingError(str(e)) from None
-        if trainer:
-            raise TrainingError(f"{self.method} adapters are not concept adapters: train them with `{trainer}`")
+        if method.trained_by:
+            raise TrainingError(f"{self.method} adapters are not concept adapters: train them with "
+                                f"`{method.trained_by}`")
         if not self.data and not self.images:
             raise TrainingError("no training data: give a folder (--data) or image files")
         conditioned = get_method(self.method).conditioned
