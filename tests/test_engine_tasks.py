@@ -62,6 +62,18 @@ def _same_tensors(a: dict, b: dict, atol: float) -> float:
     return diff
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The runs in this process compute as the child processes do (OMP_NUM_THREADS=1): a CPU GEMM's sums differ
+    in the last bits with the number of threads, which Adam's first steps amplify past the tolerance."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def child_script(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("child") / "child.py"
