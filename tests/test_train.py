@@ -3,12 +3,10 @@ checkpoint, YAML configs, previews and logs, prior preservation, and 2-process t
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -279,14 +277,14 @@ def test_two_processes_match_one(tmp_path, star_data, method):
     """`accelerate launch --multi_gpu` on a CPU host starts 2 processes through torchrun (gloo DDP, MULTI_CPU);
     each takes half of every global batch. SaRA's values are plain leaves outside the wrapped UNet's parameters
     and its nuclear-norm penalty draws layers per step: both must stay in step across the processes."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
     method_args = ["--rank", "2"] if method == "lora" else [
         "--method", "sara", "--adapter", "budget=1%", "--adapter", "nuclear_weight=1e-3"]
     common = ["train", "--data", str(star_data), "--trigger", "sks", "--steps", "8", "--batch-size", "4",
               "--lr", "1e-3", "--preview-every", "0", "--checkpoint-every", "8", "--no-tensorboard",
               "--no-progress-bar", *method_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    two = subprocess.run([*launcher, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", *common,
                           "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
