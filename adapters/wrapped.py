@@ -28,6 +28,16 @@ class WrappedLayer(torch.nn.Module):
         self.disabled = False
         self._cache = None
 
+    _SHAPE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size",
+                                   "stride", "padding", "dilation", "groups"})
+
+    def __getattr__(self, name: str):
+        # the wrapped layer's shape, which models read off their layers (SDXL's pipeline reads
+        # `add_embedding.linear_1.in_features`), as PEFT's layers expose it
+        if name in WrappedLayer._SHAPE_ATTRIBUTES:
+            return getattr(self._modules["base_layer"], name)
+        return super().__getattr__(name)
+
     # -- what each layer class supplies --
 
     def adapter_names(self) -> list[str]:

@@ -165,12 +165,20 @@ def bucket_size(width: int, height: int, resolution: int, step: int = 64, max_ra
     return w, h
 
 
+def cover_crop(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How `to_bucket` fits an image of `image_size` (width, height) to the bucket `size`: the size it is resized
+    to, covering the bucket, and the (left, top) of the centred crop in the resized image."""
+    (width, height), (w, h) = image_size, size
+    scale = max(w / width, h / height)
+    resized = (max(w, round(width * scale)), max(h, round(height * scale)))
+    return resized, ((resized[0] - w) // 2, (resized[1] - h) // 2)
+
+
 def to_bucket(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """Resize to cover the bucket, centre-crop, and return a [-1, 1] CHW tensor."""
     w, h = size
-    scale = max(w / image.width, h / image.height)
-    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
-    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    resized_size, (left, top) = cover_crop(image.size, size)
+    resized = image.resize(resized_size, Image.BICUBIC)
     arr = np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 

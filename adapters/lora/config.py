@@ -27,7 +27,8 @@ class LoraConfig(AdapterConfig):
     rank: int = setting(4, help="rank of the low-rank update B·A (>= 1; larger learns more, file grows linearly)")
     alpha: float | None = setting(None, help="scale numerator: the update is (alpha / rank)·B·A; empty: alpha = rank")
     dropout: float = setting(0.0, help="dropout on the LoRA branch's input while training, in [0, 1)", advanced=True)
-    text_encoder: bool = setting(False, help="also train a LoRA on the text encoder's attention projections")
+    text_encoder: bool = setting(
+        False, help="also train a LoRA on the text encoder's attention projections (both encoders on SDXL)")
     text_encoder_target_modules: list[str] = setting(
         default_factory=lambda: list(TEXT_ENCODER_ATTENTION), advanced=True,
         help="text-encoder modules that get a LoRA (with text_encoder): regexes as for target_modules")

@@ -65,8 +65,9 @@ class LoraMethod(AdapterMethod):
 
     def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
         plan = [("unet", config.target_modules + (UNET_RESNET_CONVS if config.resnet_convs else []))]
-        if config.text_encoder:
-            plan.append(("text_encoder", config.text_encoder_target_modules))
+        if config.text_encoder:  # every text encoder the model has (SDXL: both, as kohya and diffusers train them)
+            plan += [(name, config.text_encoder_target_modules) for name in ("text_encoder", "text_encoder_2")
+                     if getattr(pipe, name, None) is not None]
         for comp, patterns in plan:
             model = component(pipe, comp)
             if not any(matches_target(path, patterns) for path, _ in model.named_modules()):

@@ -10,13 +10,21 @@ from typing import Any, Callable
 import torch
 
 from studio import data
-from studio.adapters.base import token_ids
 from studio.adapters.trigger import (TRIGGER_KEY, TriggerEmbedding, attach_trigger_embedding,
                                     detach_trigger_embedding, trigger_tensors)
+from studio.training.conditioning import (PromptEncoding, encode_prompts, encoder_names, reads_time_ids,
+                                          text_encoders, time_ids, unet_inputs)
 from studio.training.config import TrainConfig, TrainingError
 from studio.training.objectives import denoising_loss, sample_timesteps, timestep_weights, x0_weights
 from studio.training.recipe import AdapterOutput, Recipe, Share, Trainables
 from studio.utils.files import atomic_path
+
+
+def _example_time_ids(image_size: tuple[int, int], bucket: tuple[int, int]) -> torch.Tensor:
+    """SDXL's time ids of an image of `image_size` (width, height) trained in `bucket`: its original size, the
+    crop `data.to_bucket` takes (in the resized image, as diffusers' SDXL scripts count it) and the bucket."""
+    _, (left, top) = data.cover_crop(image_size, bucket)
+    return time_ids((image_size[1], image_size[0]), (top, left), (bucket[1], bucket[0]))
 
 
 def global_batch(buckets: list[int], batch: int, seed: int, step: int) -> list[int]:
@@ -82,7 +90,8 @@ class ConceptRecipe(Recipe):
 
     @torch.no_grad()
     def _encode(self, examples: list[data.Example], control: bool = False) -> dict[str, Any]:
-        """Latent distribution (mean, std), bucket and caption per example (and its control image in [0, 1])."""
+        """Latent distribution (mean, std), bucket and caption per example (its control image in [0, 1], and on
+        SDXL its size/crop time ids)."""
         pipe, resolution = self.pipe, self.resolution
         sizes = [data.bucket_size(*ex.image.size, resolution) if self.config.buckets else (resolution, resolution)
                  for ex in examples]
@@ -95,17 +104,20 @@ class ConceptRecipe(Recipe):
             stds.append(dist.std[0].float().cpu())
         out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
                "captions": [ex.caption for ex in examples]}
+        if reads_time_ids(pipe.unet):
+            out["time_ids"] = [_example_time_ids(ex.image.size, size) for ex, size in zip(examples, sizes)]
         if control:
             out["control"] = [[(data.to_bucket(image, size) + 1) / 2 for image in images]
                               for images, size in zip(data.control_inputs(examples, self.config.control_data), sizes)]
         return out
 
-    def _embed_all(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def _embed_all(self, captions: list[str]) -> dict[str, PromptEncoding]:
         out = {}
         with torch.no_grad():
             for i in range(0, len(captions), 64):
                 part = captions[i:i + 64]
-                out.update(zip(part, self.pipe.text_encoder(token_ids(self.pipe, part).to(self.device))[0]))
+                encoded = encode_prompts(text_encoders(self.pipe), part, self.device)
+                out.update((c, encoded.row(k)) for k, c in enumerate(part))
         return out
 
     # -- set-up --
@@ -123,7 +135,7 @@ class ConceptRecipe(Recipe):
                 tmp.write_text(cfg.to_yaml(), encoding="utf-8")
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in encoder_names(pipe))):
             module.requires_grad_(False)
         class_examples = self._class_examples(acc) if cfg.prior_preservation else []
         self.cache = self._encode(examples, control=bool(cfg.control_data))
@@ -144,14 +156,16 @@ class ConceptRecipe(Recipe):
             raise TrainingError(f"the {cfg.method} adapter has no trainable parameters on this model")
         trigger_vector = self._attach_trigger_token()
         n_trainable = sum(p.numel() for p in params) + (trigger_vector.numel() if trigger_vector is not None else 0)
-        self.train_text = any(p.requires_grad for p in pipe.text_encoder.parameters())
+        self.text_modules = {name: getattr(pipe, name) for name in encoder_names(pipe)
+                             if any(p.requires_grad for p in getattr(pipe, name).parameters())}
+        self.train_text = bool(self.text_modules)
         if not self.train_text:
             captions = self.cache["captions"] + (self.class_cache["captions"] if self.class_cache else [])
             self.text_cache = self._embed_all(captions)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-            if self.train_text:
-                pipe.text_encoder.gradient_checkpointing_enable()
+            for encoder in self.text_modules.values():
+                encoder.gradient_checkpointing_enable()
         optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       kind=cfg.optimizer) or self._optimizer(params))
         if trigger_vector is not None:
@@ -163,12 +177,12 @@ class ConceptRecipe(Recipe):
         self.t_weights = timestep_weights(cfg, self.noise_scheduler.config.num_train_timesteps)
         self.world, self.rank = acc.num_processes, acc.process_index
         pipe.unet.train()
-        modules = {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder} if self.train_text else {})}
+        modules = {"unet": pipe.unet, **self.text_modules}
         return Trainables(params, modules, optimizer, trainable_parameters=n_trainable)
 
     def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
         self.unet = modules["unet"]
-        self.text_encoder = modules.get("text_encoder", self.pipe.text_encoder)
+        self.encoders = text_encoders(self.pipe, modules)
 
     def _attach_trigger_token(self) -> torch.nn.Parameter | None:
         from studio.adapters import AdapterError
@@ -192,14 +206,17 @@ class ConceptRecipe(Recipe):
 
     # -- the loss --
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+    def _unet_inputs(self, batch: dict) -> dict[str, Any]:
+        captions = batch["captions"]
         if self.train_text:
-            return self.text_encoder(token_ids(self.pipe, captions).to(self.device))[0]
-        return torch.stack([self.text_cache[c] for c in captions])
+            prompt = encode_prompts(self.encoders, captions, self.device)
+        else:
+            prompt = PromptEncoding.stack([self.text_cache[c] for c in captions])
+        return unet_inputs(prompt, batch.get("time_ids"))
 
-    def _base_prediction(self, noisy, timesteps, text):
+    def _base_prediction(self, noisy, timesteps, inputs: dict[str, Any]):
         with self.method_impl.disabled(self.pipe):
-            return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+            return self.unet(noisy, timesteps, **inputs).sample
 
     def _batch(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int) -> dict:
         # the step's randomness is drawn for the whole batch and the share's rows sliced from it: a micro-batch or
@@ -215,6 +232,8 @@ class ConceptRecipe(Recipe):
         latents = ((mean + std * eps) * self.pipe.vae.config.scaling_factor)[rows].to(device)
         batch = {"latents": latents, "noise": noise[rows].to(device), "timesteps": timesteps[rows].to(device),
                  "captions": [source["captions"][i] for i in indices[rows]], "step": step}
+        if "time_ids" in source:
+            batch["time_ids"] = torch.stack([source["time_ids"][i] for i in indices[rows]]).to(device)
         if "control" in source:
             inputs = [source["control"][i] for i in indices[rows]]
             batch["control"] = torch.stack([own[0] for own in inputs]).to(device)
@@ -232,7 +251,7 @@ class ConceptRecipe(Recipe):
 
         def default(b):
             weights = x0_weights(scheduler, b["timesteps"], self.t_weights) if cfg.x0_weighting else None
-            return denoising_loss(self.unet, scheduler, b["latents"], self._encode_text(b["captions"]), b["noise"],
+            return denoising_loss(self.unet, scheduler, b["latents"], self._unet_inputs(b), b["noise"],
                                   b["timesteps"], cfg.snr_gamma, teacher, weights)
 
         return default(batch) if teacher else self.method_impl.training_loss(self.pipe, batch, default)

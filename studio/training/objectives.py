@@ -41,16 +41,18 @@ def x0_weights(scheduler, timesteps: torch.Tensor, probabilities: torch.Tensor |
     return (weight / mean).to(timesteps.device)[timesteps]
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
+def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: torch.Tensor | dict, noise: torch.Tensor,
                    timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE to the noise (or velocity) target; with `teacher` (a callable like the UNet's forward), to the
-    teacher's prediction at the same noisy latents instead. `weights`: per-sample loss weights (x0_weights)."""
+    """MSE to the noise (or velocity) target; with `teacher(noisy, timesteps, conditioning)`, to the teacher's
+    prediction at the same noisy latents instead. `conditioning`: the encoder hidden states, or the UNet's keyword
+    inputs (`conditioning.unet_inputs`: SDXL's pooled prompt and time ids). `weights`: per-sample loss weights."""
+    inputs = conditioning if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+    pred = unet(noisy, timesteps, **inputs).sample
     if teacher is not None:
         with torch.no_grad():
-            target = teacher(noisy, timesteps, text)
+            target = teacher(noisy, timesteps, conditioning)
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:

@@ -1,0 +1,87 @@
+"""What a UNet reads besides the noisy latents, built the same way for every method: the prompt's encoding and,
+on SDXL, the second encoder's pooled output and the size/crop ids ("micro-conditioning").
+
+SD 1.x/2.x read the (one) text encoder's last hidden states. SDXL reads the penultimate hidden states of both
+encoders side by side, the second encoder's pooled projection, and six numbers per image: its original size,
+the top-left of the crop taken from it, and the target size (as diffusers' SDXL pipeline and training scripts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PromptEncoding:
+    """Encoded prompts, one row per prompt; `pooled` only for models that read it (SDXL)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def row(self, i: int) -> "PromptEncoding":
+        return PromptEncoding(self.hidden[i], None if self.pooled is None else self.pooled[i])
+
+    @staticmethod
+    def stack(rows: list["PromptEncoding"]) -> "PromptEncoding":
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return PromptEncoding(torch.stack([r.hidden for r in rows]), pooled)
+
+
+def text_encoders(pipe, modules: dict[str, torch.nn.Module] | None = None) -> list[tuple[Any, torch.nn.Module]]:
+    """(tokenizer, encoder) of each text encoder the pipeline has; `modules` replaces encoders by name (the
+    training engine's prepared copies)."""
+    modules = modules or {}
+    pairs = [(pipe.tokenizer, modules.get("text_encoder", pipe.text_encoder))]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, modules.get("text_encoder_2", pipe.text_encoder_2)))
+    return pairs
+
+
+def encoder_names(pipe) -> list[str]:
+    return ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
+
+
+def _ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(encoders: list[tuple[Any, torch.nn.Module]], captions: list[str], device) -> PromptEncoding:
+    """The prompts as the pipelines encode them: one encoder's last hidden states, or (two encoders, SDXL) both
+    penultimate hidden states concatenated and the last encoder's pooled projection."""
+    if len(encoders) == 1:
+        tokenizer, encoder = encoders[0]
+        return PromptEncoding(encoder(_ids(tokenizer, captions).to(device))[0])
+    hidden, pooled = [], None
+    for tokenizer, encoder in encoders:
+        out = encoder(_ids(tokenizer, captions).to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]
+    return PromptEncoding(torch.cat(hidden, dim=-1), pooled)
+
+
+def reads_time_ids(unet) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+             ) -> torch.Tensor:
+    """SDXL's micro-conditioning for one image, each pair as (height, width) / (top, left) in pixels."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """Keyword arguments of `UNet2DConditionModel.forward` for these prompts (and, on SDXL, their time ids)."""
+    kwargs: dict[str, Any] = {"encoder_hidden_states": prompt.hidden}
+    if prompt.pooled is not None:
+        if ids is None:
+            raise ValueError("this UNet reads size/crop time ids with the pooled prompt; none were given")
+        kwargs["added_cond_kwargs"] = {"text_embeds": prompt.pooled, "time_ids": ids.to(prompt.pooled)}
+    return kwargs
+
+
+__all__ = ["PromptEncoding", "encode_prompts", "encoder_names", "reads_time_ids", "text_encoders", "time_ids",
+           "unet_inputs"]
