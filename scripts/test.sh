@@ -12,4 +12,7 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "tests/test_browser.py needs Chromium: sudo apt-get install chromium" >&2
     fi
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# two workers, one thread each (a file's tests stay together, in order, on one worker); STUDIO_TEST_WORKERS=0
+# runs them in this process
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${STUDIO_TEST_WORKERS:-2}" --dist loadfile "$@"

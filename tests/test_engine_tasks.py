@@ -162,7 +162,8 @@ def test_two_processes_match_one(tmp_path, child_script, uninterrupted, task):
     """Each process takes half of every global batch (batch 2: one row each); DDP averages the gradients. The
     sums run in another order (two half-batch gradients all-reduced), and Adam's first steps move each element by
     about lr whatever its gradient's size, so elements whose gradient is ~0 may differ by a fraction of one
-    step: the tolerance is a tenth of lr (measured: 1.3e-4 for erase at lr 5e-3, 6.3e-5 for distill at 1e-3)."""
+    step: the tolerance is a quarter of lr (measured: 1.3e-4 for erase at lr 5e-3, i.e. 0.03·lr; 6.3e-5 to
+    1.0e-4 for distill at 1e-3 in different runs, i.e. up to 0.10·lr — a tenth was too tight to hold)."""
     from studio.adapters.hipa.config import DistillSettings
     from studio.adapters.spm.config import EraseSettings
 
@@ -172,7 +173,7 @@ def test_two_processes_match_one(tmp_path, child_script, uninterrupted, task):
     out = tmp_path / f"{task}.safetensors"
     _two_processes(child_script, task, out, settings, cache)
     tensors, meta = _file(out)
-    _same_tensors(tensors, _file(whole[task])[0], atol=0.1 * lr)
+    _same_tensors(tensors, _file(whole[task])[0], atol=0.25 * lr)
     assert meta["steps"] == str(settings["steps"])
 
 
