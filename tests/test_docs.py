@@ -31,6 +31,14 @@ def test_status_table_is_what_the_recorder_renders():
     assert check.returncode == 0, check.stderr
 
 
+def test_studio_bench_status_prints_the_table_and_checks_it(capsys):
+    from studio.cli import main
+
+    assert main(["bench", "status", "--check", "--benchmarks", str(ROOT / "BENCHMARKS.md")]) == 0
+    assert main(["bench", "status", "--benchmarks", str(ROOT / "BENCHMARKS.md")]) == 0
+    assert "| B1 | shape accuracy |" in capsys.readouterr().out
+
+
 def test_every_benchmark_has_a_status_row():
     text = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
     table = text.split(recorder.STATUS_BEGIN, 1)[1].split(recorder.STATUS_END, 1)[0]

@@ -48,6 +48,12 @@ def _register_speed(bsub) -> None:
     bt.add_argument("--no-write", action="store_true")
     bt.set_defaults(func=run_train)
 
+    bs = bsub.add_parser("status", help="print where each benchmark stands (and re-render BENCHMARKS.md's table)")
+    bs.add_argument("--check", action="store_true", help="exit 1 if BENCHMARKS.md's table is not what the results "
+                                                         "render")
+    bs.add_argument("--benchmarks", default=None, help="the BENCHMARKS.md to read and write (default: ./)")
+    bs.set_defaults(func=run_status)
+
     bu = bsub.add_parser("ui", help="web UI: time from the page to a trained concept's first image")
     bu.add_argument("--preset", default="quick")
     bu.add_argument("--no-write", action="store_true")
@@ -190,6 +196,15 @@ def _register_kernels(bsub) -> None:
     bk.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     bk.add_argument("--no-write", action="store_true")
     bk.set_defaults(func=run_kernels)
+
+
+def run_status(args) -> None:
+    from studio.bench import recorder
+
+    code = recorder.main(["status", *(["--check"] if args.check else []),
+                          *(["--benchmarks", args.benchmarks] if args.benchmarks else [])])
+    if code:
+        raise SystemExit(code)
 
 
 def run_generate(args) -> None:
