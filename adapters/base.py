@@ -83,6 +83,11 @@ class AdapterMethod:
         engine's `kind` (adamw or adamw8bit)."""
         return None
 
+    def parameter_roles(self, pipe, adapter: str, params: list[torch.nn.Parameter]) -> dict[int, str]:
+        """The role of some of `params`, by id (LoRA's B matrices: "lora_B"), for engine settings that treat them
+        apart (LoRA+); none by default."""
+        return {}
+
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         """Tensors keyed `<component>.<module path>.<tensor>` (the diffusers convention)."""
         raise NotImplementedError

@@ -426,3 +426,23 @@ def test_trigger_token_resumes_exactly(tmp_path, star_data):
 def test_trigger_token_needs_a_trigger(star_data):
     with pytest.raises(TrainingError, match="give the trigger"):
         config_with_preset(None, data=str(star_data), trigger_token=True).validate()
+
+
+def test_loraplus_moves_the_b_matrices_at_ratio_times_lr(sd1_folder, tmp_path):
+    """Adam's first step moves each parameter with a gradient by about lr; LoRA's A starts with none (B = 0), so
+    after one step max|B| is lr, and ratio·lr under LoRA+. A method without B matrices refuses the setting."""
+    data = tmp_path / "one"
+    data.mkdir()
+    Image.fromarray(world.render(world.Spec("star", "red", "blue", "large", "center"), 0)).save(data / "a.png")
+    (data / "a.txt").write_text("a red sks", encoding="utf-8")
+    run = dict(model=str(sd1_folder), data=str(data), steps=1, batch_size=1, lr=1e-3, preview_every=0,
+               tensorboard=False, progress_bar=False, seed=0)
+    largest = {}
+    for ratio in (1.0, 16.0):
+        result = train(**run, loraplus_ratio=ratio, output_dir=str(tmp_path / f"r{ratio:g}"), name="x")
+        tensors = _tensors(result.adapter_path)
+        largest[ratio] = max(float(v.abs().max()) for k, v in tensors.items() if ".lora_B." in k)
+    assert largest[1.0] == pytest.approx(1e-3, rel=0.01)
+    assert largest[16.0] == pytest.approx(16e-3, rel=0.01)
+    with pytest.raises(TrainingError, match="loraplus_ratio .* the sara adapter has none"):
+        train(**run, method="sara", loraplus_ratio=16.0, output_dir=str(tmp_path / "sara"), name="x")

@@ -92,6 +92,11 @@ class LoraMethod(AdapterMethod):
                     params.append(param)
         return params
 
+    def parameter_roles(self, pipe, adapter: str, params: list[torch.nn.Parameter]) -> dict[int, str]:
+        wanted = {id(p) for p in params}
+        return {id(p): "lora_B" for _, model in components(pipe) for name, p in model.named_parameters()
+                if ".lora_B." in name and id(p) in wanted}
+
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
         out = {}
         for comp, model in components(pipe):

@@ -166,8 +166,9 @@ class ConceptRecipe(Recipe):
             pipe.unet.enable_gradient_checkpointing()
             for encoder in self.text_modules.values():
                 encoder.gradient_checkpointing_enable()
+        groups = self._parameter_groups(params)  # refuses LoRA+ on a method without B matrices
         optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      kind=cfg.optimizer) or self._optimizer(params))
+                                      kind=cfg.optimizer) or self._optimizer(groups))
         if trigger_vector is not None:
             optimizer.add_param_group({"params": [trigger_vector], "lr": cfg.trigger_token_lr or cfg.lr,
                                        "weight_decay": 0.0})
@@ -194,15 +195,28 @@ class ConceptRecipe(Recipe):
         except AdapterError as e:
             raise TrainingError(str(e)) from None
 
-    def _optimizer(self, params):
+    def _parameter_groups(self, params) -> list[dict]:
+        """One group, or with LoRA+ the B matrices apart at `loraplus_ratio` times the learning rate."""
+        cfg = self.config
+        if cfg.loraplus_ratio == 1.0:
+            return [{"params": params}]
+        roles = self.method_impl.parameter_roles(self.pipe, cfg.name, params)
+        b = [p for p in params if roles.get(id(p)) == "lora_B"]
+        if not b:
+            raise TrainingError(f"loraplus_ratio sets the learning rate of LoRA's B matrices; the {cfg.method} "
+                                "adapter has none (leave it at 1)")
+        return [{"params": [p for p in params if roles.get(id(p)) != "lora_B"]},
+                {"params": b, "lr": cfg.lr * cfg.loraplus_ratio}]
+
+    def _optimizer(self, groups: list[dict]):
         cfg = self.config
         if cfg.optimizer == "adamw8bit":
             try:
                 import bitsandbytes as bnb
             except ImportError:
                 raise TrainingError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # -- the loss --
 

@@ -95,6 +95,8 @@ class TrainConfig:
     lr_warmup_steps: int = setting(0, help="steps of linear warm-up")
     optimizer: str = setting("adamw", help="adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
     weight_decay: float = setting(0.0, help="AdamW weight decay")
+    loraplus_ratio: float = setting(1.0, help="LoRA+ (Hayou et al. 2024): LoRA's B matrices learn at this multiple "
+                                    "of lr (1: off; the paper suggests 16)", advanced=True)
     max_grad_norm: float = setting(1.0, help="gradient clipping norm (0: none)")
     snr_gamma: float | None = setting(None, help="Min-SNR weighting (Hang et al. 2023)", advanced=True)
     x0_weighting: bool = setting(False, help="weight each sample by its error in x0 space (1/SNR), normalised to "
@@ -158,6 +160,8 @@ class TrainConfig:
         self.loop_settings().validate()
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise TrainingError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        if not (self.loraplus_ratio > 0 and math.isfinite(self.loraplus_ratio)):
+            raise TrainingError(f"loraplus_ratio must be a positive number, got {self.loraplus_ratio}")
         if self.prior_target not in ("noise", "base"):
             raise TrainingError(f"prior_target must be noise or base, got {self.prior_target!r}")
         self._validate_timesteps()
