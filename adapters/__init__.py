@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from studio.adapters import control, hipa, hra, lora, oft, sara, soda, spm  # noqa: F401  (registers the methods)
-from studio.adapters.trigger import TRIGGER_KEY, check_trigger_vector, set_trigger_vector
+from studio.adapters.trigger import TRIGGER_KEYS, check_trigger_vectors, set_trigger_vectors
 from studio.adapters.base import (AdapterConfig, AdapterError, AdapterFile, AdapterMethod, adapter_name_for,
                                   base_fingerprint, get_method, method_names, read_adapter, register, save_adapter)
 
@@ -31,21 +31,22 @@ def load_adapters(pipe, adapters: dict[str | Path, float] | list[str | Path]) ->
     if not isinstance(adapters, dict):
         adapters = {path: 1.0 for path in adapters}
     files = [(path, float(weight), read_adapter(path)) for path, weight in adapters.items()]
-    triggers = {}  # path -> (word, vector), every one checked before anything attaches
+    triggers = {}  # path -> (word, vectors), every one checked before anything attaches
     for path, _, file in files:
-        if TRIGGER_KEY in file.tensors:
-            triggers[path] = (file.metadata.get("trigger", ""), file.tensors[TRIGGER_KEY])
-            check_trigger_vector(pipe, *triggers[path], Path(path).name)
+        vectors = {key: file.tensors[key] for key in TRIGGER_KEYS if key in file.tensors}
+        if vectors:
+            triggers[path] = (file.metadata.get("trigger", ""), vectors)
+            check_trigger_vectors(pipe, *triggers[path], Path(path).name)
     attached = attached_adapters(pipe)
     names = []
     for path, weight, file in files:
         method = get_method(file.method)
         name = adapter_name_for(path, set(attached))
         config = method.config_class.from_dict(file.config)
-        tensors = {k: v for k, v in file.tensors.items() if k != TRIGGER_KEY}
+        tensors = {k: v for k, v in file.tensors.items() if k not in TRIGGER_KEYS}
         method.load_state_dict(pipe, name, tensors, config=config, base=file.base, source=Path(path).name)
         if path in triggers:
-            set_trigger_vector(pipe, *triggers[path])
+            set_trigger_vectors(pipe, *triggers[path])
         attached[name] = {"method": file.method, "path": str(path), "weight": weight}
         names.append(name)
     set_adapter_weights(pipe, {name: info["weight"] for name, info in attached.items()})

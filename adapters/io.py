@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from studio.adapters.base import AdapterError, read_adapter, write_safetensors
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.convert import to_diffusers, to_kohya
-from studio.adapters.trigger import TRIGGER_KEY
+from studio.adapters.trigger import TRIGGER_KEY, TRIGGER_KEY_2, TRIGGER_KEYS
 
 FORMATS = ("kohya", "diffusers")
+
+
+def embedding_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A textual-inversion file's tensors: `emb_params` for one text encoder; SDXL's two-tensor layout,
+    `clip_l` (the first, CLIP ViT-L encoder) and `clip_g` (the second, OpenCLIP bigG), for two — the files
+    A1111, ComfyUI and diffusers' `load_textual_inversion` read."""
+    if set(vectors) == {TRIGGER_KEY}:
+        return {"emb_params": vectors[TRIGGER_KEY]}
+    return {"clip_l": vectors[TRIGGER_KEY], "clip_g": vectors[TRIGGER_KEY_2]}
 
 
 def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> list[Path]:
@@ -17,10 +28,10 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     LoRA files convert directly, and so do membranes (SPM), which are rank-1 LoRAs (written out they act at a
     fixed strength: other tools have no per-prompt permeability); other methods are refused (`studio bake`
     turns them into a LoRA first). A trained trigger token goes beside the export as a textual-inversion file
-    named after the trigger (`sks.safetensors`, key `emb_params`: A1111/Forge embeddings, ComfyUI
-    `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`). kohya keys are the ones
-    ComfyUI and A1111 load in full; diffusers keys load in diffusers' `load_lora_weights` (ComfyUI knows the
-    UNet's attention only by older diffusers names: docs/export-compat.md)."""
+    named after the trigger (`sks.safetensors`, key `emb_params`, on SDXL `clip_l` and `clip_g`: A1111/Forge
+    embeddings, ComfyUI `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`). kohya
+    keys are the ones ComfyUI and A1111 load in full; diffusers keys load in diffusers' `load_lora_weights`
+    (ComfyUI knows the UNet's attention only by older diffusers names: docs/export-compat.md)."""
     if fmt not in FORMATS:
         raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     path = Path(path)
@@ -34,17 +45,17 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     if out.resolve() == path.resolve():
         raise AdapterError(f"export would overwrite its input {path}; choose another --out")
     tensors = dict(file.tensors)
-    vector = tensors.pop(TRIGGER_KEY, None)
+    vectors = {key: tensors.pop(key) for key in TRIGGER_KEYS if key in tensors}
     if fmt == "kohya":
         tensors, metadata = to_kohya(tensors, config, file.base, name=path.stem)
     else:
         tensors, metadata = to_diffusers(tensors, config)
     written = []
-    if vector is not None:
+    if vectors:
         trigger = file.metadata.get("trigger", "")
         embedding = out.with_name(f"{trigger}.safetensors")
         if not trigger or embedding.resolve() in (path.resolve(), out.resolve()):
             raise AdapterError(f"{path.name}: its trigger token cannot be written as {embedding.name}")
-        written.append(write_safetensors(embedding, {"emb_params": vector},
+        written.append(write_safetensors(embedding, embedding_tensors(vectors),
                                          {"studio_source": path.name, "trigger": trigger}))
     return [write_safetensors(out, tensors, {**metadata, "studio_source": path.name})] + written

@@ -1,9 +1,10 @@
 """A trained token for the trigger word, beside any adapter (pivotal tuning: textual inversion and the adapter
 trained together, as the diffusers advanced DreamBooth script and ai-toolkit do).
 
-The trigger becomes one new token of the (first) tokenizer; its input embedding is the only text-encoder weight
-that trains, so prompts without the trigger encode exactly as before. The vector travels in the adapter file
-under TRIGGER_KEY, with the word in the header's "trigger".
+The trigger becomes one new token of each tokenizer (SDXL: both); its input embedding in each text encoder is
+the only text-encoder weight that trains, so prompts without the trigger encode exactly as before. The vectors
+travel in the adapter file under TRIGGER_KEY (the first encoder) and TRIGGER_KEY_2 (SDXL's second), with the
+word in the header's "trigger".
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from studio.adapters.base import AdapterError
 
 TRIGGER_KEY = "trigger_embedding"
+TRIGGER_KEY_2 = "trigger_embedding_2"
+TRIGGER_KEYS = (TRIGGER_KEY, TRIGGER_KEY_2)
 
 
 class TriggerEmbedding(torch.nn.Module):
@@ -33,79 +36,101 @@ class TriggerEmbedding(torch.nn.Module):
         return torch.where((ids == self.token_id).unsqueeze(-1), self.vector.to(out.dtype), out)
 
 
-def _single_text_encoder(pipe) -> None:
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise AdapterError("a trained trigger token is supported for models with one text encoder (SD 1.x/2.x); "
-                           "this model has two")
+def _encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
+    """(file key, tokenizer, text encoder) of each text encoder the pipeline has."""
     if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
         raise AdapterError("the loaded model has no text encoder to hold a trigger token")
+    pairs = [(TRIGGER_KEY, pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((TRIGGER_KEY_2, pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
 
 
-def add_trigger_token(pipe, trigger: str) -> tuple[int, torch.Tensor]:
-    """Make `trigger` one token of the tokenizer (growing the embedding table if needed); returns its id and the
-    mean embedding of the tokens it was split into before (a starting point that changes no prompt's meaning)."""
-    _single_text_encoder(pipe)
-    if not trigger or any(c.isspace() for c in trigger):
-        raise AdapterError(f"a trigger token is one word without spaces, got {trigger!r}")
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    table = encoder.get_input_embeddings()
-    before = tokenizer(trigger, add_special_tokens=False).input_ids
-    init = table.weight[before].mean(dim=0).detach()
+def _add_token(tokenizer, encoder, trigger: str) -> int:
     tokenizer.add_tokens([trigger])
     token_id = tokenizer.convert_tokens_to_ids(trigger)
-    if token_id >= table.num_embeddings:
+    if token_id >= encoder.get_input_embeddings().num_embeddings:
         encoder.resize_token_embeddings(len(tokenizer))
-    return token_id, init
+    return token_id
 
 
-def attach_trigger_embedding(pipe, trigger: str, init_words: str | None = None) -> TriggerEmbedding:
-    """Add the trigger token and make its embedding trainable; `init_words`: start from the mean embedding of
-    these words (e.g. a class word) instead of the trigger's old tokens."""
-    token_id, init = add_trigger_token(pipe, trigger)
-    encoder = pipe.text_encoder
-    if init_words:
-        ids = pipe.tokenizer(init_words, add_special_tokens=False).input_ids
-        init = encoder.get_input_embeddings().weight[ids].mean(dim=0).detach()
-    module = TriggerEmbedding(encoder.get_input_embeddings(), token_id, init)
-    encoder.set_input_embeddings(module)
-    return module
+def add_trigger_token(pipe, trigger: str) -> list[tuple[int, torch.Tensor]]:
+    """Make `trigger` one token of each tokenizer (growing the embedding tables if needed); returns, per text
+    encoder, its id and the mean embedding of the tokens it was split into before (a starting point that changes
+    no prompt's meaning)."""
+    if not trigger or any(c.isspace() for c in trigger):
+        raise AdapterError(f"a trigger token is one word without spaces, got {trigger!r}")
+    # the init is read before any tokenizer learns the word (SDXL's two may be one object)
+    inits = [tok(trigger, add_special_tokens=False).input_ids for _, tok, _ in _encoders(pipe)]
+    out = []
+    for (_, tokenizer, encoder), before in zip(_encoders(pipe), inits):
+        init = encoder.get_input_embeddings().weight[before].mean(dim=0).detach()
+        out.append((_add_token(tokenizer, encoder, trigger), init))
+    return out
+
+
+def attach_trigger_embedding(pipe, trigger: str, init_words: str | None = None) -> list[TriggerEmbedding]:
+    """Add the trigger token and make its embedding trainable in each text encoder; `init_words`: start from the
+    mean embedding of these words (e.g. a class word) instead of the trigger's old tokens."""
+    modules = []
+    for (_, tokenizer, encoder), (token_id, init) in zip(_encoders(pipe), add_trigger_token(pipe, trigger)):
+        if init_words:
+            ids = tokenizer(init_words, add_special_tokens=False).input_ids
+            init = encoder.get_input_embeddings().weight[ids].mean(dim=0).detach()
+        module = TriggerEmbedding(encoder.get_input_embeddings(), token_id, init)
+        encoder.set_input_embeddings(module)
+        modules.append(module)
+    return modules
 
 
 def detach_trigger_embedding(pipe) -> None:
-    """Write a trained trigger vector into the embedding table and put the plain table back (if one trains)."""
-    module = pipe.text_encoder.get_input_embeddings()
-    if isinstance(module, TriggerEmbedding):
-        with torch.no_grad():
-            module.base.weight[module.token_id] = module.vector.to(module.base.weight.dtype)
-        pipe.text_encoder.set_input_embeddings(module.base)
+    """Write trained trigger vectors into the embedding tables and put the plain tables back (if one trains)."""
+    for _, _, encoder in _encoders(pipe):
+        module = encoder.get_input_embeddings()
+        if isinstance(module, TriggerEmbedding):
+            with torch.no_grad():
+                module.base.weight[module.token_id] = module.vector.to(module.base.weight.dtype)
+            encoder.set_input_embeddings(module.base)
 
 
 def trigger_tensors(pipe) -> dict[str, torch.Tensor]:
-    """{TRIGGER_KEY: vector[1, dim]} while a trigger embedding trains, else {}."""
-    module = pipe.text_encoder.get_input_embeddings()
-    if isinstance(module, TriggerEmbedding):
-        return {TRIGGER_KEY: module.vector.detach().float().cpu().unsqueeze(0)}
-    return {}
+    """{TRIGGER_KEY: vector[1, dim], (SDXL) TRIGGER_KEY_2: ...} while trigger embeddings train, else {}."""
+    out = {}
+    for key, _, encoder in _encoders(pipe):
+        module = encoder.get_input_embeddings()
+        if isinstance(module, TriggerEmbedding):
+            out[key] = module.vector.detach().float().cpu().unsqueeze(0)
+    return out
 
 
-def check_trigger_vector(pipe, trigger: str, vector: torch.Tensor, source: str) -> None:
-    """Refuse a trigger embedding that this pipeline cannot hold, naming why."""
+def training_trigger(pipe) -> list[TriggerEmbedding]:
+    """The trigger embeddings training in `pipe`, one per text encoder, or []."""
+    modules = [encoder.get_input_embeddings() for _, _, encoder in _encoders(pipe)]
+    return [m for m in modules if isinstance(m, TriggerEmbedding)]
+
+
+def check_trigger_vectors(pipe, trigger: str, vectors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse trigger embeddings that this pipeline cannot hold, naming why."""
     if not trigger:
         raise AdapterError(f"{source} holds a trigger embedding but names no trigger word")
-    _single_text_encoder(pipe)
-    module = pipe.text_encoder.get_input_embeddings()
-    width = module.weight.shape[1]
-    if vector.numel() != width:
-        raise AdapterError(f"{source}: its trigger embedding has width {vector.numel()}, the loaded text encoder's "
-                           f"is {width}")
-    if isinstance(module, TriggerEmbedding):
-        raise AdapterError("a trigger embedding is training in this pipeline; load adapters into another")
+    encoders = _encoders(pipe)
+    if set(vectors) != {key for key, _, _ in encoders}:
+        raise AdapterError(f"{source} holds trigger embeddings for {len(vectors)} text encoder(s); the loaded model "
+                           f"has {len(encoders)}")
+    for key, _, encoder in encoders:
+        module = encoder.get_input_embeddings()
+        width = module.weight.shape[1]
+        if vectors[key].numel() != width:
+            raise AdapterError(f"{source}: its trigger embedding has width {vectors[key].numel()}, the loaded text "
+                               f"encoder's is {width}")
+        if isinstance(module, TriggerEmbedding):
+            raise AdapterError("a trigger embedding is training in this pipeline; load adapters into another")
 
 
-def set_trigger_vector(pipe, trigger: str, vector: torch.Tensor) -> None:
-    """Load a trained trigger token (from an adapter file, after check_trigger_vector) into `pipe`: the word
-    becomes that token."""
-    token_id, _ = add_trigger_token(pipe, trigger)
-    with torch.no_grad():
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[token_id] = vector.reshape(-1).to(device=table.device, dtype=table.dtype)
+def set_trigger_vectors(pipe, trigger: str, vectors: dict[str, torch.Tensor]) -> None:
+    """Load trained trigger tokens (from an adapter file, after check_trigger_vectors) into `pipe`: the word
+    becomes that token in each text encoder."""
+    for (key, _, encoder), (token_id, _) in zip(_encoders(pipe), add_trigger_token(pipe, trigger)):
+        with torch.no_grad():
+            table = encoder.get_input_embeddings().weight
+            table[token_id] = vectors[key].reshape(-1).to(device=table.device, dtype=table.dtype)

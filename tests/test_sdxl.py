@@ -117,3 +117,37 @@ def test_the_cli_trains_on_sdxl(sdxl_folder, one_image, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "cli.safetensors").exists()
+
+
+def test_the_trigger_token_trains_in_both_encoders_and_exports_the_two_tensor_embedding(sdxl_folder, one_image,
+                                                                                       tmp_path):
+    """The trigger becomes a token of both tokenizers with a vector in each encoder; exported, it is SDXL's
+    `clip_l` / `clip_g` embedding file, which diffusers' `load_textual_inversion` reads into both encoders: with
+    the diffusers LoRA export beside it, diffusers draws the image Studio's loader draws."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from studio.adapters import read_adapter
+    from studio.adapters.io import export_adapter
+
+    result = train(model=str(sdxl_folder), data=str(one_image), method="lora", steps=3, lr=1e-2, trigger="sks",
+                   trigger_token=True, output_dir=str(tmp_path), name="tok", **RUN)
+    file = read_adapter(result.adapter_path)
+    widths = {k: v.shape for k, v in file.tensors.items() if k.startswith("trigger_embedding")}
+    assert widths == {"trigger_embedding": (1, 32), "trigger_embedding_2": (1, 32)}
+    lora, embedding = export_adapter(result.adapter_path, "diffusers", tmp_path / "tok.diffusers.safetensors")
+    vectors = load_file(embedding)
+    assert set(vectors) == {"clip_l", "clip_g"}
+    torch.testing.assert_close(vectors["clip_g"], file.tensors["trigger_embedding_2"])
+
+    ours = load_pipeline(str(sdxl_folder), adapters=[result.adapter_path])
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
+    theirs.load_lora_weights(str(lora))
+    theirs.load_textual_inversion(vectors["clip_l"], token="sks", text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(vectors["clip_g"], token="sks", text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    difference = np.abs(_image(ours) - _image(theirs)).max()
+    assert difference < 1e-4, difference  # measured: 4.5e-7 (fused vs PEFT layers' float sums)
+    changed = np.abs(_image(ours) - _image(load_pipeline(str(sdxl_folder)))).max()
+    assert changed > 1e-3

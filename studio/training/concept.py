@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 
 from studio import data
-from studio.adapters.trigger import (TRIGGER_KEY, TriggerEmbedding, attach_trigger_embedding,
-                                    detach_trigger_embedding, trigger_tensors)
+from studio.adapters.trigger import (TRIGGER_KEYS, attach_trigger_embedding, detach_trigger_embedding,
+                                    trigger_tensors, training_trigger)
 from studio.training.conditioning import (PromptEncoding, encode_prompts, encoder_names, reads_time_ids,
                                           text_encoders, time_ids, unet_inputs)
 from studio.training.config import TrainConfig, TrainingError
@@ -154,8 +154,8 @@ class ConceptRecipe(Recipe):
         params = method.trainable_parameters(pipe, cfg.name)
         if not params:
             raise TrainingError(f"the {cfg.method} adapter has no trainable parameters on this model")
-        trigger_vector = self._attach_trigger_token()
-        n_trainable = sum(p.numel() for p in params) + (trigger_vector.numel() if trigger_vector is not None else 0)
+        trigger_vectors = self._attach_trigger_token()
+        n_trainable = sum(p.numel() for p in [*params, *trigger_vectors])
         self.text_modules = {name: getattr(pipe, name) for name in encoder_names(pipe)
                              if any(p.requires_grad for p in getattr(pipe, name).parameters())}
         self.train_text = bool(self.text_modules)
@@ -169,8 +169,8 @@ class ConceptRecipe(Recipe):
         groups = self._parameter_groups(params)  # refuses LoRA+ on a method without B matrices
         optimizer = (method.optimizer(pipe, cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       kind=cfg.optimizer) or self._optimizer(groups))
-        if trigger_vector is not None:
-            optimizer.add_param_group({"params": [trigger_vector], "lr": cfg.trigger_token_lr or cfg.lr,
+        if trigger_vectors:
+            optimizer.add_param_group({"params": trigger_vectors, "lr": cfg.trigger_token_lr or cfg.lr,
                                        "weight_decay": 0.0})
         from diffusers import DDPMScheduler
 
@@ -185,13 +185,15 @@ class ConceptRecipe(Recipe):
         self.unet = modules["unet"]
         self.encoders = text_encoders(self.pipe, modules)
 
-    def _attach_trigger_token(self) -> torch.nn.Parameter | None:
+    def _attach_trigger_token(self) -> list[torch.nn.Parameter]:
+        """The trigger's trainable vector in each text encoder (none without trigger_token)."""
         from studio.adapters import AdapterError
 
         if not self.config.trigger_token:
-            return None
+            return []
         try:
-            return attach_trigger_embedding(self.pipe, self.config.trigger, self.config.trigger_token_init).vector
+            modules = attach_trigger_embedding(self.pipe, self.config.trigger, self.config.trigger_token_init)
+            return [module.vector for module in modules]
         except AdapterError as e:
             raise TrainingError(str(e)) from None
 
@@ -294,12 +296,12 @@ class ConceptRecipe(Recipe):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
-        vector = tensors.pop(TRIGGER_KEY, None)
-        module = self.pipe.text_encoder.get_input_embeddings()
-        if (vector is None) != (not isinstance(module, TriggerEmbedding)):
+        vectors = [tensors.pop(key) for key in TRIGGER_KEYS if key in tensors]
+        modules = training_trigger(self.pipe)
+        if len(vectors) != len(modules):
             raise TrainingError("the checkpoint and this run differ in trigger_token; start a new output folder")
-        if vector is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            for module, vector in zip(modules, vectors):
                 module.vector.copy_(vector.reshape(-1))
         if set(self.method_impl.state_dict(self.pipe, self.config.name)) != set(tensors):
             raise TrainingError("the checkpoint holds different adapter tensors than this run creates")
