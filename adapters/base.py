@@ -173,9 +173,13 @@ def optimizer_step(loss: torch.Tensor, optimizer, lr_schedule, *, step: int, wha
 def token_ids(pipe, texts: list[str]) -> torch.Tensor:
     """The (first) tokenizer's ids, padded to its full length as the pipelines encode prompts (for trainers
     that run the text encoder themselves)."""
-    tok = pipe.tokenizer
-    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+    return tokenizer_ids(pipe.tokenizer, texts)
+
+
+def tokenizer_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """`tokenizer`'s ids for `texts`, padded to its full length as the pipelines encode prompts."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 # ---- which modules an adapter targets ----
@@ -346,6 +350,17 @@ def components(pipe):
         module = getattr(pipe, name, None)
         if module is not None:
             yield name, module
+
+
+def pipeline_text_encoders(pipe) -> list[tuple[str, Any, torch.nn.Module]]:
+    """(component name, its tokenizer, the encoder) for each text encoder the pipeline has: "text_encoder" with
+    "tokenizer", and on SDXL also "text_encoder_2" with "tokenizer_2"."""
+    return [(name, getattr(pipe, name.replace("text_encoder", "tokenizer"), None), module)
+            for name, module in components(pipe) if name.startswith("text_encoder")]
+
+
+def text_encoder_names(pipe) -> list[str]:
+    return [name for name, _, _ in pipeline_text_encoders(pipe)]
 
 
 def component(pipe, name: str) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from studio.adapters.base import AdapterError
+from studio.adapters.base import AdapterError, pipeline_text_encoders
 
 TRIGGER_KEY = "trigger_embedding"
 TRIGGER_KEY_2 = "trigger_embedding_2"
@@ -40,10 +40,8 @@ def _encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
     """(file key, tokenizer, text encoder) of each text encoder the pipeline has."""
     if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
         raise AdapterError("the loaded model has no text encoder to hold a trigger token")
-    pairs = [(TRIGGER_KEY, pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((TRIGGER_KEY_2, pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
+    encoders = pipeline_text_encoders(pipe)
+    return [(key, tokenizer, encoder) for key, (_, tokenizer, encoder) in zip(TRIGGER_KEYS, encoders)]
 
 
 def _add_token(tokenizer, encoder, trigger: str) -> int:
@@ -60,10 +58,11 @@ def add_trigger_token(pipe, trigger: str) -> list[tuple[int, torch.Tensor]]:
     no prompt's meaning)."""
     if not trigger or any(c.isspace() for c in trigger):
         raise AdapterError(f"a trigger token is one word without spaces, got {trigger!r}")
+    encoders = _encoders(pipe)
     # the init is read before any tokenizer learns the word (SDXL's two may be one object)
-    inits = [tok(trigger, add_special_tokens=False).input_ids for _, tok, _ in _encoders(pipe)]
+    inits = [tok(trigger, add_special_tokens=False).input_ids for _, tok, _ in encoders]
     out = []
-    for (_, tokenizer, encoder), before in zip(_encoders(pipe), inits):
+    for (_, tokenizer, encoder), before in zip(encoders, inits):
         init = encoder.get_input_embeddings().weight[before].mean(dim=0).detach()
         out.append((_add_token(tokenizer, encoder, trigger), init))
     return out

@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
                                   matches_target, module_path_of, register, replace_module, split_key, switched_on,
-                                  target_regex)
+                                  target_regex, text_encoder_names)
 from studio.adapters.lora.config import UNET_RESNET_CONVS, LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
@@ -66,8 +66,7 @@ class LoraMethod(AdapterMethod):
     def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
         plan = [("unet", config.target_modules + (UNET_RESNET_CONVS if config.resnet_convs else []))]
         if config.text_encoder:  # every text encoder the model has (SDXL: both, as kohya and diffusers train them)
-            plan += [(name, config.text_encoder_target_modules) for name in ("text_encoder", "text_encoder_2")
-                     if getattr(pipe, name, None) is not None]
+            plan += [(name, config.text_encoder_target_modules) for name in text_encoder_names(pipe)]
         for comp, patterns in plan:
             model = component(pipe, comp)
             if not any(matches_target(path, patterns) for path, _ in model.named_modules()):

@@ -10,10 +10,11 @@ from typing import Any, Callable
 import torch
 
 from studio import data
+from studio.adapters.base import text_encoder_names
 from studio.adapters.trigger import (TRIGGER_KEYS, attach_trigger_embedding, detach_trigger_embedding,
                                     trigger_tensors, training_trigger)
-from studio.training.conditioning import (PromptEncoding, encode_prompts, encoder_names, reads_time_ids,
-                                          text_encoders, time_ids, unet_inputs)
+from studio.training.conditioning import (PromptEncoding, encode_prompts, reads_time_ids, text_encoders, time_ids,
+                                          unet_inputs)
 from studio.training.config import TrainConfig, TrainingError
 from studio.training.objectives import denoising_loss, sample_timesteps, timestep_weights, x0_weights
 from studio.training.recipe import AdapterOutput, Recipe, Share, Trainables
@@ -135,7 +136,7 @@ class ConceptRecipe(Recipe):
                 tmp.write_text(cfg.to_yaml(), encoding="utf-8")
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in encoder_names(pipe))):
+        for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in text_encoder_names(pipe))):
             module.requires_grad_(False)
         class_examples = self._class_examples(acc) if cfg.prior_preservation else []
         self.cache = self._encode(examples, control=bool(cfg.control_data))
@@ -156,7 +157,7 @@ class ConceptRecipe(Recipe):
             raise TrainingError(f"the {cfg.method} adapter has no trainable parameters on this model")
         trigger_vectors = self._attach_trigger_token()
         n_trainable = sum(p.numel() for p in [*params, *trigger_vectors])
-        self.text_modules = {name: getattr(pipe, name) for name in encoder_names(pipe)
+        self.text_modules = {name: getattr(pipe, name) for name in text_encoder_names(pipe)
                              if any(p.requires_grad for p in getattr(pipe, name).parameters())}
         self.train_text = bool(self.text_modules)
         if not self.train_text:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from studio.adapters.base import pipeline_text_encoders, tokenizer_ids
+
 
 @dataclass
 class PromptEncoding:
@@ -34,19 +36,7 @@ def text_encoders(pipe, modules: dict[str, torch.nn.Module] | None = None) -> li
     """(tokenizer, encoder) of each text encoder the pipeline has; `modules` replaces encoders by name (the
     training engine's prepared copies)."""
     modules = modules or {}
-    pairs = [(pipe.tokenizer, modules.get("text_encoder", pipe.text_encoder))]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, modules.get("text_encoder_2", pipe.text_encoder_2)))
-    return pairs
-
-
-def encoder_names(pipe) -> list[str]:
-    return ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
-
-
-def _ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return [(tokenizer, modules.get(name, encoder)) for name, tokenizer, encoder in pipeline_text_encoders(pipe)]
 
 
 def encode_prompts(encoders: list[tuple[Any, torch.nn.Module]], captions: list[str], device) -> PromptEncoding:
@@ -54,10 +44,10 @@ def encode_prompts(encoders: list[tuple[Any, torch.nn.Module]], captions: list[s
     penultimate hidden states concatenated and the last encoder's pooled projection."""
     if len(encoders) == 1:
         tokenizer, encoder = encoders[0]
-        return PromptEncoding(encoder(_ids(tokenizer, captions).to(device))[0])
+        return PromptEncoding(encoder(tokenizer_ids(tokenizer, captions).to(device))[0])
     hidden, pooled = [], None
     for tokenizer, encoder in encoders:
-        out = encoder(_ids(tokenizer, captions).to(device), output_hidden_states=True)
+        out = encoder(tokenizer_ids(tokenizer, captions).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]
     return PromptEncoding(torch.cat(hidden, dim=-1), pooled)
@@ -83,5 +73,4 @@ def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict
     return kwargs
 
 
-__all__ = ["PromptEncoding", "encode_prompts", "encoder_names", "reads_time_ids", "text_encoders", "time_ids",
-           "unet_inputs"]
+__all__ = ["PromptEncoding", "encode_prompts", "reads_time_ids", "text_encoders", "time_ids", "unet_inputs"]
