@@ -64,8 +64,9 @@ def baked_path(path: str | Path, rank: int, out: str | Path | None) -> Path:
 
 def bake_deltas(deltas: dict[str, tuple[torch.Tensor, tuple[int, ...]]], rank: int, out: Path, base: dict,
                 source: str) -> tuple[Path, float]:
-    """`deltas`: layer key (`unet.<path>`) -> (ΔW as rows × cols, the weight's shape). Writes the LoRA file
-    and returns (path, relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers together)."""
+    """`deltas`: layer key (`<denoiser>.<path>`: `unet.<path>`, `transformer.<path>`) -> (ΔW as rows × cols, the
+    weight's shape). Writes the LoRA file and returns (path, relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F over all layers
+    together)."""
     if rank < 1:
         raise AdapterError(f"bake rank must be at least 1, got {rank}")
     tensors, ranks, residual, norm = {}, {}, 0.0, 0.0

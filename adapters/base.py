@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from studio.utils.settings import setting
 
 FORMAT_VERSION = "1"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# the denoiser (a UNet, or a diffusion transformer on SD3 / Flux) and the text encoders, as the pipelines name them
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISERS = ("unet", "transformer")
 KINDS = ("concept", "erase", "one-step", "control")
 
 
@@ -207,20 +209,33 @@ def matches_target(path: str, patterns: list[str]) -> bool:
 
 # ---- the base-model fingerprint ----
 
+def denoiser(pipe) -> tuple[str, torch.nn.Module]:
+    """(component name, module) of the network that predicts the noise: the UNet, or the transformer of a
+    diffusion-transformer pipeline (SD3, Flux)."""
+    for name in DENOISERS:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return name, module
+    raise AdapterError("the loaded pipeline has neither a unet nor a transformer")
+
+
 def base_fingerprint(pipe) -> dict[str, Any]:
-    """What an adapter needs to know about the model it was trained on: the family (from the UNet's
-    config) and a hash of the UNet's linear/conv layer names and shapes. Adapter layers wrapped around a layer
+    """What an adapter needs to know about the model it was trained on: the family (from the denoiser's
+    config) and a hash of the denoiser's linear/conv layer names and shapes. Adapter layers wrapped around a layer
     count as the layer they wrap, so the fingerprint is the same with adapters attached."""
-    unet = pipe.unet
-    cfg = unet.config
+    _, model = denoiser(pipe)
+    cfg = model.config
     layers = []
-    for name, module in unet.named_modules():
+    for name, module in model.named_modules():
         if "lora_" in name or ".base_layer" in f".{name}":
             continue
         layer = base_linear(module)
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             layers.append(f"{name}:{tuple(layer.weight.shape)}")
     digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:16]
+    if "cross_attention_dim" not in cfg:  # a diffusion transformer
+        return {"family": transformer_family(model), "joint_attention_dim": int(cfg.joint_attention_dim),
+                "layers_sha256": digest}
     return {"family": unet_family(cfg), "cross_attention_dim": int(_first(cfg.cross_attention_dim)),
             "block_out_channels": list(cfg.block_out_channels), "layers_sha256": digest}
 
@@ -234,6 +249,15 @@ def unet_family(cfg) -> str:
     if cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     return {768: "sd1", 1024: "sd2"}.get(cross, f"custom(cross_attention_dim={cross})")
+
+
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def transformer_family(model: torch.nn.Module) -> str:
+    """'sd3' or 'flux' by the transformer's class (diffusers names one class a family)."""
+    name = type(model).__name__
+    return TRANSFORMER_FAMILIES.get(name, f"custom({name})")
 
 
 # ---- the file format ----
@@ -345,7 +369,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
 # ---- fit checks shared by methods ----
 
 def components(pipe):
-    """(name, module) for each model component the pipeline has (an SD 1.x pipeline has no text_encoder_2)."""
+    """(name, module) for each model component the pipeline has (an SD 1.x pipeline has no text_encoder_2, a
+    transformer pipeline no unet)."""
     for name in COMPONENTS:
         module = getattr(pipe, name, None)
         if module is not None:
@@ -354,7 +379,7 @@ def components(pipe):
 
 def pipeline_text_encoders(pipe) -> list[tuple[str, Any, torch.nn.Module]]:
     """(component name, its tokenizer, the encoder) for each text encoder the pipeline has: "text_encoder" with
-    "tokenizer", and on SDXL also "text_encoder_2" with "tokenizer_2"."""
+    "tokenizer", and on SDXL and Flux also "text_encoder_2" with "tokenizer_2" (SD3: and "_3")."""
     return [(name, getattr(pipe, name.replace("text_encoder", "tokenizer"), None), module)
             for name, module in components(pipe) if name.startswith("text_encoder")]
 
@@ -380,6 +405,8 @@ def split_key(key: str) -> tuple[str, str]:
 def describe_base(base: dict[str, Any]) -> str:
     if not base:
         return "an unknown model"
+    if "joint_attention_dim" in base:
+        return f"{base.get('family')} (joint attention {base.get('joint_attention_dim')})"
     return f"{base.get('family')} (cross-attention {base.get('cross_attention_dim')})"
 
 
@@ -389,7 +416,11 @@ def check_fits(pipe, tensors: dict[str, torch.Tensor], shapes_for, base: dict[st
     loaded = base_fingerprint(pipe)
     where = (f"{source} was trained for {describe_base(base)}; the loaded model is {describe_base(loaded)} "
              "(another architecture)")
-    modules = {comp: dict(component(pipe, comp).named_modules()) for comp in {split_key(k)[0] for k in tensors}}
+    named = {split_key(k)[0] for k in tensors}
+    missing = sorted(comp for comp in named if getattr(pipe, comp, None) is None)
+    if missing:
+        raise AdapterError(f"{where}: it targets the {missing[0]}, which the loaded model does not have")
+    modules = {comp: dict(component(pipe, comp).named_modules()) for comp in named}
     for key, tensor in tensors.items():
         comp, rest = split_key(key)
         module_path = module_path_of(rest)

@@ -31,7 +31,9 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     named after the trigger (`sks.safetensors`, key `emb_params`, on SDXL `clip_l` and `clip_g`: A1111/Forge
     embeddings, ComfyUI `embedding:sks`, diffusers `pipe.load_textual_inversion(path, token="sks")`). kohya
     keys are the ones ComfyUI and A1111 load in full; diffusers keys load in diffusers' `load_lora_weights`
-    (ComfyUI knows the UNet's attention only by older diffusers names: docs/export-compat.md)."""
+    (ComfyUI knows the UNet's attention only by older diffusers names: docs/export-compat.md). A diffusion
+    transformer's LoRA (SD3, Flux) exports to diffusers keys only, `transformer.<module>.lora_A.weight` /
+    `lora_B.weight` as those pipelines' `load_lora_weights` read them; its kohya layout is not written yet."""
     if fmt not in FORMATS:
         raise AdapterError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
     path = Path(path)

@@ -11,7 +11,7 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from studio.adapters.base import AdapterMethod, replace_module, switched_on
+from studio.adapters.base import DENOISERS, AdapterError, AdapterMethod, denoiser, replace_module, switched_on
 
 
 class WrappedLayer(torch.nn.Module):
@@ -107,59 +107,79 @@ class WrappedLayer(torch.nn.Module):
         return self._cache[1]
 
 
+def file_denoiser(pipe, tensors, source: str) -> tuple[str, torch.nn.Module]:
+    """The loaded pipeline's denoiser (component name, module) for a file whose tensors are keyed
+    `<denoiser>.<path>...`, refused when the keys name another denoiser (a UNet's file on a diffusion transformer
+    or the reverse). Keys naming no denoiser (a text encoder's, the trigger embedding) are not looked at."""
+    comp, model = denoiser(pipe)
+    named = sorted({key.partition(".")[0] for key in tensors} & set(DENOISERS) - {comp})
+    if named:
+        raise AdapterError(f"{source}: it adapts the {' and '.join(named)}, which the loaded model does not have "
+                           f"(its denoiser is a {comp}: another architecture)")
+    return comp, model
+
+
 class WrappedLayerMethod(AdapterMethod):
-    """A method whose adapters live in `layer_class` layers put in place of the UNet's own."""
+    """A method whose adapters live in `layer_class` layers put in place of the denoiser's own (the UNet's, or a
+    diffusion transformer's: `base.denoiser`)."""
 
     layer_class: ClassVar[type[WrappedLayer]]
 
-    def _layers(self, unet: torch.nn.Module) -> Iterator[tuple[str, WrappedLayer]]:
-        for path, module in unet.named_modules():
+    def _layers(self, model: torch.nn.Module) -> Iterator[tuple[str, WrappedLayer]]:
+        for path, module in model.named_modules():
             if isinstance(module, self.layer_class):
                 yield path, module
 
-    def _install(self, unet: torch.nn.Module, paths) -> None:
+    def _install(self, model: torch.nn.Module, paths) -> None:
         """Wrap the modules at `paths` (those not wrapped yet)."""
         for path in paths:
-            module = unet.get_submodule(path)
+            module = model.get_submodule(path)
             if not isinstance(module, self.layer_class):
-                replace_module(unet, path, self.layer_class(module))
+                replace_module(model, path, self.layer_class(module))
 
-    def _freeze_others(self, unet: torch.nn.Module, adapter: str | None) -> None:
+    def _freeze_others(self, model: torch.nn.Module, adapter: str | None) -> None:
         """Only `adapter` trains (None: nothing does, as after loading a file)."""
-        for _, layer in self._layers(unet):
+        for _, layer in self._layers(model):
             for name in layer.adapter_names():
                 for p in layer.adapter_parameters(name):
                     p.requires_grad_(name == adapter)
 
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
-        return [p for _, layer in self._layers(pipe.unet) if layer.has_adapter(adapter)
+        _, model = denoiser(pipe)
+        return [p for _, layer in self._layers(model) if layer.has_adapter(adapter)
                 for p in layer.adapter_parameters(adapter)]
 
     @contextmanager
     def disabled(self, pipe):
-        with switched_on([layer for _, layer in self._layers(pipe.unet)], "disabled"):
+        _, model = denoiser(pipe)
+        with switched_on([layer for _, layer in self._layers(model)], "disabled"):
             yield
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
-        for _, layer in self._layers(pipe.unet):
+        _, model = denoiser(pipe)
+        for _, layer in self._layers(model):
             layer.weights = {n: float(w) for n, w in weights.items() if layer.has_adapter(n)}
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
-        for _, layer in self._layers(pipe.unet):
+        _, model = denoiser(pipe)
+        for _, layer in self._layers(model):
             if layer.has_adapter(adapter):
                 layer.merge(adapter, float(weight))
 
     def unmerge(self, pipe) -> None:
-        for _, layer in self._layers(pipe.unet):
+        _, model = denoiser(pipe)
+        for _, layer in self._layers(model):
             layer.unmerge()
 
     def unload(self, pipe) -> None:
-        for path, layer in list(self._layers(pipe.unet)):
-            replace_module(pipe.unet, path, layer.base_layer)
+        _, model = denoiser(pipe)
+        for path, layer in list(self._layers(model)):
+            replace_module(model, path, layer.base_layer)
 
     def remove(self, pipe, adapter: str) -> None:
-        for path, layer in list(self._layers(pipe.unet)):
+        _, model = denoiser(pipe)
+        for path, layer in list(self._layers(model)):
             if layer.has_adapter(adapter):
                 layer.delete_adapter(adapter)
             if not layer.adapter_names():
-                replace_module(pipe.unet, path, layer.base_layer)
+                replace_module(model, path, layer.base_layer)

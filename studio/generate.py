@@ -13,7 +13,7 @@ from PIL import Image, PngImagePlugin
 from studio.utils.files import atomic_path
 from studio.loading import StudioError
 
-DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 
 @dataclass

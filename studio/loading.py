@@ -1,5 +1,5 @@
 """Load a text-to-image pipeline from any source a user has: the embedded `shapes` model, a local
-diffusers folder, a hub id, or one `.safetensors`/`.ckpt` checkpoint (SD 1.x/2.x, SDXL)."""
+diffusers folder, a hub id, or one `.safetensors`/`.ckpt` checkpoint (SD 1.x/2.x, SDXL, SD3, Flux)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ SCHEDULERS = {
 
 
 def architecture(pipe) -> str:
-    """'shapes', 'sd1', 'sd2' or 'sdxl', read off the UNet's config."""
+    """'shapes', 'sd1', 'sd2' or 'sdxl', read off the UNet's config; 'sd3' or 'flux' for a diffusion transformer."""
+    if getattr(pipe, "unet", None) is None:
+        from studio.adapters.base import denoiser, transformer_family
+
+        return transformer_family(denoiser(pipe)[1])
     cfg = pipe.unet.config
     if cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
@@ -49,13 +53,23 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def _is_sdxl_checkpoint(path: Path) -> bool:
-    from safetensors import safe_open
+def _single_file_pipeline(path: Path):
+    """The diffusers pipeline class of an original-layout checkpoint, by its keys (SD 1.x/2.x for a .ckpt)."""
+    import diffusers
 
-    if path.suffix != ".safetensors":
-        return False
-    with safe_open(str(path), "pt") as f:
-        return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    name = "StableDiffusionPipeline"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        if any(k.startswith("conditioner.embedders.1") for k in keys):
+            name = "StableDiffusionXLPipeline"
+        elif any(".joint_blocks." in f".{k}" for k in keys):
+            name = "StableDiffusion3Pipeline"
+        elif any(".double_blocks." in f".{k}" for k in keys):
+            name = "FluxPipeline"
+    return getattr(diffusers, name)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -157,13 +171,11 @@ def _from_source(source: str, torch_dtype: torch.dtype, config: str | None, offl
 
 
 def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None, offline: bool | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     if not path.is_file():
         raise StudioError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         _check_safetensors(path)
-    cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+    cls = _single_file_pipeline(path)
     config = config or _embedded_config_for(path)
     kwargs = {"config": config} if config else {}
     return cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline), **kwargs)

@@ -2,11 +2,13 @@ import os
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+                          T5Tokenizer)
 
-from studio.shapes import embedded
+from studio.shapes import embedded, world
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,6 +76,58 @@ def sdxl_folder(tmp_path_factory):
     pipe.save_pretrained(path)
     return path
 
+
+# Tiny random SD3 and Flux pipelines: MMDiT transformers, CLIP encoders and a T5 with a word-level vocabulary of
+# the shapes world (a Unigram tokenizer built from a list: nothing is downloaded).
+
+def _t5_tokenizer():
+    words = sorted(set(world.V1.vocabulary()) | {"a", "on", "background", "sks"})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in words), ("\u2581", -2.0),
+              *((c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz")]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+
+
+def _t5(tok):
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def _flow_vae(channels, shift):
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=channels, norm_num_groups=8,
+                         layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift,
+                         scaling_factor=1.5)
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok, t5_tok = embedded.build_tokenizer(), _t5_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_flow_vae(16, 0.0609), text_encoder=_text(tok, CLIPTextModelWithProjection),
+                                    tokenizer=tok, text_encoder_2=_text(tok, CLIPTextModelWithProjection),
+                                    tokenizer_2=tok, text_encoder_3=_t5(t5_tok), tokenizer_3=t5_tok)
+    path = tmp_path_factory.mktemp("sd3")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flux_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok, t5_tok = embedded.build_tokenizer(), _t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(4, 0.1159),
+                        text_encoder=_text(tok), tokenizer=tok, text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok)
+    path = tmp_path_factory.mktemp("flux")
+    pipe.save_pretrained(path)
+    return path
 
 
 def unet_out(pipe, seed=0):

@@ -9,7 +9,7 @@ from peft import HRAConfig
 from peft.tuners.hra import HRALayer
 
 from studio.adapters.base import AdapterConfig, AdapterError, register
-from studio.adapters.lora.config import UNET_ATTENTION_FF
+from studio.adapters.lora.config import ATTENTION_FF
 from studio.adapters.peft_tuner import PeftTunerMethod
 from studio.utils.settings import setting
 
@@ -19,8 +19,9 @@ class HraConfig(AdapterConfig):
     """Householder reflection adaptation of rank `rank` (even: the identity start pairs equal vectors)."""
 
     target_modules: list[str] = setting(
-        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
-        help="UNet Linear modules that HRA adapts: regexes matching a module path or a dotted suffix of it")
+        default_factory=lambda: list(ATTENTION_FF), advanced=True,
+        help="denoiser (UNet or transformer) Linear modules that HRA adapts: regexes matching a module path or a "
+             "dotted suffix of it")
     rank: int = setting(8, help="number of Householder reflections per layer (even, >= 2)")
     apply_gs: bool = setting(False, help="Gram–Schmidt on the reflection vectors, so H = I − 2UUᵀ exactly",
                              advanced=True)

@@ -1,8 +1,9 @@
-"""LoRA key formats: ours and diffusers/PEFT (`unet.<module>.lora_A.weight`) are the same but for the text
-encoders' `text_model.` level (transformers >= 5 dropped it from CLIPTextModel; the files other tools read name
-it); kohya's (`lora_unet_<module_with_underscores>.lora_down.weight` + `.alpha`, what ComfyUI and A1111 read)
-is converted both ways here. SDXL's kohya files name the two text encoders `lora_te1_` and `lora_te2_`, SD 1.x
-files the one `lora_te_`."""
+"""LoRA key formats: ours and diffusers/PEFT (`unet.<module>.lora_A.weight`, on SD3 / Flux
+`transformer.<module>.lora_A.weight`) are the same but for the text encoders' `text_model.` level (transformers >= 5
+dropped it from CLIPTextModel; the files other tools read name it); kohya's
+(`lora_unet_<module_with_underscores>.lora_down.weight` + `.alpha`, what ComfyUI and A1111 read) is converted both
+ways here for UNet models (a diffusion transformer's kohya layout is not written). SDXL's kohya files name the two
+text encoders `lora_te1_` and `lora_te2_`, SD 1.x files the one `lora_te_`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from studio.adapters.base import AdapterError, module_path_of
+from studio.adapters.base import COMPONENTS, AdapterError, module_path_of
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 KOHYA_SDXL_PREFIX = {**KOHYA_PREFIX, "text_encoder": "lora_te1_"}
@@ -81,6 +82,9 @@ def _most_common(values):
 def to_kohya(tensors: dict[str, torch.Tensor], config: dict[str, Any], base: dict[str, Any],
              name: str = "adapter") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Our tensors -> kohya keys with `.alpha`, plus the `ss_*` / `modelspec.*` header other tools read."""
+    unwritten = sorted({k.partition(".")[0] for k in tensors} - set(KOHYA_PREFIX))
+    if unwritten:  # the transformer of SD3 / Flux (kohya's sd3/flux scripts name its modules their own way)
+        raise AdapterError("kohya key layout for sd3/flux is not written yet; use the diffusers format")
     out: dict[str, torch.Tensor] = {}
     alpha_pattern = config.get("alpha_pattern") or {}
     family = base.get("family", "sd1")
@@ -203,7 +207,8 @@ def lora_from_foreign(tensors: dict[str, torch.Tensor],
     if fmt == "kohya":
         tensors, alphas = from_kohya(tensors)
     elif fmt == "diffusers":
-        tensors = {k if k.partition(".")[0] in KOHYA_PREFIX else f"unet.{k}": v for k, v in tensors.items()}
+        # keys naming no component are a UNet's (PEFT's own files of a bare UNet)
+        tensors = {k if k.partition(".")[0] in COMPONENTS else f"unet.{k}": v for k, v in tensors.items()}
         alphas = _diffusers_alphas(tensors, metadata)
     else:
         raise AdapterError("not a LoRA in kohya or diffusers/PEFT keys")

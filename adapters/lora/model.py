@@ -12,8 +12,8 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, check_fits, component, components,
-                                  matches_target, module_path_of, register, replace_module, split_key, switched_on,
-                                  target_regex, text_encoder_names)
+                                  denoiser, matches_target, module_path_of, register, replace_module, split_key,
+                                  switched_on, target_regex, text_encoder_names)
 from studio.adapters.lora.config import UNET_RESNET_CONVS, LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
 
@@ -57,6 +57,10 @@ def _match_text_model_prefix(pipe, tensors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _matches_any(model: torch.nn.Module, patterns: list[str]) -> bool:
+    return any(matches_target(path, patterns) for path, _ in model.named_modules())
+
+
 @register
 class LoraMethod(AdapterMethod):
     name = "lora"
@@ -64,12 +68,22 @@ class LoraMethod(AdapterMethod):
     presets = {"quick": {"lr": 5e-3, "adapter": {"rank": 8}}, "standard": {"lr": 1e-3, "adapter": {"rank": 16}}}
 
     def attach(self, pipe, config: LoraConfig, adapter: str) -> None:
-        plan = [("unet", config.target_modules + (UNET_RESNET_CONVS if config.resnet_convs else []))]
-        if config.text_encoder:  # every text encoder the model has (SDXL: both, as kohya and diffusers train them)
-            plan += [(name, config.text_encoder_target_modules) for name in text_encoder_names(pipe)]
+        comp, _ = denoiser(pipe)
+        if config.resnet_convs and comp != "unet":
+            raise AdapterError(f"resnet_convs puts LoRA on a UNet's ResNet convolutions; the loaded model's {comp} "
+                               "has no ResNet convolutions (turn resnet_convs off)")
+        plan = [(comp, config.target_modules + (UNET_RESNET_CONVS if config.resnet_convs else []))]
+        if config.text_encoder:  # every CLIP-like encoder the model has (SDXL: both, as kohya and diffusers train
+            # them); a T5 (SD3, Flux), whose layers have other names, only where the targets name its layers
+            encoders = [name for name in text_encoder_names(pipe)
+                        if _matches_any(component(pipe, name), config.text_encoder_target_modules)]
+            if not encoders:
+                raise AdapterError(f"no text encoder has modules matching the LoRA text-encoder targets "
+                                   f"{config.text_encoder_target_modules}")
+            plan += [(name, config.text_encoder_target_modules) for name in encoders]
         for comp, patterns in plan:
             model = component(pipe, comp)
-            if not any(matches_target(path, patterns) for path, _ in model.named_modules()):
+            if not _matches_any(model, patterns):
                 raise AdapterError(f"no module of the {comp} matches the LoRA targets {patterns}")
             inject_adapter_in_model(_peft_config(target_regex(patterns), config), model, adapter_name=adapter)
             use_fused_layers(model)

@@ -10,7 +10,7 @@ from peft import OFTConfig
 from peft.tuners.oft import OFTLayer
 
 from studio.adapters.base import AdapterConfig, AdapterError, register
-from studio.adapters.lora.config import UNET_ATTENTION_FF
+from studio.adapters.lora.config import ATTENTION_FF
 from studio.adapters.peft_tuner import PeftTunerMethod
 from studio.utils.settings import setting
 
@@ -20,8 +20,9 @@ class OftConfig(AdapterConfig):
     """Orthogonal fine-tuning: block-diagonal rotations of `block_size` of each targeted linear's input."""
 
     target_modules: list[str] = setting(
-        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
-        help="UNet Linear modules that OFT rotates: regexes matching a module path or a dotted suffix of it")
+        default_factory=lambda: list(ATTENTION_FF), advanced=True,
+        help="denoiser (UNet or transformer) Linear modules that OFT rotates: regexes matching a module path or a "
+             "dotted suffix of it")
     block_size: int = setting(32, help="size of each orthogonal block of the rotation (>= 2; divides the input width)")
     use_cayley_neumann: bool = setting(True, help="OFTv2's Cayley–Neumann series instead of an exact matrix inverse",
                                        advanced=True)

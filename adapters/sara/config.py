@@ -22,7 +22,8 @@ class SaraConfig(AdapterConfig):
 
     target_modules: list[str] = setting(
         default_factory=lambda: [r".*"], advanced=True,
-        help="UNet Linear/Conv2d modules whose small weights may train: regexes on a module path or its dotted suffix")
+        help="denoiser (UNet or transformer) Linear/Conv2d modules whose small weights may train: regexes on a "
+             "module path or its dotted suffix")
     threshold: float | None = setting(None, help="train the weights with |w| below this (> 0); give it or budget")
     budget: str | None = setting("3%", help="how many weights train: a count ('150k', '20M') or a fraction "
                                             "('0.05', '5%')")

@@ -14,19 +14,26 @@ import hashlib
 import logging
 import torch
 
-from studio.adapters.base import AdapterError, component, matches_target, register, split_key
+from studio.adapters.base import AdapterError, denoiser, matches_target, register
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
-from studio.adapters.wrapped import WrappedLayerMethod
+from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser
 from studio.kernels.sparse_delta import dense_delta
 
 log = logging.getLogger(__name__)
-DIGEST_KEY = "unet.sara_base_digest"
 
 
-def _targets(unet: torch.nn.Module, patterns: list[str]):
+def digest_key(comp: str) -> str:
+    """The key of the base-weight digest in a file of the denoiser `comp` ("unet" or "transformer")."""
+    return f"{comp}.sara_base_digest"
+
+
+DIGEST_KEY = digest_key("unet")  # a UNet's file (the files written before diffusion transformers were adapted)
+
+
+def _targets(model: torch.nn.Module, patterns: list[str]):
     """(path, layer) for each Linear / Conv2d (or SaRA-wrapped one) whose path matches a pattern."""
-    for path, module in unet.named_modules():
+    for path, module in model.named_modules():
         if ".base_layer" in f".{path}" or "lora_" in path:
             continue
         if isinstance(module, (SaraLayer, torch.nn.Linear, torch.nn.Conv2d)) and matches_target(path, patterns):
@@ -50,16 +57,16 @@ def threshold_for(weights: list[torch.Tensor], count: int) -> float:
     return hi
 
 
-def _sara_layers(unet: torch.nn.Module):
-    for path, module in unet.named_modules():
+def _sara_layers(model: torch.nn.Module):
+    for path, module in model.named_modules():
         if isinstance(module, SaraLayer):
             yield path, module
 
 
-def base_digest(unet: torch.nn.Module, adapter: str) -> torch.Tensor:
+def base_digest(model: torch.nn.Module, adapter: str) -> torch.Tensor:
     """sha256 of the base weights at every trained entry, in layer order (a uint8 tensor)."""
     h = hashlib.sha256()
-    for path, layer in sorted(_sara_layers(unet), key=lambda item: item[0]):
+    for path, layer in sorted(_sara_layers(model), key=lambda item: item[0]):
         if adapter in layer.patterns:
             h.update(path.encode())
             w = layer.base_layer.weight.detach().reshape(-1)[layer.patterns[adapter].index]
@@ -76,10 +83,10 @@ class SaraMethod(WrappedLayerMethod):
                "standard": {"lr": 5e-4, "adapter": {"budget": "3%"}}}
 
     def attach(self, pipe, config: SaraConfig, adapter: str) -> None:
-        unet = component(pipe, "unet")
-        targets = list(_targets(unet, config.target_modules))
+        comp, model = denoiser(pipe)
+        targets = list(_targets(model, config.target_modules))
         if not targets:
-            raise AdapterError(f"no Linear or Conv2d of the unet matches the SaRA targets {config.target_modules}")
+            raise AdapterError(f"no Linear or Conv2d of the {comp} matches the SaRA targets {config.target_modules}")
         weights = [_base_weight(m) for _, m in targets]
         total = sum(w.numel() for w in weights)
         theta = (float(config.threshold) if config.threshold is not None
@@ -89,79 +96,85 @@ class SaraMethod(WrappedLayerMethod):
         selected = {p: i for p, i in index.items() if i.numel()}
         if not selected:
             raise AdapterError(f"no weight of the targets is below the SaRA threshold {theta:g}")
-        self._install(unet, selected)
+        self._install(model, selected)
         for path, idx in selected.items():
-            layer = unet.get_submodule(path)
+            layer = model.get_submodule(path)
             layer.add_adapter(adapter, idx)
             layer.thresholds[adapter] = theta
-        self._freeze_others(unet, adapter)
+        self._freeze_others(model, adapter)
         pipe._studio_sara_config = config  # the penalty's settings, for training_loss
         count = sum(i.numel() for i in selected.values())
         log.info("SaRA %s: threshold %.3g selects %d of %d weights (%.2f%%) in %d layers", adapter, theta, count,
                  total, 100 * count / total, len(selected))
         self.selection = {"threshold": theta, "trained": count, "total": total,
-                          "per_layer": {p: (int(i.numel()), int(unet.get_submodule(p).base_layer.weight.numel()))
+                          "per_layer": {p: (int(i.numel()), int(model.get_submodule(p).base_layer.weight.numel()))
                                         for p, i in selected.items()}}
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        comp, model = denoiser(pipe)
         out = {}
-        for path, layer in _sara_layers(pipe.unet):
+        for path, layer in _sara_layers(model):
             if adapter in layer.values:
                 index = layer.patterns[adapter].index.cpu()
-                out[f"unet.{path}.indices"] = index.int() if layer.base_layer.weight.numel() < 2**31 else index
-                out[f"unet.{path}.values"] = layer.values[adapter].detach().cpu().clone()
-                out[f"unet.{path}.shape"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
+                out[f"{comp}.{path}.indices"] = index.int() if layer.base_layer.weight.numel() < 2**31 else index
+                out[f"{comp}.{path}.values"] = layer.values[adapter].detach().cpu().clone()
+                out[f"{comp}.{path}.shape"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
                 if _reselects(pipe):  # (a checkpoint must say what re-selection froze, to resume after it)
-                    out[f"unet.{path}.frozen"] = layer.frozen[adapter].cpu().to(torch.uint8)
-        out[DIGEST_KEY] = base_digest(pipe.unet, adapter)
+                    out[f"{comp}.{path}.frozen"] = layer.frozen[adapter].cpu().to(torch.uint8)
+        out[digest_key(comp)] = base_digest(model, adapter)
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SaraConfig | None = None,
                         base: dict | None = None, source: str = "adapter") -> None:
-        unet = component(pipe, "unet")
-        modules = dict(unet.named_modules())
-        paths = sorted({key[len("unet."):-len(".indices")] for key in tensors if key.endswith(".indices")})
-        if not paths or DIGEST_KEY not in tensors:
+        comp, model = file_denoiser(pipe, tensors, source)
+        modules = dict(model.named_modules())
+        prefix = f"{comp}."
+        stray = sorted(key for key in tensors if key.endswith(".indices") and not key.startswith(prefix))
+        if stray:
+            raise AdapterError(f"{source}: {stray[0]} names no layer of the loaded model's {comp} "
+                               "(SaRA trains the denoiser only)")
+        paths = sorted({key[len(prefix):-len(".indices")] for key in tensors if key.endswith(".indices")})
+        if not paths or digest_key(comp) not in tensors:
             raise AdapterError(f"{source}: not a SaRA file (no indices, or no base digest)")
         for path in paths:
-            split_key(f"unet.{path}")
             module = modules.get(path)
             if module is None or not isinstance(module, (SaraLayer, torch.nn.Linear, torch.nn.Conv2d)):
-                raise AdapterError(f"{source}: it trains unet.{path}, which the loaded model does not have "
+                raise AdapterError(f"{source}: it trains {comp}.{path}, which the loaded model does not have "
                                    "as a Linear/Conv2d (another architecture)")
-            idx, values = tensors[f"unet.{path}.indices"], tensors.get(f"unet.{path}.values")
-            shape = tensors.get(f"unet.{path}.shape")
+            idx, values = tensors[f"{comp}.{path}.indices"], tensors.get(f"{comp}.{path}.values")
+            shape = tensors.get(f"{comp}.{path}.shape")
             weight = _base_weight(module)
             out_of_range = idx.numel() and int(idx.max()) >= weight.numel()
             if (values is None or values.shape != idx.shape or shape is None
                     or tuple(shape.tolist()) != tuple(weight.shape) or out_of_range):
-                raise AdapterError(f"{source}: unet.{path} does not fit the loaded model's layer "
+                raise AdapterError(f"{source}: {comp}.{path} does not fit the loaded model's layer "
                                    f"(it was trained on {tuple(shape.tolist()) if shape is not None else '?'}, "
                                    f"the loaded layer is {tuple(weight.shape)})")
-        self._install(unet, paths)
+        self._install(model, paths)
         for path in paths:
-            unet.get_submodule(path).add_adapter(adapter, tensors[f"unet.{path}.indices"].long())
-        if not torch.equal(base_digest(unet, adapter), tensors[DIGEST_KEY]):
+            model.get_submodule(path).add_adapter(adapter, tensors[f"{comp}.{path}.indices"].long())
+        if not torch.equal(base_digest(model, adapter), tensors[digest_key(comp)]):
             self.remove(pipe, adapter)
             raise AdapterError(f"{source} was trained on another checkpoint: the base weights at its trained entries "
                                "differ from the loaded model's (a SaRA update only fits the exact weights it was "
                                "trained on; bake it to a LoRA for other checkpoints)")
         self.set_state(pipe, adapter, tensors)
-        self._freeze_others(unet, None)
+        self._freeze_others(model, None)
 
     def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        for path, layer in _sara_layers(pipe.unet):
+        comp, model = denoiser(pipe)
+        for path, layer in _sara_layers(model):
             if adapter in layer.values:
                 with torch.no_grad():
-                    layer.values[adapter].copy_(tensors[f"unet.{path}.values"])
-                frozen = tensors.get(f"unet.{path}.frozen")
+                    layer.values[adapter].copy_(tensors[f"{comp}.{path}.values"])
+                frozen = tensors.get(f"{comp}.{path}.frozen")
                 if frozen is not None and bool(frozen.any()):
                     layer.freeze(adapter, frozen.bool())
 
     def after_step(self, pipe, adapter: str, step: int, optimizer) -> str | None:
         """Keep frozen entries where they were and, at `reselect_at`, freeze the trained entries whose
         weight has grown past the threshold (their optimizer moments zeroed; the rest keep theirs)."""
-        layers = [layer for _, layer in _sara_layers(pipe.unet) if adapter in layer.thresholds]
+        layers = [layer for _, layer in _sara_layers(denoiser(pipe)[1]) if adapter in layer.thresholds]
         for layer in layers:
             layer.hold_frozen(adapter)
         config = getattr(pipe, "_studio_sara_config", None)
@@ -183,7 +196,7 @@ class SaraMethod(WrappedLayerMethod):
 
     def training_loss(self, pipe, batch: dict, default_loss) -> torch.Tensor:
         loss = default_loss(batch)
-        training = [(p, layer, n) for p, layer in _sara_layers(pipe.unet) for n, v in layer.values.items()
+        training = [(p, layer, n) for p, layer in _sara_layers(denoiser(pipe)[1]) for n, v in layer.values.items()
                     if v.requires_grad]
         if not training:
             return loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from studio.adapters.base import AdapterConfig, AdapterError
-from studio.adapters.lora.config import UNET_ATTENTION_FF
+from studio.adapters.lora.config import ATTENTION_FF
 from studio.utils.settings import setting
 
 ROTATE = ("input", "both")
@@ -13,7 +13,7 @@ ROTATE = ("input", "both")
 
 @dataclass
 class SodaConfig(AdapterConfig):
-    """Spectrum-aware orthogonal fine-tuning (Zhang et al. 2024, SODA-SVD) of the targeted UNet linears.
+    """Spectrum-aware orthogonal fine-tuning (Zhang et al. 2024, SODA-SVD) of the targeted denoiser linears.
 
     Each weight W = U diag(S) Vᵀ (thin SVD, once, fp32) becomes W' = R_out (W + U diag(ReLU(S+δ)−S) Vᵀ) R_inᵀ:
     a trained shift δ of the singular values and rotations R = Q₁⊗…⊗Q_f of the singular bases, Kronecker
@@ -23,8 +23,9 @@ class SodaConfig(AdapterConfig):
     lr·`rotation_lr_scale`, δ with AdamW at lr."""
 
     target_modules: list[str] = setting(
-        default_factory=lambda: list(UNET_ATTENTION_FF), advanced=True,
-        help="UNet Linear modules that SODA tunes: regexes matching a module path or a dotted suffix of it")
+        default_factory=lambda: list(ATTENTION_FF), advanced=True,
+        help="denoiser (UNet or transformer) Linear modules that SODA tunes: regexes matching a module path or a "
+             "dotted suffix of it")
     kron_factors: int = setting(3, help="orthogonal factors in each Kronecker rotation (>= 1)")
     max_factor: int = setting(64, help="largest size of one rotation factor (>= 2)", advanced=True)
     rotate: str = setting("input", choices=ROTATE,

@@ -16,36 +16,43 @@ import hashlib
 import re
 import torch
 
-from studio.adapters.base import AdapterError, component, matches_target, register
+from studio.adapters.base import DENOISERS, AdapterError, denoiser, matches_target, register
 from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
 from studio.adapters.soda.optimizer import soda_optimizer
-from studio.adapters.wrapped import WrappedLayerMethod
-
-DIGEST_KEY = "unet.soda_base_digest"
-_KEY = re.compile(r"^unet\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
+from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser
 
 
-def _targets(unet: torch.nn.Module, patterns: list[str]):
-    for path, module in unet.named_modules():
+def digest_key(comp: str) -> str:
+    """The key of the base-weight digest in a file of the denoiser `comp` ("unet" or "transformer")."""
+    return f"{comp}.soda_base_digest"
+
+
+DIGEST_KEY = digest_key("unet")  # a UNet's file (the files written before diffusion transformers were adapted)
+# `<denoiser>.<path>.delta` / `.rot_in.<i>` / `.rot_out.<i>`
+_KEY = re.compile(rf"^(?P<comp>{'|'.join(DENOISERS)})\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
+
+
+def _targets(model: torch.nn.Module, patterns: list[str]):
+    for path, module in model.named_modules():
         if ".base_layer" in f".{path}" or "lora_" in path:
             continue
         if isinstance(module, (SodaLayer, torch.nn.Linear)) and matches_target(path, patterns):
             yield path, module
 
 
-def soda_layers(unet: torch.nn.Module):
-    for path, module in unet.named_modules():
+def soda_layers(model: torch.nn.Module):
+    for path, module in model.named_modules():
         if isinstance(module, SodaLayer):
             yield path, module
 
 
-def base_digest(unet: torch.nn.Module, paths) -> torch.Tensor:
+def base_digest(model: torch.nn.Module, paths) -> torch.Tensor:
     """sha256 over the targeted base weights rounded to fp16 (so an fp16 load of the same checkpoint fits)."""
     h = hashlib.sha256()
     for path in sorted(paths):
-        module = unet.get_submodule(path)
+        module = model.get_submodule(path)
         w = module.base_layer.weight if isinstance(module, SodaLayer) else module.weight
         h.update(path.encode())
         h.update(w.detach().to(torch.float16).cpu().numpy().tobytes())
@@ -60,25 +67,25 @@ class SodaMethod(WrappedLayerMethod):
     presets = {"quick": {"lr": 2e-3, "adapter": {}}, "standard": {"lr": 1e-3, "adapter": {}}}
 
     def attach(self, pipe, config: SodaConfig, adapter: str) -> None:
-        unet = component(pipe, "unet")
-        targets = [path for path, _ in _targets(unet, config.target_modules)]
+        comp, model = denoiser(pipe)
+        targets = [path for path, _ in _targets(model, config.target_modules)]
         if not targets:
-            raise AdapterError(f"no Linear of the unet matches the SODA targets {config.target_modules}")
-        self._add_adapters(unet, targets, config, adapter)
-        self._freeze_others(unet, adapter)
+            raise AdapterError(f"no Linear of the {comp} matches the SODA targets {config.target_modules}")
+        self._add_adapters(model, targets, config, adapter)
+        self._freeze_others(model, adapter)
         pipe._studio_soda_config = config  # the rotation learning-rate scale, for the optimizer hook
 
-    def _add_adapters(self, unet, paths, config: SodaConfig, adapter: str) -> None:
-        self._install(unet, paths)
+    def _add_adapters(self, model, paths, config: SodaConfig, adapter: str) -> None:
+        self._install(model, paths)
         for path in paths:
-            module = unet.get_submodule(path)
+            module = model.get_submodule(path)
             if adapter in module.adapters:
                 raise AdapterError(f"a SODA adapter named {adapter!r} is already attached")
             module.add_adapter(adapter, count=config.kron_factors, max_factor=config.max_factor,
                                both=config.rotate == "both", delta_init=config.delta_init)
 
     def _parts(self, pipe, adapter: str):
-        for path, layer in sorted(soda_layers(pipe.unet), key=lambda item: item[0]):
+        for path, layer in sorted(soda_layers(denoiser(pipe)[1]), key=lambda item: item[0]):
             if adapter in layer.adapters:
                 yield path, layer, layer.adapters[adapter]
 
@@ -97,30 +104,31 @@ class SodaMethod(WrappedLayerMethod):
                               lr=lr, weight_decay=weight_decay, rotation_lr_scale=config.rotation_lr_scale)
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
+        comp, model = denoiser(pipe)
         out, paths = {}, []
         for path, _, a in self._parts(pipe, adapter):
-            out[f"unet.{path}.delta"] = a.delta.detach().clone()
+            out[f"{comp}.{path}.delta"] = a.delta.detach().clone()
             for side in ("rot_in", "rot_out"):
                 rotation = getattr(a, side)
                 for i, q in enumerate(rotation.factors if rotation is not None else []):
-                    out[f"unet.{path}.{side}.{i}"] = q.detach().clone()
+                    out[f"{comp}.{path}.{side}.{i}"] = q.detach().clone()
             paths.append(path)
-        out[DIGEST_KEY] = base_digest(pipe.unet, paths)
+        out[digest_key(comp)] = base_digest(model, paths)
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SodaConfig | None = None,
                         base: dict | None = None, source: str = "adapter") -> None:
         config = config or SodaConfig()
-        unet = component(pipe, "unet")
-        modules = dict(unet.named_modules())
-        paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key))})
-        if not paths or DIGEST_KEY not in tensors:
+        comp, model = file_denoiser(pipe, tensors, source)
+        modules = dict(model.named_modules())
+        paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key)) and m.group("comp") == comp})
+        if not paths or digest_key(comp) not in tensors:
             raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
         for path in paths:  # everything is checked before anything is attached
             module = modules.get(path)
             layer = module.base_layer if isinstance(module, SodaLayer) else module
             if not isinstance(layer, torch.nn.Linear):
-                raise AdapterError(f"{source}: it adapts unet.{path}, which the loaded model does not have as a "
+                raise AdapterError(f"{source}: it adapts {comp}.{path}, which the loaded model does not have as a "
                                    "Linear (another architecture)")
             out_f, in_f = layer.weight.shape
             expected = {"delta": (min(out_f, in_f),)}
@@ -129,29 +137,32 @@ class SodaMethod(WrappedLayerMethod):
                 if side == "rot_in" or config.rotate == "both":
                     expected.update({f"{side}.{i}": (k, k) for i, k in enumerate(sizes)})
             for part, shape in expected.items():
-                tensor = tensors.get(f"unet.{path}.{part}")
+                tensor = tensors.get(f"{comp}.{path}.{part}")
                 if tensor is None or tuple(tensor.shape) != shape:
                     got = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
-                    raise AdapterError(f"{source}: unet.{path}.{part} is {got}; the loaded model's layer "
+                    raise AdapterError(f"{source}: {comp}.{path}.{part} is {got}; the loaded model's layer "
                                        f"({in_f}→{out_f}) needs {shape} (another architecture)")
-        if not torch.equal(base_digest(unet, paths), tensors[DIGEST_KEY]):
+        if not torch.equal(base_digest(model, paths), tensors[digest_key(comp)]):
             raise AdapterError(f"{source} was trained on another checkpoint: the weights of the layers it adapts "
                                "differ from the loaded model's (SODA rotates and rescales the exact singular "
                                "vectors it was trained on; bake it to a LoRA for other checkpoints)")
-        self._add_adapters(unet, paths, config, adapter)
+        self._add_adapters(model, paths, config, adapter)
         self.set_state(pipe, adapter, tensors)
-        self._freeze_others(unet, None)
+        self._freeze_others(model, None)
 
     def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        comp, _ = denoiser(pipe)
         with torch.no_grad():
             for path, _, a in self._parts(pipe, adapter):
-                a.delta.copy_(tensors[f"unet.{path}.delta"])
+                a.delta.copy_(tensors[f"{comp}.{path}.delta"])
                 for side in ("rot_in", "rot_out"):
                     rotation = getattr(a, side)
                     for i, q in enumerate(rotation.factors if rotation is not None else []):
-                        q.copy_(tensors[f"unet.{path}.{side}.{i}"])
+                        q.copy_(tensors[f"{comp}.{path}.{side}.{i}"])
 
     def delta_weights(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
-        """unet.<path> -> W' − W at weight 1 (what bake.py truncates to a LoRA)."""
+        """<denoiser>.<path> (`unet.<path>`, `transformer.<path>`) -> W' − W at weight 1 (what bake.py truncates
+        to a LoRA)."""
+        comp, _ = denoiser(pipe)
         with torch.no_grad():
-            return {f"unet.{path}": layer.delta_weight(adapter) for path, layer, _ in self._parts(pipe, adapter)}
+            return {f"{comp}.{path}": layer.delta_weight(adapter) for path, layer, _ in self._parts(pipe, adapter)}

@@ -1,10 +1,13 @@
-"""`studio info`: versions, device, attention backend, adapter kernel path, the embedded model."""
+"""`studio info [MODEL]`: versions, device, attention backend, adapter kernel path, the embedded model; with a
+model, its family and components."""
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    i = sub.add_parser("info", help="versions, device, attention backend, adapter kernel path")
+    i = sub.add_parser("info", help="versions, device, attention backend, adapter kernel path; a model's family")
+    i.add_argument("model", nargs="?", default=None,
+                   help="a model to describe: shapes, a diffusers folder, a hub id or a single file")
     i.set_defaults(func=run)
 
 
@@ -30,3 +33,18 @@ def run(args) -> None:
     print(f"attention backend: {attention_backend(device)} (xformers {xformers})")
     print(f"adapter kernel path: {describe()}")
     print(f"embedded model: {embedded.SHAPES_DIR} ({'present' if embedded.is_shipped() else 'MISSING'})")
+    if args.model:
+        describe_model(args.model)
+
+
+def describe_model(model: str) -> None:
+    """The model's family (`pipe.studio_architecture`), its denoiser and text encoders with their sizes."""
+    from studio.adapters.base import denoiser, pipeline_text_encoders
+    from studio.loading import load_pipeline
+
+    pipe = load_pipeline(model)
+    name, module = denoiser(pipe)
+    print(f"model: {model}: {pipe.studio_architecture} ({type(pipe).__name__})")
+    print(f"  {name}: {type(module).__name__}, {sum(p.numel() for p in module.parameters()):,} parameters")
+    for comp, _, encoder in pipeline_text_encoders(pipe):
+        print(f"  {comp}: {type(encoder).__name__}, {sum(p.numel() for p in encoder.parameters()):,} parameters")

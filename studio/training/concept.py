@@ -13,10 +13,9 @@ from studio import data
 from studio.adapters.base import text_encoder_names
 from studio.adapters.trigger import (TRIGGER_KEYS, attach_trigger_embedding, detach_trigger_embedding,
                                     trigger_tensors, training_trigger)
-from studio.training.conditioning import (PromptEncoding, encode_prompts, reads_time_ids, text_encoders, time_ids,
-                                          unet_inputs)
+from studio.training.conditioning import PromptEncoding, text_encoders, time_ids
 from studio.training.config import TrainConfig, TrainingError
-from studio.training.objectives import denoising_loss, sample_timesteps, timestep_weights, x0_weights
+from studio.training.families import FamilyError, family_for
 from studio.training.recipe import AdapterOutput, Recipe, Share, Trainables
 from studio.utils.files import atomic_path
 
@@ -105,7 +104,7 @@ class ConceptRecipe(Recipe):
             stds.append(dist.std[0].float().cpu())
         out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
                "captions": [ex.caption for ex in examples]}
-        if reads_time_ids(pipe.unet):
+        if self.family.reads_time_ids:
             out["time_ids"] = [_example_time_ids(ex.image.size, size) for ex, size in zip(examples, sizes)]
         if control:
             out["control"] = [[(data.to_bucket(image, size) + 1) / 2 for image in images]
@@ -117,7 +116,7 @@ class ConceptRecipe(Recipe):
         with torch.no_grad():
             for i in range(0, len(captions), 64):
                 part = captions[i:i + 64]
-                encoded = encode_prompts(text_encoders(self.pipe), part, self.device)
+                encoded = self.family.encode(part, self.device)
                 out.update((c, encoded.row(k)) for k, c in enumerate(part))
         return out
 
@@ -129,14 +128,18 @@ class ConceptRecipe(Recipe):
         cfg = self.config
         self.device = acc.device
         self.pipe = pipe = load_pipeline(cfg.model, device="cpu")
-        self.resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        try:
+            self.family = family_for(pipe, cfg)
+        except FamilyError as e:
+            raise TrainingError(str(e)) from None
+        self.resolution = cfg.resolution or self.family.default_resolution()
         examples = self._examples(self.resolution)  # before any long work: bad data fails fast
         if acc.is_main_process:
             with atomic_path(self.out / "config.yaml") as tmp:
                 tmp.write_text(cfg.to_yaml(), encoding="utf-8")
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae, *(getattr(pipe, name) for name in text_encoder_names(pipe))):
+        for module in (self._denoiser(), pipe.vae, *(getattr(pipe, name) for name in text_encoder_names(pipe))):
             module.requires_grad_(False)
         class_examples = self._class_examples(acc) if cfg.prior_preservation else []
         self.cache = self._encode(examples, control=bool(cfg.control_data))
@@ -160,11 +163,14 @@ class ConceptRecipe(Recipe):
         self.text_modules = {name: getattr(pipe, name) for name in text_encoder_names(pipe)
                              if any(p.requires_grad for p in getattr(pipe, name).parameters())}
         self.train_text = bool(self.text_modules)
+        if self.train_text and not self.family.trains_text_encoders:
+            raise TrainingError(f"training a text encoder (LoRA's text_encoder) is not supported on {self.family.name} "
+                                "yet; train the transformer alone")
         if not self.train_text:
             captions = self.cache["captions"] + (self.class_cache["captions"] if self.class_cache else [])
             self.text_cache = self._embed_all(captions)
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+            self._denoiser().enable_gradient_checkpointing()
             for encoder in self.text_modules.values():
                 encoder.gradient_checkpointing_enable()
         groups = self._parameter_groups(params)  # refuses LoRA+ on a method without B matrices
@@ -173,17 +179,17 @@ class ConceptRecipe(Recipe):
         if trigger_vectors:
             optimizer.add_param_group({"params": trigger_vectors, "lr": cfg.trigger_token_lr or cfg.lr,
                                        "weight_decay": 0.0})
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.t_weights = timestep_weights(cfg, self.noise_scheduler.config.num_train_timesteps)
         self.world, self.rank = acc.num_processes, acc.process_index
-        pipe.unet.train()
-        modules = {"unet": pipe.unet, **self.text_modules}
+        self._denoiser().train()
+        modules = {self.family.denoiser: self._denoiser(), **self.text_modules}
         return Trainables(params, modules, optimizer, trainable_parameters=n_trainable)
 
+    def _denoiser(self) -> torch.nn.Module:
+        """The pipeline's own UNet or transformer (not the engine's prepared copy)."""
+        return getattr(self.pipe, self.family.denoiser)
+
     def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
-        self.unet = modules["unet"]
+        self.model = modules[self.family.denoiser]
         self.encoders = text_encoders(self.pipe, modules)
 
     def _attach_trigger_token(self) -> list[torch.nn.Parameter]:
@@ -192,6 +198,9 @@ class ConceptRecipe(Recipe):
 
         if not self.config.trigger_token:
             return []
+        if not self.family.trains_text_encoders:
+            raise TrainingError(f"trigger_token trains a new token in the text encoders, which {self.family.name} "
+                                "does not support yet; use the trigger as a plain word")
         try:
             modules = attach_trigger_embedding(self.pipe, self.config.trigger, self.config.trigger_token_init)
             return [module.vector for module in modules]
@@ -223,17 +232,17 @@ class ConceptRecipe(Recipe):
 
     # -- the loss --
 
-    def _unet_inputs(self, batch: dict) -> dict[str, Any]:
+    def _model_inputs(self, batch: dict) -> dict[str, Any]:
         captions = batch["captions"]
         if self.train_text:
-            prompt = encode_prompts(self.encoders, captions, self.device)
+            prompt = self.family.encode(captions, self.device, self.encoders)
         else:
             prompt = PromptEncoding.stack([self.text_cache[c] for c in captions])
-        return unet_inputs(prompt, batch.get("time_ids"))
+        return self.family.inputs(prompt, batch)
 
     def _base_prediction(self, noisy, timesteps, inputs: dict[str, Any]):
         with self.method_impl.disabled(self.pipe):
-            return self.unet(noisy, timesteps, **inputs).sample
+            return self.family.forward(self.model, noisy, timesteps, inputs)
 
     def _batch(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int) -> dict:
         # the step's randomness is drawn for the whole batch and the share's rows sliced from it: a micro-batch or
@@ -244,9 +253,9 @@ class ConceptRecipe(Recipe):
         if not self.config.vae_sample:
             eps.zero_()
         noise = torch.randn(mean.shape, generator=gen)
-        timesteps = sample_timesteps(self.t_weights, self.noise_scheduler.config.num_train_timesteps, len(indices), gen)
+        timesteps = self.family.draw_timesteps(len(indices), gen)
         rows, device = share.rows, self.device
-        latents = ((mean + std * eps) * self.pipe.vae.config.scaling_factor)[rows].to(device)
+        latents = self.family.scale_latents(mean + std * eps)[rows].to(device)
         batch = {"latents": latents, "noise": noise[rows].to(device), "timesteps": timesteps[rows].to(device),
                  "captions": [source["captions"][i] for i in indices[rows]], "step": step}
         if "time_ids" in source:
@@ -263,13 +272,10 @@ class ConceptRecipe(Recipe):
 
     def _batch_loss(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int,
                     teacher=None) -> torch.Tensor:
-        cfg, scheduler = self.config, self.noise_scheduler
         batch = self._batch(source, indices, gen, share, step)
 
         def default(b):
-            weights = x0_weights(scheduler, b["timesteps"], self.t_weights) if cfg.x0_weighting else None
-            return denoising_loss(self.unet, scheduler, b["latents"], self._unet_inputs(b), b["noise"],
-                                  b["timesteps"], cfg.snr_gamma, teacher, weights)
+            return self.family.loss(self.model, b, self._model_inputs(b), teacher)
 
         return default(batch) if teacher else self.method_impl.training_loss(self.pipe, batch, default)
 
@@ -309,7 +315,7 @@ class ConceptRecipe(Recipe):
         self.method_impl.set_state(self.pipe, self.config.name, tensors)
 
     def finish(self) -> None:
-        self.pipe.unet.eval()
+        self._denoiser().eval()
 
     def result_file(self) -> AdapterOutput:
         from studio.loading import architecture
@@ -324,12 +330,13 @@ class ConceptRecipe(Recipe):
     def preview(self, step: int) -> tuple[list[str], list[Any]]:
         cfg, pipe = self.config, self.pipe
         prompts = cfg.preview_prompts or [cfg.instance_prompt or self.cache["captions"][0]]
-        was_training = pipe.unet.training
-        pipe.unet.eval()
+        denoiser = self._denoiser()
+        was_training = denoiser.training
+        denoiser.eval()
         images = pipe(prompts, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_guidance,
                       generator=[torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))],
                       height=self.resolution, width=self.resolution).images
-        pipe.unet.train(was_training)
+        denoiser.train(was_training)
         return prompts, images
 
 

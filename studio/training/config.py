@@ -109,6 +109,14 @@ class TrainConfig:
     timestep_bias_portion: float = setting(0.25, help="the favoured portion (later/earlier)", advanced=True)
     timestep_bias_begin: int = setting(0, help="first favoured timestep (range)", advanced=True)
     timestep_bias_end: int = setting(1000, help="end of the favoured timesteps (range)", advanced=True)
+    flow_timesteps: str = setting("logit_normal", help="flow-matching models (SD3, Flux): how σ is drawn "
+                                  "(the SD3 paper's logit-normal, its mode density, or uniform)",
+                                  choices=("logit_normal", "mode", "uniform"), advanced=True)
+    flow_logit_mean: float = setting(0.0, help="flow-matching: the logit-normal's mean", advanced=True)
+    flow_logit_std: float = setting(1.0, help="flow-matching: the logit-normal's standard deviation", advanced=True)
+    flow_mode_scale: float = setting(1.29, help="flow-matching: the mode density's scale", advanced=True)
+    flow_guidance: float = setting(3.5, help="Flux (guidance-distilled): the guidance value the transformer reads "
+                                   "while training (diffusers' scripts: 3.5)", advanced=True)
     seed: int = setting(0, help="the seed every step's randomness is derived from")
     mixed_precision: str = setting("no", help="autocast precision", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = setting(False, help="recompute activations to save memory", advanced=True)

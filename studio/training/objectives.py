@@ -1,5 +1,5 @@
-"""The denoising objective as plain functions on tensors: timestep weights and sampling, SNR weightings and
-the loss itself."""
+"""The denoising objectives as plain functions on tensors: timestep weights and sampling, SNR weightings and
+the DDPM loss; the flow-matching timestep densities and loss (SD3, Flux)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,35 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: torch.T
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+FLOW_TIMESTEPS = ("logit_normal", "mode", "uniform")
+
+
+def flow_timestep_indices(num_timesteps: int, n: int, gen: torch.Generator, scheme: str = "logit_normal",
+                          logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """Indices into a flow-matching training schedule, drawn by the SD3 paper's density `scheme` (diffusers'
+    `compute_density_for_timestep_sampling`, as its SD3 and Flux scripts draw them)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(scheme, n, logit_mean, logit_std, mode_scale, generator=gen)
+    return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+def flow_matching_loss(predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, teacher=None,
+                       scheme: str = "logit_normal") -> torch.Tensor:
+    """Rectified flow: noisy = (1 − σ)·x0 + σ·ε and the velocity target ε − x0 (or `teacher(noisy)`), weighted as
+    diffusers' `compute_loss_weighting_for_sd3` weights `scheme` (1 for the densities above)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    s = sigmas.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1 - s) * latents + s * noise
+    pred = predict(noisy)
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(noisy)
+    else:
+        target = noise - latents
+    weight = compute_loss_weighting_for_sd3(scheme, sigmas).float()
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    return (per_sample * weight).mean()

@@ -1,0 +1,41 @@
+"""Flux.1: an MMDiT with single-stream blocks reading CLIP-L's pooled output and T5's states, on 2×2-packed
+latents with 3-axis position ids, and (dev) a distilled guidance value as an input; rectified flow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from studio.training.conditioning import PromptEncoding
+from studio.training.families.flow import FlowFamily
+
+
+class FluxFamily(FlowFamily):
+    name = "flux"
+
+    @classmethod
+    def claims(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
+
+    def encode(self, captions: list[str], device, encoders=None) -> PromptEncoding:
+        hidden, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, device=device)
+        return PromptEncoding(hidden, pooled)
+
+    def inputs(self, prompt: PromptEncoding, batch: dict[str, Any]) -> dict[str, Any]:
+        text_ids = torch.zeros(prompt.hidden.shape[1], 3, device=prompt.hidden.device, dtype=prompt.hidden.dtype)
+        return {"encoder_hidden_states": prompt.hidden, "pooled_projections": prompt.pooled, "txt_ids": text_ids}
+
+    def forward(self, model, noisy, timesteps, inputs):
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), float(self.config.flow_guidance), device=noisy.device)
+        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=image_ids, **inputs,
+                     return_dict=False)[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
