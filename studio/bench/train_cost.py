@@ -1,5 +1,6 @@
 """B6 (`studio bench train`): training step time and peak memory per method, side by side, on the embedded
-model and on a UNet of SD 1.5's exact architecture (random weights, 32x32 latents, batch 1, fp32).
+model, on a UNet of SD 1.5's exact architecture (random weights, 32x32 latents, batch 1, fp32) and on SD3-medium's
+exact transformer (random weights, 64x64 latents, batch 1, fp32, gradient checkpointing, the flow-matching loss).
 Each (model, method) runs in its own process so that peak memory is its own."""
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ SD15_UNET = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
+# SD3-medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json)
+SD3_MEDIUM_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
 SETUPS = {"shapes": {"batch": 4, "latent": 16, "tokens": 32},
-          "sd15": {"batch": 1, "latent": 32, "tokens": 77}}
+          "sd15": {"batch": 1, "latent": 32, "tokens": 77},
+          # 77 CLIP + 256 T5 tokens, as SD3's pipeline encodes a prompt
+          "sd3m": {"batch": 1, "latent": 64, "tokens": 333, "checkpointing": True}}
 
 
-def _unet(model: str):
-    from diffusers import UNet2DConditionModel
+def _denoiser(model: str):
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+    if model == "sd3m":
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
     if model == "shapes":
         from studio.loading import load_pipeline
 
@@ -53,7 +65,7 @@ def _trainable(unet, method: str) -> tuple[list[torch.nn.Parameter], torch.optim
 
     impl = get_method(name)
     settings = {"rank": int(option)} if option else {}
-    holder = SimpleNamespace(unet=unet)
+    holder = SimpleNamespace(**{"transformer" if "joint_attention_dim" in unet.config else "unet": unet})
     impl.attach(holder, impl.config_class.from_dict(settings), "bench")
     params = impl.trainable_parameters(holder, "bench")
     optimizer = impl.optimizer(holder, "bench", params, lr=1e-5, weight_decay=0.0)
@@ -62,27 +74,22 @@ def _trainable(unet, method: str) -> tuple[list[torch.nn.Parameter], torch.optim
 
 def measure(model: str, method: str, steps: int) -> dict:
     """One (model, method) in this process: median step time over `steps` after a warm-up, peak memory."""
-    from diffusers import DDPMScheduler
-
-    from studio.training.engine import denoising_loss
-
-    unet = _unet(model)
+    unet = _denoiser(model)
     setup = SETUPS[model]
     t = time.perf_counter()
     params, optimizer = _trainable(unet, method)
     attach_s = time.perf_counter() - t  # SODA's SVDs happen here
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
     g = torch.Generator().manual_seed(0)
     b, s = setup["batch"], setup["latent"]
-    latents = torch.randn(b, 4, s, s, generator=g)
-    text = torch.randn(b, setup["tokens"], unet.config.cross_attention_dim, generator=g)
+    loss_of = _flow_loss(unet, setup, g) if model == "sd3m" else _ddpm_loss(unet, setup, g)
+    if setup.get("checkpointing"):
+        unet.enable_gradient_checkpointing()
     unet.train()
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
-        loss = denoising_loss(unet, scheduler, latents, text, torch.randn(latents.shape, generator=g),
-                              torch.randint(0, 1000, (b,), generator=g))
+        loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,6 +99,38 @@ def measure(model: str, method: str, steps: int) -> dict:
             "trainable": sum(p.numel() for p in params),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_mb": rss_loaded,
             "batch": b, "latent": s, "attach_s": attach_s}
+
+
+def _ddpm_loss(unet, setup: dict, g: torch.Generator):
+    from diffusers import DDPMScheduler
+
+    from studio.training.engine import denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    b, s = setup["batch"], setup["latent"]
+    latents = torch.randn(b, 4, s, s, generator=g)
+    text = torch.randn(b, setup["tokens"], unet.config.cross_attention_dim, generator=g)
+    return lambda: denoising_loss(unet, scheduler, latents, text, torch.randn(latents.shape, generator=g),
+                                  torch.randint(0, 1000, (b,), generator=g))
+
+
+def _flow_loss(transformer, setup: dict, g: torch.Generator):
+    """SD3's objective on random latents and prompt states: one σ per sample, the velocity target."""
+    from studio.training.objectives import flow_matching_loss
+
+    b, s, cfg = setup["batch"], setup["latent"], transformer.config
+    latents = torch.randn(b, cfg.in_channels, s, s, generator=g)
+    text = torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g)
+
+    def loss():
+        sigmas = torch.rand(b, generator=g)
+        return flow_matching_loss(lambda noisy: transformer(hidden_states=noisy, timestep=sigmas * 1000,
+                                                            encoder_hidden_states=text, pooled_projections=pooled
+                                                            ).sample, latents, torch.randn(latents.shape, generator=g),
+                                  sigmas)
+
+    return loss
 
 
 def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bool = True) -> str:

@@ -41,7 +41,8 @@ def _register_speed(bsub) -> None:
     bj.set_defaults(func=run_judge)
 
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
-    bt.add_argument("--models", default="shapes,sd15", help="shapes and/or sd15 (random SD 1.5 UNet)")
+    bt.add_argument("--models", default="shapes,sd15",
+                    help="shapes, sd15 (random SD 1.5 UNet), sd3m (random SD3-medium transformer, 64x64 latents)")
     bt.add_argument("--methods", default=None, help="comma-separated: full (the whole UNet) or METHOD-rN "
                                                     "(default: the benchmark's)")
     bt.add_argument("--steps", type=int, default=5)
