@@ -1,6 +1,6 @@
 """Which keys of a LoRA (or trigger embedding) file ComfyUI would load, by ComfyUI's own code.
 
-    python scripts/comfyui_keys.py FILE [FILE ...] --comfyui PATH_TO_COMFYUI_CHECKOUT [--family sd1|sdxl]
+    python scripts/comfyui_keys.py FILE [FILE ...] --comfyui PATH_TO_COMFYUI_CHECKOUT [--family sd1|sdxl|sd3|flux]
 
 Nothing of ComfyUI is copied into Studio: the script imports the checkout you point it at and runs, as
 ComfyUI's `comfy.sd.load_lora_for_models` does,
@@ -9,6 +9,9 @@ ComfyUI's `comfy.sd.load_lora_for_models` does,
    device (no weights, no memory) and its state-dict names go through ComfyUI's
    `comfy.model_detection.model_config_from_diffusers_unet`, which picks ComfyUI's `SD15` / `SDXL` config;
    that config builds ComfyUI's own UNet and text-encoder models (`get_model`, `clip_target`), also on meta;
+   for SD3 and Flux, the model config ComfyUI's detection writes for SD3-medium and Flux.1-dev goes through
+   `comfy.model_detection.model_config_from_unet_config` and builds ComfyUI's MMDiT / Flux model on meta (their
+   text encoders are not built: Studio trains no text-encoder LoRA on these families);
 2. the key map of `comfy.lora.model_lora_keys_unet` and `comfy.lora.model_lora_keys_clip` on those models;
 3. `comfy.lora_convert.convert_lora` and `comfy.lora.load_lora` on the file's tensors, whose
    "lora key not loaded" messages are the keys reported here.
@@ -37,6 +40,19 @@ UNET_CONFIGS = {
              "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "sample_size": 128},
 }
+# the model configs ComfyUI's `detect_unet_config` writes for SD3-medium and Flux.1-dev checkpoints
+TRANSFORMER_CONFIGS = {
+    "sd3": {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
+            "adm_in_channels": 2048, "num_patches": 36864, "pos_embed_max_size": 192,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 1536}},
+            "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []},
+    "flux": {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+             "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+             "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+             "guidance_embed": True},
+}
+FAMILIES = (*UNET_CONFIGS, *TRANSFORMER_CONFIGS)
 # the text encoders' embedding keys and widths ComfyUI's tokenizers ask load_embed for
 EMBEDDING_KEYS = {"sd1": {"clip_l": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
 EMBEDDING_NAMES = ("emb_params", "string_to_param", "clip_l", "clip_g")
@@ -75,6 +91,14 @@ def comfyui_key_map(comfy, family: str) -> dict[str, str]:
     import torch
     from diffusers import UNet2DConditionModel
 
+    if family in TRANSFORMER_CONFIGS:
+        with torch.device("meta"):
+            config = comfy.model_detection.model_config_from_unet_config(dict(TRANSFORMER_CONFIGS[family]))
+            if config is None:
+                raise InputError(f"ComfyUI's model detection does not recognise the {family} transformer")
+            model = config.get_model({})
+        _KEY_MAPS[family] = comfy.lora.model_lora_keys_unet(model, {})
+        return _KEY_MAPS[family]
     with torch.device("meta"):
         names = UNet2DConditionModel(**UNET_CONFIGS[family]).state_dict()
         config = comfy.model_detection.model_config_from_diffusers_unet(names)
@@ -128,6 +152,8 @@ def embedding_report(comfy, path: Path, tensors: dict, family: str) -> list[tupl
 def guess_family(keys: list[str], metadata: dict[str, str]) -> str:
     if metadata.get("ss_base_model_version", "").startswith("sdxl"):
         return "sdxl"
+    if any(k.startswith("transformer.") for k in keys):
+        return "flux" if any(k.startswith("transformer.single_transformer_blocks.") for k in keys) else "sd3"
     sdxl = ("lora_te1_", "lora_te2_", "text_encoder_2.")
     return "sdxl" if any(k.startswith(sdxl) for k in keys) or "clip_g" in keys else "sd1"
 
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", type=Path, nargs="+", metavar="FILE",
                         help="LoRA or trigger-embedding .safetensors files")
     parser.add_argument("--comfyui", type=Path, required=True, help="path to a ComfyUI source checkout")
-    parser.add_argument("--family", choices=sorted(UNET_CONFIGS), help="base model layout (default: from each file)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="base model layout (default: from each file)")
     parser.add_argument("--all", action="store_true", help="list every unloaded key (default: the first 20)")
     args = parser.parse_args(argv)
     try:
