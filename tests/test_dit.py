@@ -170,3 +170,18 @@ def test_the_cli_trains_and_generates_on_a_transformer(folder, one_image, tmp_pa
     assert Image.open(image).size == (16, 16)
     assert main(["info", str(folder)]) == 0
     assert f": {_family(folder)} (" in capsys.readouterr().out
+
+
+def test_b6_computed_counts_match_the_transformers_own_layers():
+    """The computed B6 table's LoRA count is rank × (fan-in + fan-out) over the layers the default targets name,
+    counted here independently on SD3-medium's transformer (built on meta: no weights)."""
+    from studio.adapters.base import matches_target
+    from studio.adapters.lora.config import ATTENTION_FF
+    from studio.bench.train_cost import _meta_transformer, computed_cost
+
+    expected = sum(16 * (m.in_features + m.out_features) for path, m in _meta_transformer("sd3m").named_modules()
+                   if isinstance(m, torch.nn.Linear) and matches_target(path, ATTENTION_FF))
+    cost = computed_cost("sd3m", "lora-r16")
+    assert cost["trainable"] == expected > 0
+    assert cost["total"] == 2_028_328_000  # SD3-medium's transformer
+    assert computed_cost("sd3m", "full")["sum_gb"] > 24  # full fine-tuning does not fit a 24 GB card

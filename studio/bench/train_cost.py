@@ -162,5 +162,79 @@ def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bo
     return record(f"B6 training cost ({steps} steps after a warm-up, AdamW, fp32)", header, rows, write=write)
 
 
+# Flux.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 11.9 B parameters, too large to
+# train on this machine, so its table is computed from counts
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+COMPUTED = {"flux": (FLUX_DEV_TRANSFORMER, 4096 + 512, 57), "sd3m": (SD3_MEDIUM_TRANSFORMER, 1024 + 333, 24)}
+GB = 1024 ** 3
+
+
+def _meta_transformer(model: str):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = FluxTransformer2DModel if model == "flux" else SD3Transformer2DModel
+    with torch.device("meta"):
+        return cls(**COMPUTED[model][0])
+
+
+def _trainable_count(model: str, method: str) -> int:
+    """Trainable parameters of `method` on `model`'s transformer, attached on the meta device (no weights);
+    SaRA's count is its budget of the targeted weights (its selection reads weight values)."""
+    from studio.adapters import get_method
+    from studio.adapters.sara.config import parse_budget
+
+    transformer = _meta_transformer(model)
+    if method == "full":
+        return sum(p.numel() for p in transformer.parameters())
+    name, _, option = method.partition("-r")
+    impl = get_method(name)
+    config = impl.config_class.from_dict({"rank": int(option)} if option else {})
+    if name == "sara":
+        linear = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+        return parse_budget(config.budget, linear)
+    holder = SimpleNamespace(transformer=transformer)
+    impl.attach(holder, config, "bench")
+    return sum(p.numel() for p in impl.trainable_parameters(holder, "bench"))
+
+
+def computed_cost(model: str, method: str) -> dict:
+    """Memory of one training step at batch 1, 1024² (Flux: 4096 image + 512 text tokens; SD3-medium at 512²:
+    1024 + 333), bf16 weights, fp32 trainable parameters with their gradient and AdamW's two moments (16 bytes
+    each; full fine-tuning: bf16 weight + bf16 gradient + fp32 moments and master copy, 16 bytes), SaRA's int32
+    index per trained weight, and gradient-checkpointed activations: each block's bf16 input kept plus one
+    block's recomputed internals (about 20 hidden-state-sized tensors)."""
+    config, tokens, blocks = COMPUTED[model]
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    total = sum(p.numel() for p in _meta_transformer(model).parameters())
+    trainable = _trainable_count(model, method)
+    weights = 2 * total / GB
+    state = 16 * trainable / GB + (4 * trainable / GB if method == "sara" else 0.0)
+    if method == "full":
+        weights, state = 0.0, 16 * total / GB
+    activations = tokens * hidden * 2 * (blocks + 20) / GB
+    return {"model": model, "method": method, "total": total, "trainable": trainable, "weights_gb": weights,
+            "state_gb": state, "activations_gb": activations, "sum_gb": weights + state + activations}
+
+
+def bench_train_computed(models: list[str], methods: list[str], write: bool = True) -> str:
+    from studio.bench.recorder import record
+
+    rows = []
+    for model in models:
+        for method in methods:
+            r = computed_cost(model, method)
+            rows.append([model, method, f"{r['total']:,}", f"{r['trainable']:,}", f"{r['weights_gb']:.1f}",
+                         f"{r['state_gb']:.2f}", f"{r['activations_gb']:.2f}", f"{r['sum_gb']:.1f}",
+                         "yes" if r["sum_gb"] <= 24 else "no"])
+    header = ["model", "method", "parameters", "trainable", "weights (GB, bf16)", "trainable state (GB)",
+              "activations (GB, checkpointed)", "total (GB)", "fits 24 GB"]
+    return record("B6 training memory, computed from parameter and activation counts (not measured)", header, rows,
+                  write=write)
+
+
 if __name__ == "__main__":
     print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]))))

@@ -46,6 +46,8 @@ def _register_speed(bsub) -> None:
     bt.add_argument("--methods", default=None, help="comma-separated: full (the whole UNet) or METHOD-rN "
                                                     "(default: the benchmark's)")
     bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--computed", default=None, metavar="MODELS",
+                    help="instead of measuring: memory computed from counts for flux and/or sd3m")
     bt.add_argument("--no-write", action="store_true")
     bt.set_defaults(func=run_train)
 
@@ -225,6 +227,11 @@ def run_train(args) -> None:
     from studio.bench.train_cost import DEFAULT_METHODS, bench_train
 
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    if args.computed:
+        from studio.bench.train_cost import bench_train_computed
+
+        print(bench_train_computed(args.computed.split(","), methods, write=not args.no_write))
+        return
     print(bench_train(models=args.models.split(","), methods=methods, steps=args.steps, write=not args.no_write))
 
 
