@@ -32,18 +32,35 @@ SD3_MEDIUM_TRANSFORMER = {
     "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
     "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
 }
+# Flux.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 11.9 B parameters, too large to
+# train on this machine, so its table is computed from counts
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
 SETUPS = {"shapes": {"batch": 4, "latent": 16, "tokens": 32},
           "sd15": {"batch": 1, "latent": 32, "tokens": 77},
           # 77 CLIP + 256 T5 tokens, as SD3's pipeline encodes a prompt
-          "sd3m": {"batch": 1, "latent": 64, "tokens": 333, "checkpointing": True}}
+          "sd3m": {"batch": 1, "latent": 64, "tokens": 333, "checkpointing": True},
+          # 1024² (128² latents, 4096 packed tokens) and 512 T5 tokens: on a GPU only (the device check)
+          "flux": {"batch": 1, "latent": 128, "tokens": 512, "checkpointing": True}}
 
 
-def _denoiser(model: str):
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+def _denoiser(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    if model == "sd3m":
+    if model in ("sd3m", "flux"):  # built where it runs, in its dtype (Flux in fp32 would be 48 GB)
         torch.manual_seed(0)
-        return SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
+        cls, config = ((SD3Transformer2DModel, SD3_MEDIUM_TRANSFORMER) if model == "sd3m"
+                       else (FluxTransformer2DModel, FLUX_DEV_TRANSFORMER))
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(**config)
+        finally:
+            torch.set_default_dtype(default)
     if model == "shapes":
         from studio.loading import load_pipeline
 
@@ -72,17 +89,28 @@ def _trainable(unet, method: str) -> tuple[list[torch.nn.Parameter], torch.optim
     return params, optimizer or torch.optim.AdamW(params, lr=1e-5)
 
 
-def measure(model: str, method: str, steps: int) -> dict:
-    """One (model, method) in this process: median step time over `steps` after a warm-up, peak memory."""
-    unet = _denoiser(model)
+def _peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """One (model, method) in this process: median step time over `steps` after a warm-up, peak memory (the
+    process's RSS on the CPU; on a GPU, the most memory torch allocated there)."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    unet = _denoiser(model, device, torch_dtype).to(device, torch_dtype)
     setup = SETUPS[model]
     t = time.perf_counter()
     params, optimizer = _trainable(unet, method)
+    for p in params:  # trainable parameters stay in fp32 (what mixed-precision training keeps)
+        p.data = p.data.float()
     attach_s = time.perf_counter() - t  # SODA's SVDs happen here
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_loaded = _peak_mb(device)
     g = torch.Generator().manual_seed(0)
     b, s = setup["batch"], setup["latent"]
-    loss_of = _flow_loss(unet, setup, g) if model == "sd3m" else _ddpm_loss(unet, setup, g)
+    losses = {"sd3m": _flow_loss, "flux": _flux_loss}
+    loss_of = losses.get(model, _ddpm_loss)(unet, setup, g)
     if setup.get("checkpointing"):
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -93,12 +121,13 @@ def measure(model: str, method: str, steps: int) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
     return {"model": model, "method": method, "step_s": statistics.median(times),
-            "trainable": sum(p.numel() for p in params),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_mb": rss_loaded,
-            "batch": b, "latent": s, "attach_s": attach_s}
+            "trainable": sum(p.numel() for p in params), "peak_mb": _peak_mb(device), "loaded_mb": rss_loaded,
+            "batch": b, "latent": s, "attach_s": attach_s, "device": device, "dtype": dtype}
 
 
 def _ddpm_loss(unet, setup: dict, g: torch.Generator):
@@ -119,29 +148,63 @@ def _flow_loss(transformer, setup: dict, g: torch.Generator):
     from studio.training.objectives import flow_matching_loss
 
     b, s, cfg = setup["batch"], setup["latent"], transformer.config
-    latents = torch.randn(b, cfg.in_channels, s, s, generator=g)
-    text = torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g)
-    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g)
+    device, dtype = transformer.device, transformer.dtype
+    latents = torch.randn(b, cfg.in_channels, s, s, generator=g).to(device, dtype)
+    text = torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device, dtype)
 
     def loss():
-        sigmas = torch.rand(b, generator=g)
+        sigmas = torch.rand(b, generator=g).to(device, dtype)
+        noise = torch.randn(latents.shape, generator=g).to(device, dtype)
         return flow_matching_loss(lambda noisy: transformer(hidden_states=noisy, timestep=sigmas * 1000,
                                                             encoder_hidden_states=text, pooled_projections=pooled
-                                                            ).sample, latents, torch.randn(latents.shape, generator=g),
-                                  sigmas)
+                                                            ).sample, latents, noise, sigmas)
 
     return loss
 
 
-def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bool = True) -> str:
+def _flux_loss(transformer, setup: dict, g: torch.Generator):
+    """Flux's objective on random 16-channel latents, packed 2×2 as the pipeline packs them, with position ids
+    and a guidance value."""
+    from diffusers import FluxPipeline
+
+    from studio.training.objectives import flow_matching_loss
+
+    b, s, cfg = setup["batch"], setup["latent"], transformer.config
+    device, dtype = transformer.device, transformer.dtype
+    channels = cfg.in_channels // 4
+    latents = torch.randn(b, channels, s, s, generator=g).to(device, dtype)
+    text = torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device, dtype)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, s // 2, s // 2, device, dtype)
+    text_ids = torch.zeros(setup["tokens"], 3, device=device, dtype=dtype)
+    guidance = torch.full((b,), 3.5, device=device, dtype=dtype)
+
+    def predict(noisy, sigmas):
+        packed = FluxPipeline._pack_latents(noisy, b, channels, s, s)
+        out = transformer(hidden_states=packed, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids).sample
+        return FluxPipeline._unpack_latents(out, s * 8, s * 8, 8)
+
+    def loss():
+        sigmas = torch.rand(b, generator=g).to(device, dtype)
+        noise = torch.randn(latents.shape, generator=g).to(device, dtype)
+        return flow_matching_loss(lambda noisy: predict(noisy, sigmas), latents, noise, sigmas)
+
+    return loss
+
+
+def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bool = True, device: str = "cpu",
+                dtype: str = "fp32") -> str:
     from studio.bench.recorder import record
 
     rows = []
     for model in models:
         results = []
         for method in methods:
-            proc = subprocess.run([sys.executable, "-m", "studio.bench.train_cost", model, method, str(steps)],
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            command = [sys.executable, "-m", "studio.bench.train_cost", model, method, str(steps), device, dtype]
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 killed = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else "no output"
                 tail = (proc.stderr.strip().splitlines() or [killed])[-1]
@@ -159,16 +222,10 @@ def bench_train(models: list[str], methods: list[str], steps: int = 5, write: bo
                          f"{r.get('attach_s', 0):.1f}"])
     header = ["model", "method", "batch × latent", "trainable params", "step (s, median)", "vs full",
               "peak RSS (MB)", "training overhead (MB)", "set-up (s)"]
-    return record(f"B6 training cost ({steps} steps after a warm-up, AdamW, fp32)", header, rows, write=write)
+    where = "fp32" if device == "cpu" else f"{dtype}, {device}, peak = torch's most allocated"
+    return record(f"B6 training cost ({steps} steps after a warm-up, AdamW, {where})", header, rows, write=write)
 
 
-# Flux.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json): 11.9 B parameters, too large to
-# train on this machine, so its table is computed from counts
-FLUX_DEV_TRANSFORMER = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
 COMPUTED = {"flux": (FLUX_DEV_TRANSFORMER, 4096 + 512, 57), "sd3m": (SD3_MEDIUM_TRANSFORMER, 1024 + 333, 24)}
 GB = 1024 ** 3
 
@@ -237,4 +294,4 @@ def bench_train_computed(models: list[str], methods: list[str], write: bool = Tr
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:6])))

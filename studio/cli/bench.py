@@ -42,10 +42,13 @@ def _register_speed(bsub) -> None:
 
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15",
-                    help="shapes, sd15 (random SD 1.5 UNet), sd3m (random SD3-medium transformer, 64x64 latents)")
+                    help="shapes, sd15 (random SD 1.5 UNet), sd3m (random SD3-medium transformer, 64x64 latents), "
+                         "flux (random Flux.1-dev transformer, 1024², GPU only)")
     bt.add_argument("--methods", default=None, help="comma-separated: full (the whole UNet) or METHOD-rN "
                                                     "(default: the benchmark's)")
     bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--device", default="cpu", help="cpu, or cuda (the device check: peak = torch's allocation)")
+    bt.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the frozen weights' dtype")
     bt.add_argument("--computed", default=None, metavar="MODELS",
                     help="instead of measuring: memory computed from counts for flux and/or sd3m")
     bt.add_argument("--no-write", action="store_true")
@@ -232,7 +235,8 @@ def run_train(args) -> None:
 
         print(bench_train_computed(args.computed.split(","), methods, write=not args.no_write))
         return
-    print(bench_train(models=args.models.split(","), methods=methods, steps=args.steps, write=not args.no_write))
+    print(bench_train(models=args.models.split(","), methods=methods, steps=args.steps, write=not args.no_write,
+                      device=args.device, dtype=args.dtype))
 
 
 def run_ui(args) -> None:
