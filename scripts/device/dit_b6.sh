@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check of the diffusion-transformer issue: B6 on SD3-medium's and Flux.1-dev's transformers (random
 # weights, real sizes) in bf16 on one GPU, LoRA rank 16 and SaRA, each in its own process, batch 1, gradient
-# checkpointing (SD3 at 512², Flux at 1024²). Measured to take under 8 minutes on an H200.
+# checkpointing (SD3 at 512², Flux at 1024²). Sized for under 8 minutes on an H200 (4 processes, each building
+# its transformer on the GPU and timing 3 steps after a warm-up); not run yet: no session so far had the machine.
 #
 # The device machine has torch, transformers, peft and accelerate but not diffusers, and no network. Here, once:
 #     echo /.whl/ >> .git/info/exclude
