@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, denoiser, matches_target,
                                   replace_module, switched_on, target_regex)
-from studio.adapters.wrapped import file_denoiser
+from studio.adapters.wrapped import WrappedLayer, file_denoiser, refuse_shared_layers
 
 
 class PeftTunerMethod(AdapterMethod):
@@ -81,6 +81,7 @@ class PeftTunerMethod(AdapterMethod):
         paths = sorted({m.group("path") for key in tensors if (m := pattern.match(key))})
         if not paths:
             raise AdapterError(f"{source}: not a {self.name} file (no {self.name} tensors)")
+        refuse_shared_layers(model, paths, source, WrappedLayer)
         for path in paths:
             module = modules.get(path)
             if module is None or not isinstance(getattr(module, "base_layer", module), torch.nn.Linear):

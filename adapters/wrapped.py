@@ -107,6 +107,19 @@ class WrappedLayer(torch.nn.Module):
         return self._cache[1]
 
 
+SHARED_LAYER = ("SaRA and SODA adapters and those of PEFT's layers (LoRA, OFT, HRA, SPM membranes, HiPA) cannot "
+                "share a layer yet: merge one into the model first (studio merge) or use them one at a time")
+
+
+def refuse_shared_layers(model: torch.nn.Module, paths, source: str, kind: type) -> None:
+    """Refuse, before anything attaches, a file whose layers already carry an adapter of `kind` (PEFT's
+    BaseTunerLayer for SaRA/SODA files, WrappedLayer for PEFT methods' files): the two wrappers do not nest."""
+    modules = dict(model.named_modules())
+    for path in paths:
+        if isinstance(modules.get(path), kind):
+            raise AdapterError(f"{source}: {path} already carries another kind of adapter; {SHARED_LAYER}")
+
+
 def file_denoiser(pipe, tensors, source: str) -> tuple[str, torch.nn.Module]:
     """The loaded pipeline's denoiser (component name, module) for a file whose tensors are keyed
     `<denoiser>.<path>...`, refused when the keys name another denoiser (a UNet's file on a diffusion transformer

@@ -110,6 +110,7 @@ def test_a_file_of_the_other_family_is_refused_with_the_reason(sd1_folder, sdxl_
 
 
 def test_the_cli_trains_on_sdxl(sdxl_folder, one_image, tmp_path):
+    """The real command (its own process) trains SaRA; every other method through `main` in this process."""
     out = tmp_path / "cli"
     run = subprocess.run([sys.executable, "-m", "studio.cli", "train", "--data", str(one_image), "--model",
                           str(sdxl_folder), "--method", "sara", "--steps", "2", "--batch-size", "1", "--output-dir",
@@ -117,6 +118,16 @@ def test_the_cli_trains_on_sdxl(sdxl_folder, one_image, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "cli.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", sorted(set(OVERFIT) - {"sara"}))
+def test_each_method_trains_on_sdxl_through_the_cli(method, sdxl_folder, one_image, tmp_path):
+    from studio.cli import main
+
+    assert main(["train", "--data", str(one_image), "--model", str(sdxl_folder), "--method", method, "--steps", "2",
+                 "--batch-size", "1", "--output-dir", str(tmp_path), "--name", method, "--preview-every", "0",
+                 "--no-tensorboard"]) == 0
+    assert (tmp_path / f"{method}.safetensors").exists()
 
 
 def test_the_trigger_token_trains_in_both_encoders_and_exports_the_two_tensor_embedding(sdxl_folder, one_image,

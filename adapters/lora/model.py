@@ -16,6 +16,7 @@ from studio.adapters.base import (AdapterError, AdapterMethod, base_linear, chec
                                   switched_on, target_regex, text_encoder_names)
 from studio.adapters.lora.config import UNET_RESNET_CONVS, LoraConfig
 from studio.adapters.lora.layer import use_fused_layers
+from studio.adapters.wrapped import WrappedLayer, refuse_shared_layers
 
 
 def _lora_layers(model: torch.nn.Module):
@@ -128,6 +129,8 @@ class LoraMethod(AdapterMethod):
         for key, tensor in tensors.items():
             comp, rest = split_key(key)
             by_comp.setdefault(comp, {})[rest] = tensor
+        for comp, sub in by_comp.items():
+            refuse_shared_layers(component(pipe, comp), {module_path_of(k) for k in sub}, source, WrappedLayer)
         config = config or LoraConfig()
         alpha_pattern = _match_text_model_prefix(pipe, config.alpha_pattern)
         for comp, sub in by_comp.items():

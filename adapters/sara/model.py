@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from studio.adapters.base import AdapterError, denoiser, matches_target, register
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
-from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser
+from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser, refuse_shared_layers
 from studio.kernels.sparse_delta import dense_delta
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class SaraMethod(WrappedLayerMethod):
             raise AdapterError(f"{source}: {stray[0]} names no layer of the loaded model's {comp} "
                                "(SaRA trains the denoiser only)")
         paths = sorted({key[len(prefix):-len(".indices")] for key in tensors if key.endswith(".indices")})
+        refuse_shared_layers(model, paths, source, BaseTunerLayer)
         if not paths or digest_key(comp) not in tensors:
             raise AdapterError(f"{source}: not a SaRA file (no indices, or no base digest)")
         for path in paths:

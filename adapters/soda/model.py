@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import re
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from studio.adapters.base import DENOISERS, AdapterError, denoiser, matches_target, register
 from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
 from studio.adapters.soda.optimizer import soda_optimizer
-from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser
+from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser, refuse_shared_layers
 
 
 def digest_key(comp: str) -> str:
@@ -124,6 +125,7 @@ class SodaMethod(WrappedLayerMethod):
         paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key)) and m.group("comp") == comp})
         if not paths or digest_key(comp) not in tensors:
             raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
+        refuse_shared_layers(model, paths, source, BaseTunerLayer)
         for path in paths:  # everything is checked before anything is attached
             module = modules.get(path)
             layer = module.base_layer if isinstance(module, SodaLayer) else module
