@@ -32,3 +32,25 @@ def test_same_seed_same_weights(tmp_path):
     a = load_file(str(tmp_path / "a" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_unet_stage_resumes_exactly_from_its_checkpoint(tmp_path):
+    """The unet stage runs on the training engine: a run resumed from its step-2 checkpoint ends with the weights
+    (EMA in place) of the run that went through."""
+    import shutil
+
+    toy = dict(TOY, unet_steps=4, unet_checkpoint_every=2)
+    pretrain(PretrainConfig(**toy), tmp_path / "a", stages=("vae",))
+    shutil.copytree(tmp_path / "a" / "vae_stage", tmp_path / "b" / "vae_stage")
+    pretrain(PretrainConfig(**toy), tmp_path / "a", stages=("unet",))
+    shutil.copytree(tmp_path / "a" / "unet_stage", tmp_path / "b" / "unet_stage")
+    from studio.training.checkpoint import checkpoint_name
+
+    shutil.rmtree(tmp_path / "b" / "unet_stage" / "checkpoints" / checkpoint_name(4))
+    lines = []
+    report = pretrain(PretrainConfig(**toy, resume="latest"), tmp_path / "b", stages=("unet",), log=lines.append)
+    assert report["unet_steps_done"] == 4
+    assert any(line.startswith("resumed from") and line.endswith("at step 2") for line in lines), lines
+    a = load_file(str(tmp_path / "a" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

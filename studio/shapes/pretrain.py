@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.shapes import embedded, world
+from studio.training.recipe import AdapterOutput, Recipe, Trainables
 from studio.utils.files import atomic_dir
 from studio.loading import StudioError
 
@@ -52,6 +53,8 @@ class PretrainConfig:
     layout_fraction: float = 0.0
     layout_t_min: int = 600
     init_from: str = ""  # a shapes pipeline folder whose UNet and text encoder the unet stage continues from
+    unet_checkpoint_every: int = 1000  # the unet stage's checkpoints (in <out>/unet_stage/checkpoints)
+    resume: str = ""  # "latest" (or a checkpoint folder): continue the unet stage from its checkpoint
 
 
 def _render_chunk(args: tuple[list[world.Spec], list[int]]) -> np.ndarray:
@@ -198,78 +201,143 @@ def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str) -> tuple[torch.
     return latents, ids, len(captions) - 1
 
 
-def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen) -> torch.Tensor:
-    """One batch's loss: min-SNR-5 weighting, and the layout part of the batch (`layout_fraction`, captions naming
-    the position, t >= layout_t_min) weighted in x0 space (1/SNR, normalised)."""
+def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen: torch.Generator,
+               rows: slice | None = None) -> torch.Tensor:
+    """The mean loss of `rows` of one batch (all of it by default): min-SNR-5 weighting, and the layout part of the
+    batch (`layout_fraction`, captions naming the position, t >= layout_t_min) weighted in x0 space (1/SNR,
+    normalised). The whole batch is drawn from `gen` (on the CPU) and the rows sliced from it, so a batch split
+    over micro-batches or processes trains as the whole."""
     latents, ids, empty_id = data
-    dev, b = latents.device, cfg.unet_batch
-    idx = torch.randint(0, len(latents), (b,), device=dev, generator=gen)
-    variant = torch.randint(0, 8, (b,), device=dev, generator=gen)
+    dev, b, num_t = latents.device, cfg.unet_batch, noise_sched.config.num_train_timesteps
+    idx = torch.randint(0, len(latents), (b,), generator=gen)
+    variant = torch.randint(0, 8, (b,), generator=gen)
     n_layout = int(b * cfg.layout_fraction)
     variant[:n_layout] |= 2  # bit 1 of the variant index names the position
     cap = idx * 8 + variant
-    cap = torch.where(torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout,
-                      torch.full_like(cap, empty_id), cap)
-    x0 = latents[idx]
-    noise = torch.randn(x0.shape, device=dev, generator=gen)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
-    t[:n_layout] = torch.randint(cfg.layout_t_min, noise_sched.config.num_train_timesteps, (n_layout,),
-                                 device=dev, generator=gen)
-    xt = noise_sched.add_noise(x0, noise, t)
-    with torch.autocast("cuda", torch.bfloat16, enabled=str(dev).startswith("cuda")):
-        emb = text_encoder(ids[cap])[0]
-        pred = unet(xt, t, emb).sample.float()
+    cap = torch.where(torch.rand(b, generator=gen) < cfg.caption_dropout, torch.full_like(cap, empty_id), cap)
+    noise = torch.randn((b, *latents.shape[1:]), generator=gen)
+    t = torch.randint(0, num_t, (b,), generator=gen)
+    t[:n_layout] = torch.randint(cfg.layout_t_min, num_t, (n_layout,), generator=gen)
     weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
     weight[:n_layout] = (1 / snr[t[:n_layout]]) / layout_norm
+    rows = rows or slice(0, b)
+    idx, cap, noise, t, weight = (x[rows].to(dev) for x in (idx, cap, noise, t, weight))
+    xt = noise_sched.add_noise(latents[idx], noise, t)
+    emb = text_encoder(ids[cap])[0]
+    pred = unet(xt, t, emb).sample.float()
     return (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
 
 
-def train_unet(cfg: PretrainConfig, vae, log=print):
-    """Text encoder and UNet trained together on base shapes with EMA, min-SNR weighting."""
-    from diffusers import DDPMScheduler
+class UNetPretrainRecipe(Recipe):
+    """The unet stage as a recipe of the training engine (checkpoints, exact resume, Ctrl+C, NaN stop, several
+    processes): the UNet and the text encoder trained together on cached latents of base shapes, AdamW with
+    warm-up and cosine decay, gradient clipping at 1, EMA weights (kept in checkpoints, put in place at the end).
+    The run's file is the pipeline folder `pretrain` writes, not an adapter."""
 
-    from studio.training.objectives import signal_to_noise
+    label = "pretraining the UNet"
 
-    dev = cfg.device
-    comps = _unet_components(cfg, log)
-    tokenizer, text_encoder, unet = comps["tokenizer"], comps["text_encoder"].to(dev), comps["unet"].to(dev)
-    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
-    vae = vae.to(dev)
-    data = _caption_data(cfg, vae, tokenizer, dev)
-    log(f"unet: {len(data[0])} cached latents, std {data[0].std().item():.3f}")
+    def __init__(self, cfg: PretrainConfig, vae, log=print) -> None:
+        self.cfg, self.vae, self.log = cfg, vae, log
+        self.identity = {"stage": "unet", "seed": cfg.seed, "unet_images": cfg.unet_images,
+                         "init_from": cfg.init_from}
+        self.started = time.time()
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone().float() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    snr = signal_to_noise(noise_sched).to(dev)
-    layout_norm = (1 / snr[cfg.layout_t_min:]).mean()
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    def setup(self, acc) -> Trainables:
+        from diffusers import DDPMScheduler
+
+        from studio.training.objectives import signal_to_noise
+
+        cfg, dev = self.cfg, acc.device
+        self.comps = comps = _unet_components(cfg, self.log)
+        self.unet, self.text_encoder = comps["unet"].to(dev), comps["text_encoder"].to(dev)
+        self.noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
+        self.vae = self.vae.to(dev)
+        self.data = _caption_data(cfg, self.vae, comps["tokenizer"], dev)
+        self.log(f"unet: {len(self.data[0])} cached latents, std {self.data[0].std().item():.3f}")
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.ema = [p.detach().clone().float() for p in self.params]
+        self.snr = signal_to_noise(self.noise_sched).cpu()
+        self.layout_norm = (1 / self.snr[cfg.layout_t_min:]).mean()
+        self.unet.train()
+        self.text_encoder.train()
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.unet_lr, weight_decay=0.01)
+        return Trainables(self.params, {"unet": self.unet, "text_encoder": self.text_encoder}, optimizer,
+                          lr_lambda=self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        minutes = self.cfg.unet_minutes or self.cfg.max_minutes
+        time_progress = (time.time() - self.started) / (minutes * 60) if minutes > 0 else 0.0
+        return _cosine_lr(step, self.cfg.unet_steps, self.cfg.unet_warmup, time_progress)
+
+    def prepared(self, modules) -> None:
+        self.model_unet, self.model_text = modules["unet"], modules["text_encoder"]
+
+    def loss(self, step: int, share, generator: torch.Generator) -> torch.Tensor:
+        loss = _unet_loss(self.cfg, self.model_unet, self.model_text, self.noise_sched, self.data, self.snr,
+                          self.layout_norm, generator, share.rows)
+        return loss * len(share) / share.batch
+
+    def after_step(self, step: int, optimizer) -> str | None:
+        decay = min(self.cfg.ema_decay, step / (9 + step))  # (1 + i) / (10 + i) for the 0-based step i
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+        return None
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{i}": e for i, e in enumerate(self.ema)}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, e in enumerate(self.ema):
+            e.copy_(tensors[f"ema.{i}"])
+
+    def checkpoint_file(self) -> AdapterOutput:
+        tensors = {**{f"unet.{k}": v for k, v in self.unet.state_dict().items()},
+                   **{f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}}
+        return AdapterOutput("", {}, tensors, {})
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, module in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        self.unet.eval()
+        self.text_encoder.eval()
+
+    def result_file(self) -> AdapterOutput | None:
+        return None
+
+
+def train_unet(cfg: PretrainConfig, vae, log=print, out: Path | None = None):
+    """The unet stage through the training engine; checkpoints go to `out` / checkpoints (resume with
+    `cfg.resume`). A time budget (`unet_minutes`, else `max_minutes`) stops it, saving what it has."""
+    from studio.training import LoopSettings
+    from studio.training.engine import Engine
+
     minutes = cfg.unet_minutes or cfg.max_minutes
     deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
-    t0 = time.time()
-    for step in range(cfg.unet_steps):
-        time_progress = (time.time() - t0) / (minutes * 60) if minutes > 0 else 0.0
-        for group in opt.param_groups:
-            group["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup, time_progress)
-        loss = _unet_loss(cfg, unet, text_encoder, noise_sched, data, snr, layout_norm, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
-        if step % 500 == 0 or step == cfg.unet_steps - 1:
-            rate = (step + 1) / (time.time() - t0)
-            log(f"unet step {step} loss {loss.item():.4f} ({rate:.1f} steps/s)")
-        if time.time() > deadline:
-            log(f"unet stopped by the time limit at step {step}")
-            break
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    comps.update(vae=vae.cpu(), unet=unet.cpu().eval(), text_encoder=text_encoder.cpu().eval())
-    return comps, step + 1
+    settings = LoopSettings(steps=cfg.unet_steps, batch_size=cfg.unet_batch, lr=cfg.unet_lr, max_grad_norm=1.0,
+                            seed=cfg.seed, mixed_precision="bf16" if cfg.device.startswith("cuda") else "no",
+                            device=cfg.device, output_dir=str(out) if out else None,
+                            checkpoint_every=cfg.unet_checkpoint_every, resume=cfg.resume or None,
+                            tensorboard=False, progress_bar=False)
+
+    def on_event(event: dict) -> None:
+        if event["kind"] == "log":
+            log(event["message"])
+        elif event["kind"] == "step" and (event["step"] % 500 == 1 or event["step"] == cfg.unet_steps):
+            log(f"unet step {event['step']} loss {event['loss']:.4f}")
+
+    recipe = UNetPretrainRecipe(cfg, vae, log)
+    result = Engine(settings, on_event=on_event, should_stop=lambda: time.time() > deadline).run(recipe)
+    if result.stopped:
+        log(f"unet stopped by the time limit at step {result.steps}")
+    comps = recipe.comps
+    comps.update(vae=recipe.vae.cpu(), unet=recipe.unet.cpu().eval(), text_encoder=recipe.text_encoder.cpu().eval())
+    return comps, result.steps
 
 
 def save_pipeline(components: dict, out: Path) -> None:
@@ -309,7 +377,7 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
         report["seconds"]["judge"] = time.time() - t
     if "unet" in stages:
         t = time.time()
-        comps, steps = train_unet(cfg, vae, log)
+        comps, steps = train_unet(cfg, vae, log, out / "unet_stage")
         save_pipeline(comps, out / "shapes")
         report["unet_steps_done"] = steps
         report["seconds"]["unet"] = time.time() - t

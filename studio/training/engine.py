@@ -288,6 +288,7 @@ class Engine:
 
     def _save_checkpoint(self, step: int, recipe: Recipe) -> Path | None:
         from studio.adapters import save_adapter
+        from studio.adapters.base import write_safetensors
 
         acc = self.accelerator
         if self.out is None:
@@ -298,9 +299,14 @@ class Engine:
             now = recipe.checkpoint_file()
             state = {"optimizer": opt_info, "lr_scheduler": self.lr_scheduler.state_dict(),
                      "identity": recipe.identity, "config": self.training_config, "world_size": acc.num_processes}
-            write_checkpoint(self.out, step, state, {"optimizer": opt_tensors, "extra": recipe.extra_state()},
-                             lambda path: save_adapter(path, now.method, now.config, now.tensors, now.base,
-                                                       {"trigger": recipe.trigger or "", **now.extra}),
+            if now.method:
+                def write(path):
+                    return save_adapter(path, now.method, now.config, now.tensors, now.base,
+                                        {"trigger": recipe.trigger or "", **now.extra})
+            else:  # a recipe whose tensors are no adapter (pretraining's whole UNet)
+                def write(path):
+                    return write_safetensors(path, now.tensors, {"format": "studio-checkpoint"})
+            write_checkpoint(self.out, step, state, {"optimizer": opt_tensors, "extra": recipe.extra_state()}, write,
                              self.settings.keep_checkpoints)
             self.on_event({"kind": "checkpoint", "step": step, "path": str(final)})
         acc.wait_for_everyone()
