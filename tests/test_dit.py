@@ -146,10 +146,50 @@ def test_a_file_of_another_family_is_refused_with_the_reason(sd3_folder, flux_fo
 
 
 @pytest.mark.parametrize("folder", FAMILIES, indirect=True)
-def test_text_encoder_training_is_refused_with_the_reason(folder, one_image, tmp_path):
-    with pytest.raises(TrainingError, match="not supported on"):
-        train(model=str(folder), data=str(one_image), method="lora", steps=1, output_dir=str(tmp_path / "a"),
-              adapter={"text_encoder": True}, **RUN)
+def test_prompts_encode_as_the_pipelines_own_encode_prompt(folder):
+    pipe = load_pipeline(str(folder))
+    family = family_for(pipe, TrainConfig(model=str(folder), data="."))
+    with torch.no_grad():
+        ours = family.encode([CAPTION, "a blue circle"], "cpu")
+        if _family(folder) == "sd3":
+            hidden, _, pooled, _ = pipe.encode_prompt([CAPTION, "a blue circle"], None, None, device="cpu",
+                                                      do_classifier_free_guidance=False)
+        else:
+            hidden, pooled, _ = pipe.encode_prompt([CAPTION, "a blue circle"], None, device="cpu")
+    torch.testing.assert_close(ours.hidden, hidden, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+
+
+def test_sd3_without_t5_reads_zeros_in_its_place(sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder_3=None, tokenizer_3=None)
+    family = family_for(pipe, TrainConfig(model=str(sd3_folder), data="."))
+    with torch.no_grad():
+        ours = family.encode([CAPTION], "cpu")
+        hidden, _, pooled, _ = pipe.encode_prompt(CAPTION, None, None, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours.hidden, hidden, rtol=0, atol=0)
+    assert ours.hidden[:, 77:].abs().max() == 0 and ours.pooled.shape[-1] == 64
+
+
+@pytest.mark.parametrize("folder", FAMILIES, indirect=True)
+def test_lora_trains_the_clip_encoders_with_the_transformer(folder, one_image, tmp_path):
+    """`text_encoder=true` puts LoRA on the CLIP encoders (SD3: both, Flux: CLIP-L) and not on T5, whose layers
+    are named otherwise; the file holds their keys and loads again."""
+    result = train(model=str(folder), data=str(one_image), method="lora", steps=3, lr=1e-2,
+                   output_dir=str(tmp_path), name="te", adapter={"text_encoder": True}, **RUN)
+    from safetensors import safe_open
+
+    with safe_open(str(result.adapter_path), "pt") as f:
+        components = {key.partition(".")[0] for key in f.keys()}
+    clip = {"sd3": {"text_encoder", "text_encoder_2"}, "flux": {"text_encoder"}}[_family(folder)]
+    assert components == {"transformer", *clip}
+    tuned = load_pipeline(str(folder), adapters={result.adapter_path: 1.0})
+    assert np.abs(_image(tuned) - _image(load_pipeline(str(folder)))).max() > 1e-4
+
+
+@pytest.mark.parametrize("folder", FAMILIES, indirect=True)
+def test_the_trigger_token_is_refused_with_the_reason(folder, one_image, tmp_path):
     with pytest.raises(TrainingError, match="trigger_token"):
         train(model=str(folder), data=str(one_image), method="lora", steps=1, output_dir=str(tmp_path / "b"),
               trigger="sks", trigger_token=True, **RUN)

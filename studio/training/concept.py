@@ -163,9 +163,6 @@ class ConceptRecipe(Recipe):
         self.text_modules = {name: getattr(pipe, name) for name in text_encoder_names(pipe)
                              if any(p.requires_grad for p in getattr(pipe, name).parameters())}
         self.train_text = bool(self.text_modules)
-        if self.train_text and not self.family.trains_text_encoders:
-            raise TrainingError(f"training a text encoder (LoRA's text_encoder) is not supported on {self.family.name} "
-                                "yet; train the transformer alone")
         if not self.train_text:
             captions = self.cache["captions"] + (self.class_cache["captions"] if self.class_cache else [])
             self.text_cache = self._embed_all(captions)
@@ -198,7 +195,7 @@ class ConceptRecipe(Recipe):
 
         if not self.config.trigger_token:
             return []
-        if not self.family.trains_text_encoders:
+        if not self.family.trains_trigger_token:
             raise TrainingError(f"trigger_token trains a new token in the text encoders, which {self.family.name} "
                                 "does not support yet; use the trigger as a plain word")
         try:

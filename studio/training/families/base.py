@@ -23,8 +23,8 @@ class Family:
     name: ClassVar[str]
     # the pipeline attribute of the denoiser ("unet" or "transformer")
     denoiser: ClassVar[str]
-    # whether the text encoders can be trained (LoRA on them, the trigger token)
-    trains_text_encoders: ClassVar[bool] = True
+    # whether the trigger can be trained as a new token of the text encoders
+    trains_trigger_token: ClassVar[bool] = True
     # the per-example extra inputs cached beside the latents ("time_ids": SDXL's micro-conditioning)
     reads_time_ids: ClassVar[bool] = False
 

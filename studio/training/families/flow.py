@@ -14,9 +14,16 @@ from studio.training.objectives import flow_matching_loss, flow_timestep_indices
 _DDPM_ONLY = {"snr_gamma": None, "x0_weighting": False, "timestep_bias": "none"}
 
 
+def t5_states(tokenizer, encoder, captions: list[str], length: int, device) -> torch.Tensor:
+    """T5's last hidden states of the captions padded to `length` tokens, as the SD3 and Flux pipelines take them."""
+    ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids.to(device))[0]
+
+
 class FlowFamily(Family):
     denoiser = "transformer"
-    trains_text_encoders = False  # not yet: the prompt is encoded once, by the pipeline's own encode_prompt
+    trains_trigger_token = False  # not yet: a new token in CLIP and T5 and its export are not written
 
     def __init__(self, pipe, config) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 
-from studio.training.conditioning import PromptEncoding
-from studio.training.families.flow import FlowFamily
+from studio.adapters.base import tokenizer_ids
+from studio.training.conditioning import PromptEncoding, text_encoders
+from studio.training.families.flow import FlowFamily, t5_states
+
+T5_TOKENS = 512  # FluxPipeline's max_sequence_length
 
 
 class FluxFamily(FlowFamily):
@@ -19,8 +22,11 @@ class FluxFamily(FlowFamily):
         return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
 
     def encode(self, captions: list[str], device, encoders=None) -> PromptEncoding:
-        hidden, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, device=device)
-        return PromptEncoding(hidden, pooled)
+        """As `FluxPipeline.encode_prompt` encodes a prompt (a test compares them): CLIP-L's pooled output and
+        T5's last states, through `encoders` (the engine's prepared copies where CLIP-L trains)."""
+        (clip_tokenizer, clip), (t5_tokenizer, t5) = (encoders or text_encoders(self.pipe))[:2]
+        pooled = clip(tokenizer_ids(clip_tokenizer, captions).to(device), output_hidden_states=False).pooler_output
+        return PromptEncoding(t5_states(t5_tokenizer, t5, captions, T5_TOKENS, device), pooled)
 
     def inputs(self, prompt: PromptEncoding, batch: dict[str, Any]) -> dict[str, Any]:
         text_ids = torch.zeros(prompt.hidden.shape[1], 3, device=prompt.hidden.device, dtype=prompt.hidden.dtype)
