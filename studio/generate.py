@@ -16,6 +16,18 @@ from studio.loading import StudioError
 DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 
+def family_steps_and_guidance(pipe) -> tuple[int, float]:
+    """Each family's usual sampling: 25 steps at guidance 5 (SD 1.x/2.x, SDXL, the embedded model); SD3 28 at 7;
+    Flux-dev 28 at its distilled guidance 3.5 (an input of the transformer, not classifier-free guidance);
+    Flux-schnell (no guidance input) 4 at 0."""
+    architecture = getattr(pipe, "studio_architecture", "")
+    if architecture == "sd3":
+        return 28, 7.0
+    if architecture == "flux":
+        return (28, 3.5) if pipe.transformer.config.guidance_embeds else (4, 0.0)
+    return 25, 5.0
+
+
 @dataclass
 class GenerationSettings:
     prompt: str

@@ -3,6 +3,8 @@ downloaded): they load and generate, the flow-matching objective trains every co
 saved file reproduces images, the diffusers export loads in each pipeline's `load_lora_weights`, and files of
 another family are refused."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -206,9 +208,11 @@ def test_the_cli_trains_and_generates_on_a_transformer(folder, method, one_image
                  "--output-dir", str(out)]) == 0
     adapter = next(out.glob("*.safetensors"))
     image = tmp_path / "img.png"
-    assert main(["generate", CAPTION, "--model", str(folder), "--adapter", str(adapter), "--steps", "2",
+    assert main(["generate", CAPTION, "--model", str(folder), "--adapter", str(adapter),
                  "--height", "16", "--width", "16", "--out", str(image)]) == 0
     assert Image.open(image).size == (16, 16)
+    settings = json.loads(Image.open(image).text["parameters"])  # the family's defaults (Flux: dev's)
+    assert (settings["steps"], settings["guidance"]) == {"sd3": (28, 7.0), "flux": (28, 3.5)}[_family(folder)]
     assert main(["info", str(folder)]) == 0
     assert f": {_family(folder)} (" in capsys.readouterr().out
 

@@ -49,8 +49,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_steps_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="default 25 (1 with --one-step)")
-    p.add_argument("--guidance", type=finite_float, default=None, help="default 5 (0 with --one-step)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: the family's (25; SD3 and Flux-dev 28, Flux-schnell 4; 1 with --one-step)")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="default: the family's (5; SD3 7, Flux-dev 3.5, Flux-schnell 0; 0 with --one-step)")
 
 
 def load_model(args):

@@ -42,7 +42,7 @@ def check_batch(batch: int) -> None:
 
 
 def run(args) -> None:
-    from studio.generate import GenerationSettings, generate, output_paths, save_images
+    from studio.generate import GenerationSettings, family_steps_and_guidance, generate, output_paths, save_images
 
     steps, guidance = steps_and_guidance(args)
     settings = GenerationSettings(args.prompt, args.negative_prompt, steps, guidance, args.seed,
@@ -51,6 +51,10 @@ def run(args) -> None:
     check_batch(args.batch)
     paths = output_paths(args.out, args.batch)  # refuse an unwritable path before the model loads
     pipe = load_model(args)
+    if not getattr(args, "one_step", None):  # the family's own defaults for what was not given
+        steps, guidance = family_steps_and_guidance(pipe)
+        settings.steps = args.steps if args.steps is not None else steps
+        settings.guidance = args.guidance if args.guidance is not None else guidance
     images = generate(pipe, settings)
     save_images(images, paths, settings, str(args.model), _provenance(args, pipe) or None)
     for p in paths:
