@@ -44,8 +44,8 @@ class DistillSettings:
     warmup: int = setting(50, help="learning-rate warm-up steps (linear from 0)", advanced=True)
     latent_weight: float = setting(1.0, help="weight of the MSE of the x0 latents (spatial loss, >= 0)")
     pixel_weight: float = setting(10.0, help="weight of the MSE of the decoded pixels (spatial loss, >= 0)")
-    perceptual_weight: float = setting(1.0, help="weight of the perceptual distance, when a feature network is "
-                                                 "given (>= 0)", advanced=True)
+    perceptual_weight: float = setting(1.0, help="weight of the LPIPS-style distance on the model's own VAE "
+                                                 "encoder stages (>= 0)", advanced=True)
     fourier_weight: float = setting(1.0, help="weight of the L1 of Fourier high-passed images (high-frequency "
                                               "loss, >= 0)")
     edge_weight: float = setting(1.0, help="weight of the L1 of Sobel edge maps (high-frequency loss, >= 0)")

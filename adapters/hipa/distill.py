@@ -204,8 +204,8 @@ def check_distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: Te
                   features: Features | None) -> None:
     settings.validate()
     if settings.adversarial_weight and features is None:
-        raise AdapterError("the adversarial term needs a feature network for its discriminator; only the embedded "
-                           "model ships one (its judge): set adversarial_weight=0 for this model")
+        raise AdapterError("the adversarial term needs a feature network for its discriminator (studio distill "
+                           "gives the model's own VAE encoder): pass features=, or set adversarial_weight=0")
     check_pipeline(pipe, config)
     if pairs is None or pairs.base != base_fingerprint(pipe):
         raise AdapterError("the teacher pairs were made by another model; make them again for this one")

@@ -1,5 +1,6 @@
 """`studio distill`: teacher pairs (cached), then the one-step HiPA adaptor trained on them through the training
-engine. The pieces are in adapters/hipa; this picks the prompts and the perceptual network for the model at hand.
+engine. The pieces are in adapters/hipa; this picks the prompts, and gives the perceptual term and the
+discriminator the model's own frozen VAE encoder as their feature network (never the benchmarks' judge).
 
 Checkpoints and logs of a run writing OUT.safetensors go to OUT_run/ beside it; resume="latest" resumes the
 newest checkpoint there (or any checkpoint folder given by path). The teacher pairs are made (or read from
@@ -21,6 +22,7 @@ from studio.adapters.hipa.distill import (TRAINING_NAME, Perceptual, TeacherPair
                                           encode_prompts, lr_factor, make_discriminator, make_teacher_pairs,
                                           pair_indices, student_loss)
 from studio.adapters.hipa.adversarial import Features
+from studio.adapters.hipa.features import feature_distance, vae_stage_features
 from studio.adapters.hipa.model import HipaMethod
 from studio.loading import StudioError
 from studio.tasks.runs import checked_file, loop_settings, run_folder, split_settings
@@ -50,17 +52,6 @@ def distill_prompts(pipe, n: int, prompts_file: str | Path | None = None, seed: 
 
     rng = random.Random(seed)
     return [world.caption(world.random_spec(rng)) for _ in range(n)]
-
-
-def judge_for(pipe):
-    """The network the losses read on the embedded model: its judge (for the LPIPS-style perceptual distance,
-    and the optional adversarial term's discriminator features). None elsewhere: no such network ships that
-    runs offline on real images, so the spatial term is pixels only and the adversarial term is refused."""
-    if getattr(pipe, "studio_architecture", "") != "shapes":
-        return None
-    from studio.shapes.judge import load_judge
-
-    return load_judge()
 
 
 def teacher_pairs(pipe, settings: DistillSettings, prompts: list[str], cache: str | Path | None = None, *,
@@ -228,13 +219,8 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
     prompts = distill_prompts(pipe, settings.pairs, prompts_file)
     pairs = teacher_pairs(pipe, settings, prompts, cache, progress=progress, log=log, on_batch=on_teacher)
     config = HipaConfig(rank=rank, timestep=last_timestep(pipe.scheduler.config))
-    judge = judge_for(pipe)
-    perceptual = features = None
-    if judge is not None:
-        from studio.shapes.judge import perceptual_distance, stage_features
-
-        perceptual = perceptual_distance(judge)
-        features = stage_features(judge) if settings.adversarial_weight else None
+    features = vae_stage_features(pipe.vae)  # the model's own VAE encoder, never the benchmarks' judge
+    perceptual = feature_distance(features)
     return distill_adaptor(pipe, config, settings, pairs, out, perceptual=perceptual, features=features,
                            progress=progress, on_step=on_step, should_stop=should_stop, loop=loop, on_event=on_event)
 
