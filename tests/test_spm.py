@@ -181,3 +181,20 @@ def test_membranes_and_loras_share_layers_without_switching_each_other_off(membr
     set_adapter_weights(pipe, {names[0]: 0.5, names[1]: 1.0})
     layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
     assert set(layer.active_adapters) == set(names) and attached_adapters(pipe)[names[1]]["weight"] == 1.0
+
+
+def test_anchors_are_not_capped_by_the_batch(shapes_pipe):
+    """The sd15 preset trains with batch 1 and 3 anchors: a step draws all 3 (each reading the one row's
+    latents), and the loss takes them."""
+    from studio.adapters.spm.config import EraseSettings, SpmConfig
+    from studio.adapters.spm.erase import erase_draw, erase_loss, erase_targets
+    from studio.tasks.erase import _unet_call
+
+    config = SpmConfig(concepts=["circle"], anchors=3, anchor_weight=1.0, anchor_empty=False)
+    settings = EraseSettings(denoise_steps=2, batch=1)
+    targets = erase_targets(shapes_pipe, config, settings)
+    draw = erase_draw(targets, config, 1, torch.Generator().manual_seed(0), anchors=True)
+    assert len(draw.anchors) == 3 and draw.anchor_rows == [0, 0, 0]
+    call = _unet_call(shapes_pipe.unet)
+    loss = erase_loss(call, call, targets, config, settings, draw, range(1))
+    assert torch.isfinite(loss)

@@ -90,8 +90,11 @@ def erase_draw(targets: EraseTargets, config: SpmConfig, batch: int, generator: 
     noise = torch.randn((batch, *targets.latent_shape), generator=generator)
     parts, rows = [], []
     if anchors and config.anchor_weight > 0:
-        for row, i in enumerate(chosen[:config.anchors]):
-            parts.append(random_anchors(targets.target[i].cpu(), 1, generator))
+        # `anchors` per step whatever the batch: anchor j reads the latents of row j mod batch (with batch 1, as
+        # the sd15 preset trains, all three anchors read the one row)
+        for j in range(config.anchors):
+            row = j % batch
+            parts.append(random_anchors(targets.target[chosen[row]].cpu(), 1, generator))
             rows.append(row)
         if config.anchor_empty:
             parts.append(targets.empty.cpu()[None])
