@@ -13,7 +13,8 @@ from PIL import Image, PngImagePlugin
 from studio.utils.files import atomic_path
 from studio.loading import StudioError
 
-DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+# (SD3 and Flux: their pipelines' own default, 1024 for the released models)
+DEFAULT_SIZES = {"shapes": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
 def family_steps_and_guidance(pipe) -> tuple[int, float]:

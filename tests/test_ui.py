@@ -382,3 +382,12 @@ def test_control_tab_trains_an_adapter_then_generates_with_it(client, running_ap
     assert len(gallery) == 1
     with pytest.raises(Exception, match="aspect ratio differs"):
         _control(client, "disc_control", _editor(_disc(tmp_path / "wide.png", (128, 64))))
+
+
+def test_generate_on_a_diffusion_transformer_from_the_page(client, sd3_folder):
+    """The Generate tab's model field takes an SD3 folder; the pipeline's own size applies (16 px here)."""
+    from PIL import Image
+
+    gallery, status = _generate(client, "a red circle", steps=2, model=str(sd3_folder))
+    assert len(gallery) == 1 and "1 image(s)" in status
+    assert Image.open(_image_path(gallery[0])).size == (16, 16)
