@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.adapters import control, hipa, hra, lora, oft, sara, soda, spm  # noqa: F401  (registers the methods)
+from studio.adapters import control, hipa, hra, loha, lokr, lora, oft, sara, soda, spm  # noqa: F401  (registers the methods)
 from studio.adapters.trigger import TRIGGER_KEYS, check_trigger_vectors, set_trigger_vectors
 from studio.adapters.base import (AdapterConfig, AdapterError, AdapterFile, AdapterMethod, adapter_name_for,
                                   base_fingerprint, get_method, method_names, read_adapter, register, save_adapter)

@@ -148,3 +148,27 @@ class PeftTunerMethod(AdapterMethod):
                 layer.delete_adapter(adapter)
             if not any(len(getattr(layer, attr)) for attr in layer.adapter_layer_names):
                 replace_module(model, path, layer.get_base_layer())
+
+
+class ScalablePeftTunerMethod(PeftTunerMethod):
+    """A PEFT tuner whose update is additive and scaled (LyCORIS's LoHa and LoKr): any weight, as for LoRA."""
+
+    scalable = True
+
+    def _check_weight(self, name: str, weight: float) -> None:
+        pass
+
+    def set_weights(self, pipe, weights: dict[str, float]) -> None:
+        for _, layer in self._layers(denoiser(pipe)[1]):
+            names = {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+            active = [n for n, w in weights.items() if n in names]
+            layer.set_adapter(active, inference_mode=True)
+            for name in active:
+                layer.set_scale(name, float(weights[name]))
+
+    def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
+        for _, layer in self._layers(denoiser(pipe)[1]):
+            names = {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+            if adapter in names:
+                layer.set_scale(adapter, float(weight))
+                layer.merge(adapter_names=[adapter])
