@@ -9,6 +9,8 @@ import torch
 from studio.adapters.base import AdapterError, read_adapter, write_safetensors
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.convert import to_diffusers, to_kohya
+from studio.adapters.lycoris_keys import NETWORK as LYCORIS
+from studio.adapters.lycoris_keys import to_lycoris_kohya
 from studio.adapters.trigger import TRIGGER_KEY, TRIGGER_KEY_2, TRIGGER_KEYS
 
 FORMATS = ("kohya", "diffusers")
@@ -41,14 +43,22 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
     config = file.config
     if file.method == "spm":
         config = LoraConfig(target_modules=file.config["target_modules"], rank=file.config.get("rank", 1)).to_dict()
+    elif file.method in LYCORIS and fmt == "kohya":
+        pass
+    elif file.method in LYCORIS:
+        raise AdapterError(f"{path.name} is a {file.method} adapter; it exports to LyCORIS's kohya keys (--format "
+                           "kohya), which ComfyUI and A1111 read, not to diffusers keys")
     elif file.method != "lora":
-        raise AdapterError(f"{path.name} is a {file.method} adapter; only LoRA files export to {fmt} keys")
+        raise AdapterError(f"{path.name} is a {file.method} adapter; only LoRA, LoHa and LoKr files export to {fmt} "
+                           "keys (studio bake turns SaRA and SODA into a LoRA)")
     out = Path(out) if out else path.with_name(f"{path.stem}.{fmt}.safetensors")
     if out.resolve() == path.resolve():
         raise AdapterError(f"export would overwrite its input {path}; choose another --out")
     tensors = dict(file.tensors)
     vectors = {key: tensors.pop(key) for key in TRIGGER_KEYS if key in tensors}
-    if fmt == "kohya":
+    if file.method in LYCORIS:
+        tensors, metadata = to_lycoris_kohya(file.method, tensors, config, file.base, name=path.stem)
+    elif fmt == "kohya":
         tensors, metadata = to_kohya(tensors, config, file.base, name=path.stem)
     else:
         tensors, metadata = to_diffusers(tensors, config)

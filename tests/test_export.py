@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from studio import load_pipeline
 from studio.adapters import base_fingerprint, get_method, read_adapter, save_adapter
@@ -272,3 +272,43 @@ def test_comfyui_loads_every_key_of_the_kohya_exports(tmp_path):
     missing = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("  not loaded: ")]
     assert code == 1 and missing and all(".attn1.to_" in k or ".attn2.to_" in k for k in missing), out
     assert not any(k.startswith("text_encoder.") for k in missing)  # text_model. keys: loaded
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_loha_and_lokr_export_to_lycoris_kohya_keys_that_rebuild_the_update(method, tmp_path):
+    """The kohya export of a LoHa / LoKr names LyCORIS's tensors under kohya module names with an alpha, and the
+    LyCORIS formulas on those tensors give back PEFT's update of every layer (ComfyUI's own loaders were run on
+    such files too: docs/export-compat.md)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from studio.adapters import AdapterError, base_fingerprint, get_method, save_adapter
+    from studio.adapters.io import export_adapter
+    from studio.adapters.lora.convert import kohya_name
+    from studio.loading import load_pipeline
+
+    pipe = load_pipeline("shapes")
+    impl = get_method(method)
+    config = impl.config_class.from_dict({"rank": 4, "alpha": 2.0})
+    torch.manual_seed(0)
+    impl.attach(pipe, config, "x")
+    with torch.no_grad():
+        for p in impl.trainable_parameters(pipe, "x"):
+            p.normal_()
+    path = save_adapter(tmp_path / f"{method}.safetensors", method, config, impl.state_dict(pipe, "x"),
+                        base_fingerprint(pipe))
+    exported = load_file(str(export_adapter(path, "kohya")[0]))
+    layers = [(p, m) for p, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    for module_path, layer in layers:
+        k = kohya_name("unet", module_path)
+        scale = float(exported[f"{k}.alpha"]) / 4 if f"{k}.alpha" in exported else 1.0  # a full LoKr: folded in
+        if method == "loha":
+            rebuilt = (exported[f"{k}.hada_w1_a"] @ exported[f"{k}.hada_w1_b"]) * (
+                exported[f"{k}.hada_w2_a"] @ exported[f"{k}.hada_w2_b"]) * scale
+        else:
+            w2 = exported.get(f"{k}.lokr_w2")
+            w2 = w2 if w2 is not None else exported[f"{k}.lokr_w2_a"] @ exported[f"{k}.lokr_w2_b"]
+            rebuilt = torch.kron(exported[f"{k}.lokr_w1"], w2) * scale
+        torch.testing.assert_close(rebuilt, layer.get_delta_weight("x"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AdapterError, match="kohya"):
+        export_adapter(path, "diffusers")
