@@ -249,3 +249,16 @@ def test_two_adapters_mix_and_layers_shared_across_wrappers_are_refused(folder, 
     for order in ({first: 1.0, sara: 1.0}, {sara: 1.0, first: 1.0}):
         with pytest.raises(StudioError, match="cannot share a layer yet"):
             load_pipeline(str(folder), adapters=order)
+
+
+@pytest.mark.parametrize("folder", FAMILIES, indirect=True)
+def test_dora_trains_on_a_transformer_and_loads_in_diffusers(folder, one_image, tmp_path):
+    from studio.adapters.io import export_adapter
+
+    result = train(model=str(folder), data=str(one_image), method="lora", steps=20, lr=5e-2,
+                   output_dir=str(tmp_path), name="dora", adapter={"dora": True}, **RUN)
+    ours = _image(load_pipeline(str(folder), adapters={result.adapter_path: 1.0}))
+    pipe = load_pipeline(str(folder))
+    pipe.load_lora_weights(str(export_adapter(result.adapter_path, "diffusers")[0]))
+    assert np.abs(_image(pipe) - ours).max() < 1e-5
+    assert np.abs(ours - _image(load_pipeline(str(folder)))).max() > 1e-3

@@ -312,3 +312,40 @@ def test_loha_and_lokr_export_to_lycoris_kohya_keys_that_rebuild_the_update(meth
         torch.testing.assert_close(rebuilt, layer.get_delta_weight("x"), rtol=1e-5, atol=1e-6)
     with pytest.raises(AdapterError, match="kohya"):
         export_adapter(path, "diffusers")
+
+
+def test_dora_trains_saves_and_loads_exactly_in_diffusers(tmp_path):
+    """LoRA with `dora=true`: PEFT's DoRA (a trained magnitude per output); the file holds the magnitudes, loads
+    back to the same UNet output, weight 0 is the base model, and the diffusers export gives diffusers' own
+    `load_lora_weights` the same output (0.0 measured); the kohya export is refused with the reason."""
+    from studio.adapters import AdapterError, set_adapter_weights
+    from studio.adapters.io import export_adapter
+
+    pipe = load_pipeline("shapes")
+    impl = get_method("lora")
+    config = impl.config_class.from_dict({"rank": 4, "dora": True})
+    torch.manual_seed(0)
+    impl.attach(pipe, config, "x")
+    with torch.no_grad():
+        for p in impl.trainable_parameters(pipe, "x"):
+            p.add_(torch.randn_like(p) * 0.1)
+    tensors = impl.state_dict(pipe, "x")
+    assert sum(".lora_magnitude_vector." in k for k in tensors) == len(tensors) // 3
+    path = save_adapter(tmp_path / "dora.safetensors", "lora", config, tensors, base_fingerprint(pipe))
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 32, 128, generator=g)
+
+    def out(model):
+        with torch.no_grad():
+            return model.unet(x, t, encoder_hidden_states=text).sample
+
+    ours = out(pipe)
+    loaded = load_pipeline("shapes", adapters={path: 1.0})
+    assert torch.equal(out(loaded), ours)
+    set_adapter_weights(loaded, {"dora": 0.0})
+    assert torch.equal(out(loaded), out(load_pipeline("shapes")))
+    theirs = load_pipeline("shapes")
+    theirs.load_lora_weights(str(export_adapter(path, "diffusers")[0]))
+    assert (out(theirs) - ours).abs().max() < 1e-5
+    with pytest.raises(AdapterError, match="DoRA"):
+        export_adapter(path, "kohya")

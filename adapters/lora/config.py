@@ -37,6 +37,8 @@ class LoraConfig(AdapterConfig):
                                              "a UNet only: diffusion transformers have none)")
     rank: int = setting(4, help="rank of the low-rank update B·A (>= 1; larger learns more, file grows linearly)")
     alpha: float | None = setting(None, help="scale numerator: the update is (alpha / rank)·B·A; empty: alpha = rank")
+    dora: bool = setting(False, help="DoRA (Liu et al. 2024): a trained magnitude per output beside the low-rank "
+                                     "direction update, W' = m·(W + s·BA)/‖W + s·BA‖ (through PEFT's use_dora)")
     dropout: float = setting(0.0, help="dropout on the LoRA branch's input while training, in [0, 1)", advanced=True)
     text_encoder: bool = setting(
         False, help="also train a LoRA on the text encoder's attention projections (both encoders on SDXL)")

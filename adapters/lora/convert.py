@@ -85,6 +85,11 @@ def to_kohya(tensors: dict[str, torch.Tensor], config: dict[str, Any], base: dic
     unwritten = sorted({k.partition(".")[0] for k in tensors} - set(KOHYA_PREFIX))
     if unwritten:  # the transformer of SD3 / Flux (kohya's sd3/flux scripts name its modules their own way)
         raise AdapterError("kohya key layout for sd3/flux is not written yet; use the diffusers format")
+    if any(".lora_magnitude_vector." in k for k in tensors):
+        # ComfyUI (checked at a125cd84) divides a per-output dora_scale by the norm of the base weight, not of
+        # W + ΔW as DoRA (and PEFT, diffusers) do: such a file would load there and draw something else
+        raise AdapterError("a DoRA adapter exports to diffusers keys only (diffusers loads it exactly); the kohya "
+                           "layout's dora_scale is read differently by ComfyUI")
     out: dict[str, torch.Tensor] = {}
     alpha_pattern = config.get("alpha_pattern") or {}
     family = base.get("family", "sd1")
@@ -157,7 +162,8 @@ def to_diffusers(tensors: dict[str, torch.Tensor],
     `lora_adapter_metadata` header diffusers (>= 0.33) reads instead of looking at the tensors: each
     component's rank `r`, `lora_alpha`, `target_modules` and, for modules whose rank or alpha differ from
     those (a baked layer narrower than the bake rank, kohya's per-module alphas), `rank_pattern` and
-    `alpha_pattern`. Without the patterns diffusers would build every layer at `r` and fail on the others."""
+    `alpha_pattern`, and `use_dora` where DoRA magnitudes are in the file. Without the patterns diffusers would
+    build every layer at `r` and fail on the others."""
     out: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -177,6 +183,7 @@ def to_diffusers(tensors: dict[str, torch.Tensor],
             f"{comp}.target_modules": sorted(p.removeprefix(TEXT_MODEL) for p in ranks),
             f"{comp}.rank_pattern": {module_pattern(comp, p): v for p, v in sorted(ranks.items()) if v != r},
             f"{comp}.alpha_pattern": {module_pattern(comp, p): a for p, a in sorted(alphas.items()) if a != alpha},
+            f"{comp}.use_dora": any(k.startswith(f"{comp}.") and ".lora_magnitude_vector." in k for k in tensors),
         })
     return out, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True), "format": "pt"}
 

@@ -27,7 +27,11 @@ def _lora_layers(model: torch.nn.Module):
 
 def _peft_config(targets: list[str] | str, config: LoraConfig, rank_pattern=None, alpha_pattern=None):
     return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-                          rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, init_lora_weights=True)
+                          rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, init_lora_weights=True,
+                          use_dora=config.dora)
+
+
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude (PEFT's and diffusers' name)
 
 
 def expected_shape(module: torch.nn.Module, key: str, tensor: torch.Tensor):
@@ -39,6 +43,8 @@ def expected_shape(module: torch.nn.Module, key: str, tensor: torch.Tensor):
         fan_in, fan_out, kernel = layer.in_channels, layer.out_channels, tuple(layer.kernel_size)
     else:
         raise AdapterError(f"LoRA cannot target {type(layer).__name__} modules ({key})")
+    if f".{MAGNITUDE}." in key:
+        return (fan_out,)
     rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[1]
     if ".lora_A." in key:
         return (rank, fan_in, *kernel)
@@ -118,6 +124,9 @@ class LoraMethod(AdapterMethod):
                 if adapter in layer.lora_A:
                     out[f"{comp}.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
                     out[f"{comp}.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().clone()
+                    if adapter in layer.lora_magnitude_vector:
+                        magnitude = layer.lora_magnitude_vector[adapter].weight
+                        out[f"{comp}.{path}.{MAGNITUDE}.weight"] = magnitude.detach().clone()
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: LoraConfig | None = None,
@@ -141,7 +150,8 @@ class LoraMethod(AdapterMethod):
             # a file's alpha is per module (kohya) or one value for all; PEFT takes the odd ones as patterns
             alphas = {p: float(alpha_pattern.get(f"{comp}.{p}", config.alpha)) for p in paths}
             default_alpha = alphas[paths[0]]
-            cfg = LoraConfig(rank=default_rank, alpha=default_alpha, dropout=config.dropout)
+            cfg = LoraConfig(rank=default_rank, alpha=default_alpha, dropout=config.dropout,
+                             dora=any(f".{MAGNITUDE}." in k for k in sub))
             rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != default_rank}
             alpha_pattern = {re.escape(p): a for p, a in alphas.items() if a != default_alpha}
             inject_adapter_in_model(_peft_config(paths, cfg, rank_pattern, alpha_pattern), model, adapter_name=adapter)
@@ -156,6 +166,9 @@ class LoraMethod(AdapterMethod):
                     with torch.no_grad():
                         layer.lora_A[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_A.weight"])
                         layer.lora_B[adapter].weight.copy_(tensors[f"{comp}.{path}.lora_B.weight"])
+                        if adapter in layer.lora_magnitude_vector:
+                            layer.lora_magnitude_vector[adapter].weight.copy_(
+                                tensors[f"{comp}.{path}.{MAGNITUDE}.weight"])
 
     @contextmanager
     def disabled(self, pipe):
@@ -171,7 +184,8 @@ class LoraMethod(AdapterMethod):
         for _, model in components(pipe):
             for _, layer in _lora_layers(model):
                 kept = [name for name in layer.active_adapters if name in others]
-                active = kept + [name for name in weights if name in layer.lora_A]
+                # weight 0 is off (left out: a DoRA adapter at scale 0 would still rescale by its magnitude)
+                active = kept + [name for name in weights if name in layer.lora_A and weights[name] != 0]
                 layer.set_adapter(active, inference_mode=True)
                 for name in active:
                     if name in weights:
