@@ -251,6 +251,14 @@ def unet_family(cfg) -> str:
     return {768: "sd1", 1024: "sd2"}.get(cross, f"custom(cross_attention_dim={cross})")
 
 
+def require_unet(pipe, method: str) -> None:
+    """Refuse, with the reason, a method written for a UNet (control hooks, one-step distillation, membranes) on a
+    diffusion-transformer pipeline."""
+    if getattr(pipe, "unet", None) is None:
+        raise AdapterError(f"{method} needs a UNet model; {transformer_family(denoiser(pipe)[1])} is a diffusion "
+                           "transformer")
+
+
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 

@@ -18,6 +18,11 @@ from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, de
 from studio.adapters.wrapped import WrappedLayer, file_denoiser, refuse_shared_layers
 
 
+def _adapter_names(layer: BaseTunerLayer) -> set[str]:
+    """The adapters a PEFT tuner layer holds tensors of."""
+    return {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+
+
 class PeftTunerMethod(AdapterMethod):
     """A PEFT tuner as a studio method. PEFT's OFT and HRA layers cannot scale an adapter (a rotation has no
     linear "half"), so their adapters act at weight 1 or 0 only."""
@@ -123,7 +128,7 @@ class PeftTunerMethod(AdapterMethod):
         for name, weight in weights.items():
             self._check_weight(name, weight)
         for _, layer in self._layers(denoiser(pipe)[1]):
-            names = {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+            names = _adapter_names(layer)
             layer.set_adapter([n for n, w in weights.items() if w and n in names], inference_mode=True)
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
@@ -160,7 +165,7 @@ class ScalablePeftTunerMethod(PeftTunerMethod):
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
         for _, layer in self._layers(denoiser(pipe)[1]):
-            names = {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+            names = _adapter_names(layer)
             active = [n for n, w in weights.items() if n in names]
             layer.set_adapter(active, inference_mode=True)
             for name in active:
@@ -168,7 +173,7 @@ class ScalablePeftTunerMethod(PeftTunerMethod):
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
         for _, layer in self._layers(denoiser(pipe)[1]):
-            names = {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
+            names = _adapter_names(layer)
             if adapter in names:
                 layer.set_scale(adapter, float(weight))
                 layer.merge(adapter_names=[adapter])

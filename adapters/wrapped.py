@@ -120,6 +120,12 @@ def refuse_shared_layers(model: torch.nn.Module, paths, source: str, kind: type)
             raise AdapterError(f"{source}: {path} already carries another kind of adapter; {SHARED_LAYER}")
 
 
+def digest_key(comp: str, method: str) -> str:
+    """The key of a method's base-weight digest in a file of the denoiser `comp` (`unet.sara_base_digest`,
+    `transformer.soda_base_digest`)."""
+    return f"{comp}.{method}_base_digest"
+
+
 def file_denoiser(pipe, tensors, source: str) -> tuple[str, torch.nn.Module]:
     """The loaded pipeline's denoiser (component name, module) for a file whose tensors are keyed
     `<denoiser>.<path>...`, refused when the keys name another denoiser (a UNet's file on a diffusion transformer

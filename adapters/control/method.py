@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import (AdapterError, AdapterMethod, base_fingerprint, denoiser, describe_base, read_adapter,
-                                  transformer_family)
+from studio.adapters.base import (AdapterError, AdapterMethod, base_fingerprint, describe_base, read_adapter,
+                                  require_unet)
 from studio.adapters.control import inject
 
 # The engine's timestep settings a control adapter trains with by default (its presets, `studio bench control`):
@@ -46,9 +46,7 @@ class ControlMethod(AdapterMethod):
     def attach(self, pipe, config, adapter: str) -> None:
         """Attach for training: a new module, or one that starts from `config.init_from`; with `tune="bias"`
         only its biases train."""
-        if getattr(pipe, "unet", None) is None:  # the control hooks feed a UNet's blocks
-            raise AdapterError(f"{self.name} needs a UNet model; {transformer_family(denoiser(pipe)[1])} is a "
-                               "diffusion transformer")
+        require_unet(pipe, self.name)  # the control hooks feed a UNet's blocks
         start = self._initial_tensors(pipe, config)
         self._attach_trainable(pipe, config, adapter)
         if start is not None:

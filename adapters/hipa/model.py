@@ -3,7 +3,7 @@ is trained (distill.py) and that it is called once, at the last training timeste
 
 from __future__ import annotations
 
-from studio.adapters.base import AdapterError, denoiser, register, transformer_family
+from studio.adapters.base import register, require_unet
 from studio.adapters.hipa.config import HipaConfig
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.model import LoraMethod
@@ -22,9 +22,7 @@ class HipaMethod(LoraMethod):
     presets = {}  # trained by `studio distill` (adapters/hipa/distill.py), not the concept engine
 
     def attach(self, pipe, config: HipaConfig, adapter: str) -> None:
-        if getattr(pipe, "unet", None) is None:  # the one-step distillation is written for a UNet
-            raise AdapterError(f"{self.name} needs a UNet model; {transformer_family(denoiser(pipe)[1])} is a "
-                               "diffusion transformer")
+        require_unet(pipe, self.name)  # the one-step distillation is written for a UNet
         super().attach(pipe, lora_config(config), adapter)
 
     def load_state_dict(self, pipe, adapter, tensors, config: HipaConfig | None = None, base=None,

@@ -18,18 +18,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from studio.adapters.base import AdapterError, denoiser, matches_target, register
 from studio.adapters.sara.config import SaraConfig, parse_budget
 from studio.adapters.sara.layer import SaraLayer
-from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser, refuse_shared_layers
+from studio.adapters.wrapped import WrappedLayerMethod, digest_key, file_denoiser, refuse_shared_layers
 from studio.kernels.sparse_delta import dense_delta
 
 log = logging.getLogger(__name__)
 
 
-def digest_key(comp: str) -> str:
-    """The key of the base-weight digest in a file of the denoiser `comp` ("unet" or "transformer")."""
-    return f"{comp}.sara_base_digest"
-
-
-DIGEST_KEY = digest_key("unet")  # a UNet's file (the files written before diffusion transformers were adapted)
 
 
 def _targets(model: torch.nn.Module, patterns: list[str]):
@@ -122,7 +116,7 @@ class SaraMethod(WrappedLayerMethod):
                 out[f"{comp}.{path}.shape"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
                 if _reselects(pipe):  # (a checkpoint must say what re-selection froze, to resume after it)
                     out[f"{comp}.{path}.frozen"] = layer.frozen[adapter].cpu().to(torch.uint8)
-        out[digest_key(comp)] = base_digest(model, adapter)
+        out[digest_key(comp, self.name)] = base_digest(model, adapter)
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SaraConfig | None = None,
@@ -136,7 +130,7 @@ class SaraMethod(WrappedLayerMethod):
                                "(SaRA trains the denoiser only)")
         paths = sorted({key[len(prefix):-len(".indices")] for key in tensors if key.endswith(".indices")})
         refuse_shared_layers(model, paths, source, BaseTunerLayer)
-        if not paths or digest_key(comp) not in tensors:
+        if not paths or digest_key(comp, self.name) not in tensors:
             raise AdapterError(f"{source}: not a SaRA file (no indices, or no base digest)")
         for path in paths:
             module = modules.get(path)
@@ -155,7 +149,7 @@ class SaraMethod(WrappedLayerMethod):
         self._install(model, paths)
         for path in paths:
             model.get_submodule(path).add_adapter(adapter, tensors[f"{comp}.{path}.indices"].long())
-        if not torch.equal(base_digest(model, adapter), tensors[digest_key(comp)]):
+        if not torch.equal(base_digest(model, adapter), tensors[digest_key(comp, self.name)]):
             self.remove(pipe, adapter)
             raise AdapterError(f"{source} was trained on another checkpoint: the base weights at its trained entries "
                                "differ from the loaded model's (a SaRA update only fits the exact weights it was "

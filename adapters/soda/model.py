@@ -22,15 +22,9 @@ from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
 from studio.adapters.soda.optimizer import soda_optimizer
-from studio.adapters.wrapped import WrappedLayerMethod, file_denoiser, refuse_shared_layers
+from studio.adapters.wrapped import WrappedLayerMethod, digest_key, file_denoiser, refuse_shared_layers
 
 
-def digest_key(comp: str) -> str:
-    """The key of the base-weight digest in a file of the denoiser `comp` ("unet" or "transformer")."""
-    return f"{comp}.soda_base_digest"
-
-
-DIGEST_KEY = digest_key("unet")  # a UNet's file (the files written before diffusion transformers were adapted)
 # `<denoiser>.<path>.delta` / `.rot_in.<i>` / `.rot_out.<i>`
 _KEY = re.compile(rf"^(?P<comp>{'|'.join(DENOISERS)})\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
 
@@ -114,7 +108,7 @@ class SodaMethod(WrappedLayerMethod):
                 for i, q in enumerate(rotation.factors if rotation is not None else []):
                     out[f"{comp}.{path}.{side}.{i}"] = q.detach().clone()
             paths.append(path)
-        out[digest_key(comp)] = base_digest(model, paths)
+        out[digest_key(comp, self.name)] = base_digest(model, paths)
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SodaConfig | None = None,
@@ -123,7 +117,7 @@ class SodaMethod(WrappedLayerMethod):
         comp, model = file_denoiser(pipe, tensors, source)
         modules = dict(model.named_modules())
         paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key)) and m.group("comp") == comp})
-        if not paths or digest_key(comp) not in tensors:
+        if not paths or digest_key(comp, self.name) not in tensors:
             raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
         refuse_shared_layers(model, paths, source, BaseTunerLayer)
         for path in paths:  # everything is checked before anything is attached
@@ -144,7 +138,7 @@ class SodaMethod(WrappedLayerMethod):
                     got = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
                     raise AdapterError(f"{source}: {comp}.{path}.{part} is {got}; the loaded model's layer "
                                        f"({in_f}→{out_f}) needs {shape} (another architecture)")
-        if not torch.equal(base_digest(model, paths), tensors[digest_key(comp)]):
+        if not torch.equal(base_digest(model, paths), tensors[digest_key(comp, self.name)]):
             raise AdapterError(f"{source} was trained on another checkpoint: the weights of the layers it adapts "
                                "differ from the loaded model's (SODA rotates and rescales the exact singular "
                                "vectors it was trained on; bake it to a LoRA for other checkpoints)")

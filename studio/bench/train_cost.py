@@ -164,32 +164,24 @@ def _flow_loss(transformer, setup: dict, g: torch.Generator):
 
 
 def _flux_loss(transformer, setup: dict, g: torch.Generator):
-    """Flux's objective on random 16-channel latents, packed 2×2 as the pipeline packs them, with position ids
-    and a guidance value."""
-    from diffusers import FluxPipeline
-
+    """Flux's objective on random 16-channel latents, through the Flux family's own packed prediction (position
+    ids, guidance 3.5, the VAE's 8× scale)."""
+    from studio.training.families.flux import packed_prediction
     from studio.training.objectives import flow_matching_loss
 
     b, s, cfg = setup["batch"], setup["latent"], transformer.config
     device, dtype = transformer.device, transformer.dtype
-    channels = cfg.in_channels // 4
-    latents = torch.randn(b, channels, s, s, generator=g).to(device, dtype)
-    text = torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g).to(device, dtype)
-    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device, dtype)
-    image_ids = FluxPipeline._prepare_latent_image_ids(b, s // 2, s // 2, device, dtype)
-    text_ids = torch.zeros(setup["tokens"], 3, device=device, dtype=dtype)
-    guidance = torch.full((b,), 3.5, device=device, dtype=dtype)
-
-    def predict(noisy, sigmas):
-        packed = FluxPipeline._pack_latents(noisy, b, channels, s, s)
-        out = transformer(hidden_states=packed, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
-                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids).sample
-        return FluxPipeline._unpack_latents(out, s * 8, s * 8, 8)
+    latents = torch.randn(b, cfg.in_channels // 4, s, s, generator=g).to(device, dtype)
+    inputs = {"encoder_hidden_states": torch.randn(b, setup["tokens"], cfg.joint_attention_dim, generator=g).to(
+                  device, dtype),
+              "pooled_projections": torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+              "txt_ids": torch.zeros(setup["tokens"], 3, device=device, dtype=dtype)}
 
     def loss():
         sigmas = torch.rand(b, generator=g).to(device, dtype)
         noise = torch.randn(latents.shape, generator=g).to(device, dtype)
-        return flow_matching_loss(lambda noisy: predict(noisy, sigmas), latents, noise, sigmas)
+        return flow_matching_loss(lambda noisy: packed_prediction(transformer, noisy, sigmas * 1000, inputs, 3.5, 8),
+                                  latents, noise, sigmas)
 
     return loss
 

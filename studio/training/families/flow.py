@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from studio.adapters.base import transformer_family
 from studio.training.families.base import Family, FamilyError, Teacher
 from studio.training.objectives import flow_matching_loss, flow_timestep_indices
 
@@ -34,6 +35,11 @@ class FlowFamily(Family):
                 raise FamilyError(f"{name} is a weighting of DDPM-style models; {self.name} trains by flow matching "
                                   "(set flow_timesteps, flow_logit_mean / _std instead)")
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def claims(cls, pipe) -> bool:
+        transformer = getattr(pipe, "transformer", None)
+        return transformer is not None and transformer_family(transformer) == cls.name
 
     def default_resolution(self) -> int:
         return int(self.pipe.transformer.config.get("sample_size", 128)) * self.pipe.vae_scale_factor

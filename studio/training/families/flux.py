@@ -17,10 +17,6 @@ T5_TOKENS = 512  # FluxPipeline's max_sequence_length
 class FluxFamily(FlowFamily):
     name = "flux"
 
-    @classmethod
-    def claims(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
-
     def encode(self, captions: list[str], device, encoders=None) -> PromptEncoding:
         """As `FluxPipeline.encode_prompt` encodes a prompt (a test compares them): CLIP-L's pooled output and
         T5's last states, through `encoders` (the engine's prepared copies where CLIP-L trains)."""
@@ -33,15 +29,22 @@ class FluxFamily(FlowFamily):
         return {"encoder_hidden_states": prompt.hidden, "pooled_projections": prompt.pooled, "txt_ids": text_ids}
 
     def forward(self, model, noisy, timesteps, inputs):
-        from diffusers import FluxPipeline
+        guidance = self.config.flow_guidance if self.pipe.transformer.config.guidance_embeds else None
+        return packed_prediction(model, noisy, timesteps, inputs, guidance, self.pipe.vae_scale_factor)
 
-        b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
-        guidance = None
-        if self.pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), float(self.config.flow_guidance), device=noisy.device)
-        pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=image_ids, **inputs,
-                     return_dict=False)[0]
-        scale = self.pipe.vae_scale_factor
-        return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
+
+def packed_prediction(model, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict[str, Any],
+                      guidance: float | None, vae_scale: int) -> torch.Tensor:
+    """Flux's transformer on `noisy` (B×C×H×W latents) as FluxPipeline runs it: packed 2×2 with the image's
+    position ids, `timesteps` on the 0–1000 scale (the transformer reads σ), the guidance value for a
+    guidance-distilled model (None: schnell); the prediction unpacked to `noisy`'s shape."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+    if guidance is not None:
+        guidance = torch.full((b,), float(guidance), device=noisy.device)
+    pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=image_ids, **inputs,
+                 return_dict=False)[0]
+    return FluxPipeline._unpack_latents(pred, h * vae_scale, w * vae_scale, vae_scale)

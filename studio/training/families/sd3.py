@@ -18,10 +18,6 @@ T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
 class SD3Family(FlowFamily):
     name = "sd3"
 
-    @classmethod
-    def claims(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
-
     def encode(self, captions: list[str], device, encoders=None) -> PromptEncoding:
         """As `StableDiffusion3Pipeline.encode_prompt` encodes a prompt (a test compares them), through
         `encoders` (the engine's prepared copies where the CLIP encoders train)."""
