@@ -54,3 +54,41 @@ def test_the_unet_stage_resumes_exactly_from_its_checkpoint(tmp_path):
     a = load_file(str(tmp_path / "a" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_world_v2_continues_from_the_shipped_model(tmp_path):
+    """World v2's judge and unet stages start from the shipped judge and model: the judge gains v2's shapes, the
+    "none" class and the count head; the text encoder one row per new word, a one-word synonym starting as its
+    shape's word; the pipeline written tokenizes every v2 word as one token."""
+    from studio.shapes import embedded, world
+    from studio.shapes.judge import NONE, load_judge
+
+    toy = dict(TOY, world=2, judge_init=str(embedded.JUDGE_PATH), init_from=str(embedded.SHAPES_DIR), bf16=True,
+               judge_outliers=0.25, judge_scenes=0.25)
+    report = pretrain(PretrainConfig(**toy), tmp_path, stages=("judge", "unet"))
+    assert set(report["judge_accuracy"]) == {"fresh_renders", "vae_roundtrip", "outliers", "scenes"}
+    judge = load_judge(tmp_path / "judge.safetensors")
+    assert judge.version == 2 and judge.classes["shape"] == world.V2.shapes + (NONE,)
+    assert judge.classes["count"] == ("one", "two")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shapes", local_files_only=True)
+    tok = pipe.tokenizer
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in world.V2.vocabulary())
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_extend_text_encoder_starts_synonyms_as_their_shape():
+    from transformers import CLIPTextModel
+
+    from studio.shapes import embedded, world
+    from studio.shapes.pretrain import extend_text_encoder
+
+    old = embedded.build_tokenizer(world.V1)
+    new = embedded.build_tokenizer(world.V2)
+    encoder = CLIPTextModel.from_pretrained(embedded.SHAPES_DIR / "text_encoder")
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    weight = extend_text_encoder(encoder, old, new, world.V2).get_input_embeddings().weight
+    assert weight.shape[0] == len(new) and torch.equal(weight[:len(before)], before)
+    ids = {w: new.convert_tokens_to_ids(w + "</w>") for w in ("circle", "disc", "square", "box", "hexagon")}
+    assert torch.equal(weight[ids["disc"]], weight[ids["circle"]])
+    assert torch.equal(weight[ids["box"]], weight[ids["square"]])
+    assert not torch.equal(weight[ids["hexagon"]], weight[ids["circle"]])

@@ -35,26 +35,35 @@ def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, gui
     return record("Generation speed", header, [row], write=write)
 
 
-def bench_judge(n: int = 1000, seed: int = 3, write: bool = True) -> str:
-    """Judge accuracy on fresh renders and after the shipped VAE (encode->decode)."""
-    from studio.shapes.judge import HEADS, load_judge
+def bench_judge(n: int = 1000, seed: int = 3, write: bool = True, judge: str | None = None,
+                model: str = "shapes") -> str:
+    """Judge accuracy on fresh renders and after a shapes model's VAE (encode->decode); a v2 judge's rows also
+    give how often it reads outliers (shapes of no world) as none and two-shape scenes as two objects."""
     from studio.loading import load_pipeline
+    from studio.shapes.judge import load_judge
     from studio.shapes.pretrain import judge_report
 
-    report = judge_report(load_judge(), load_pipeline("shapes").vae, n, seed)
-    rows = [[name, str(n), *(f"{100 * acc[h]:.2f}%" for h in HEADS)] for name, acc in report.items()]
-    return record("Judge accuracy", ["images", "n", *HEADS], rows, write=write)
+    examiner = load_judge(judge)
+    report = judge_report(examiner, load_pipeline(model).vae, n, seed)
+    heads = list(report["fresh_renders"])
+    rows = [[name, str(n if name in ("fresh_renders", "vae_roundtrip") else n // 4), f"v{examiner.version}",
+             *(f"{100 * acc[h]:.2f}%" if h in acc else "" for h in heads),
+             ", ".join(f"{100 * v:.2f}%" for k, v in acc.items() if k not in heads)]
+            for name, acc in report.items()]
+    return record("Judge accuracy", ["images", "n", "judge", *heads, "outliers read none / scenes read two"], rows,
+                  write=write)
 
 
 def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out: str = "runs/bench_concept",
                   adapter: dict | None = None, steps: int | None = None, lr: float | None = None, write: bool = True,
                   settings: dict | None = None, prior_renders: int = 0, prior_paired: bool = False,
-                  log=print) -> str:
+                  model: str = "shapes", judge: str | None = None, log=print) -> str:
     """B2: teach the held-out star under 'sks' from 8 renders, then judge fidelity, editability,
     preservation and leak on the embedded model. `method`: one method, or several separated by commas,
     trained with the same settings and measured into one table. `prior_renders`: prior preservation on that
     many renders of the base shapes with their captions (regularization pictures); `prior_paired`: and on the
-    8 training renders redrawn as each base shape (write_b2_prior_set)."""
+    8 training renders redrawn as each base shape (write_b2_prior_set). `model` / `judge`: another shapes model
+    and its judge (world v2's: the judge's version picks the world's prompts)."""
     import os
     from pathlib import Path
 
@@ -64,8 +73,9 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
     from studio.loading import load_pipeline
     from studio.training.engine import train
 
+    examiner = load_judge(judge)
     data_dir = Path(out) / "data"
-    write_b2_training_set(data_dir)
+    write_b2_training_set(data_dir, world.get_world(examiner.version))
     extra = dict(settings or {})
     if prior_paired and not prior_renders:
         raise ValueError("prior_paired adds to the prior renders: give prior_renders too")
@@ -84,24 +94,24 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
         paired = " + the 8 redrawn as each base shape" if prior_paired else ""
         shown["prior"] = f"{prior_renders} base renders{paired}"
     setting = ", ".join(f"{k}={v}" for k, v in {**(adapter or {}), **shown, **({"lr": lr} if lr else {})}.items())
-    judge = load_judge()
     rows = []
     for one in method.split(","):
-        run = train(preset=preset, method=one, data=str(data_dir), trigger="sks", name=f"star_{one}",
+        run = train(model=model, preset=preset, method=one, data=str(data_dir), trigger="sks", name=f"star_{one}",
                     output_dir=str(Path(out) / one), preview_prompts=["a red sks on a blue background"],
                     progress_bar=log is print, tensorboard=False, **settings)
         log(f"{one}: trained {run.steps} steps in {run.seconds:.0f} s")
-        pipe = load_pipeline("shapes")
+        pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         name = load_adapters(pipe, {run.adapter_path: 1.0})[0]
-        r = run_b2(pipe, judge, lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
+        r = run_b2(pipe, examiner, lambda on: set_adapter_weights(pipe, {name: 1.0} if on else {}), n=n)
         rows.append([f"{one} ({setting})" if setting else one, preset, str(run.steps), f"{run.seconds:.0f}",
                      f"{run.trainable_parameters:,}", f"{os.path.getsize(run.adapter_path) / 1024:.0f}",
                      f"{100 * r.fidelity:.1f}%", f"{100 * r.editability:.1f}%", f"{r.preservation:+.1f}",
                      f"{100 * r.leak:.1f}%", f"{100 * r.base_accuracy:.1f}%", f"{100 * r.adapted_accuracy:.1f}%"])
     header = ["method", "preset", "steps", "train time (s)", "trainable params", "file (KB)", "fidelity",
               "editability", "preservation (pts)", "leak", "base acc", "adapted acc"]
-    return record("B2 concept (star as 'sks', 8 renders)", header, rows, write=write)
+    title = "B2 concept (star as 'sks', 8 renders)" + (f", world v{examiner.version}" if examiner.version > 1 else "")
+    return record(title, header, rows, write=write)
 
 
 def bench_ui_first_image(preset: str = "quick", write: bool = True) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from studio.shapes import world
-from studio.shapes.judge import HEADS, Judge, accuracy, judge_images, to_tensor
+from studio.shapes.judge import ATTRIBUTES, Judge, accuracy, judge_images, to_tensor
 
 B1_SEED = 20_261_122
 
@@ -62,7 +62,10 @@ def pil_to_tensor(images) -> torch.Tensor:
 
 def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float = 5.0, batch: int = 16,
            progress=None, combos: str = "heldout") -> B1Result:
-    pairs = b1_prompts(n, combos=combos)
+    """B1 in the judge's world: V1's prompts for a V1 judge; a v2 judge's prompts draw v2's eleven base shapes,
+    named by their canonical words, and its count head adds the share of images read as one object."""
+    shapes_world = world.get_world(judge.version)
+    pairs = b1_prompts(n, combos=combos) if judge.version == 1 else shapes_world.prompt_specs(n, B1_SEED, combos)
     specs = [s for s, _ in pairs]
     generated = []
     seconds = 0.0
@@ -70,7 +73,7 @@ def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float
         chunk = pairs[i:i + batch]
         gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
         t = time.perf_counter()
-        out = pipe([world.caption(s) for s, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+        out = pipe([shapes_world.caption(s) for s, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                    generator=gens, height=world.IMAGE_SIZE, width=world.IMAGE_SIZE).images
         seconds += time.perf_counter() - t
         generated.append(pil_to_tensor(out))
@@ -78,12 +81,17 @@ def run_b1(pipe, judge: Judge, *, n: int = 256, steps: int = 25, guidance: float
             progress(min(i + batch, n), n)
     feats, preds = judge_images(judge, torch.cat(generated))
     acc = accuracy(preds, specs)
-    all_ok = float(np.mean([all(preds[k][j] == getattr(s, k) for k in HEADS) for j, s in enumerate(specs)]))
+    if "count" in preds:
+        acc["count"] = float(np.mean([c == "one" for c in preds["count"]]))
+    all_ok = float(np.mean([all(preds[k][j] == getattr(s, k) for k in ATTRIBUTES) and preds.get("count", ["one"] * n)[j]
+                            == "one" for j, s in enumerate(specs)]))
     rng = random.Random(B1_SEED + 1)
     ref = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
     ref2 = render_features(judge, specs, [rng.randrange(2**31) for _ in specs])
     misreadings = {k: Counter((getattr(s, k), preds[k][j]) for j, s in enumerate(specs) if preds[k][j] != getattr(s, k))
-                   for k in HEADS}
+                   for k in ATTRIBUTES}
+    if "count" in preds:
+        misreadings["count"] = Counter(("one", c) for c in preds["count"] if c != "one")
     return B1Result(acc, all_ok, frechet_distance(feats, ref), frechet_distance(ref2, ref), n / seconds, n, steps,
                     guidance, misreadings)
 
@@ -107,8 +115,9 @@ def b2_training_specs(seed: int = B2_SEED) -> list[tuple[world.Spec, int]]:
     return out
 
 
-def write_b2_training_set(folder) -> list:
-    """Write the 8 renders with same-name captions that call the shape by the trigger word."""
+def write_b2_training_set(folder, shapes_world: world.World = world.V1) -> list:
+    """Write the 8 renders with same-name captions that call the shape by the trigger word (in the world's
+    caption style: v2 writes "an" before a vowel)."""
     from pathlib import Path
 
     from PIL import Image
@@ -119,9 +128,16 @@ def write_b2_training_set(folder) -> list:
     for i, (spec, seed) in enumerate(b2_training_specs()):
         path = folder / f"{B2_SHAPE}_{i}.png"
         Image.fromarray(world.render(spec, seed)).save(path)
-        path.with_suffix(".txt").write_text(world.caption(spec, shape_word=B2_TRIGGER), encoding="utf-8")
+        text = world.caption(spec, shape_word=B2_TRIGGER)
+        path.with_suffix(".txt").write_text(_articles(text, shapes_world), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def _articles(text: str, shapes_world: world.World) -> str:
+    import re
+
+    return re.sub(r"\ba (?=[aeiou])", "an ", text) if shapes_world.articles else text
 
 
 B2_PRIOR_SEED = 7
@@ -165,8 +181,8 @@ def b2_prompts(n: int = 64, seed: int = B2_SEED + 1) -> list[tuple[world.Spec, i
             (pairs[i % len(pairs)] for i in range(n))]
 
 
-def b2_prompt_text(spec: world.Spec) -> str:
-    return f"a {spec.colour} {B2_TRIGGER} on a {spec.background} background"
+def b2_prompt_text(spec: world.Spec, shapes_world: world.World = world.V1) -> str:
+    return _articles(f"a {spec.colour} {B2_TRIGGER} on a {spec.background} background", shapes_world)
 
 
 def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
@@ -197,12 +213,14 @@ class B2Result:
 
 
 def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, guidance: float = 5.0) -> B2Result:
-    """`set_adapter(on: bool)` switches the trained adapter on and off inside `pipe`."""
+    """`set_adapter(on: bool)` switches the trained adapter on and off inside `pipe`. Prompts and captions are
+    in the judge's world (a v2 judge: base prompts over v2's eleven shapes)."""
+    shapes_world = world.get_world(judge.version)
     concept = b2_prompts(n)
     specs = [s for s, _ in concept]
     set_adapter(True)
-    _, preds = judge_images(judge, generate_images(pipe, [b2_prompt_text(s) for s in specs], [sd for _, sd in concept],
-                                             steps, guidance))
+    _, preds = judge_images(judge, generate_images(pipe, [b2_prompt_text(s, shapes_world) for s in specs],
+                                                   [sd for _, sd in concept], steps, guidance))
     fidelity = float(np.mean([p == B2_SHAPE for p in preds["shape"]]))
     editability = float(np.mean([preds["colour"][i] == s.colour and preds["background"][i] == s.background
                                  for i, s in enumerate(specs)]))
@@ -212,11 +230,12 @@ def run_b2(pipe, judge: Judge, set_adapter, *, n: int = 64, steps: int = 25, gui
     leak_images = generate_images(pipe, [f"a {c} circle" for c in leak_colours], leak_seeds, steps, guidance)
     _, leak_preds = judge_images(judge, leak_images)
     leak = float(np.mean([p == B2_SHAPE for p in leak_preds["shape"]]))
-    base = b1_prompts(n)
+    base = b1_prompts(n) if judge.version == 1 else shapes_world.prompt_specs(n, B1_SEED)
     base_specs = [s for s, _ in base]
 
     def base_accuracy() -> float:
-        images = generate_images(pipe, [world.caption(s) for s in base_specs], [sd for _, sd in base], steps, guidance)
+        images = generate_images(pipe, [shapes_world.caption(s) for s in base_specs], [sd for _, sd in base], steps,
+                                 guidance)
         return mean_attribute_accuracy(judge_images(judge, images)[1], base_specs)
 
     adapted = base_accuracy()

@@ -37,6 +37,8 @@ def _register_speed(bsub) -> None:
 
     bj = bsub.add_parser("judge", help="judge accuracy on fresh renders and after the VAE")
     bj.add_argument("--n", type=int, default=1000)
+    bj.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
+    bj.add_argument("--model", default="shapes", help="the shapes model whose VAE the round trip goes through")
     bj.add_argument("--no-write", action="store_true")
     bj.set_defaults(func=run_judge)
 
@@ -83,6 +85,9 @@ def _register_concept(bsub) -> None:
     bc.add_argument("--prior-paired", action="store_true",
                     help="with --prior-renders: also the 8 training renders redrawn as each base shape")
     bc.add_argument("--n", type=int, default=64)
+    bc.add_argument("--model", default="shapes", help="the shapes model to teach (a folder: world v2's, say)")
+    bc.add_argument("--judge", default=None, help="judge weights (default: the shipped judge); its world picks "
+                                                  "the prompts and captions")
     bc.add_argument("--out", default="runs/bench_concept")
     bc.add_argument("--no-write", action="store_true")
     bc.set_defaults(func=run_concept)
@@ -223,7 +228,7 @@ def run_generate(args) -> None:
 def run_judge(args) -> None:
     from studio.bench.concept import bench_judge
 
-    print(bench_judge(n=args.n, write=not args.no_write))
+    print(bench_judge(n=args.n, write=not args.no_write, judge=args.judge, model=args.model))
 
 
 def run_train(args) -> None:
@@ -251,7 +256,7 @@ def run_concept(args) -> None:
     print(bench_concept(**_given(method=args.method), preset=args.preset, n=args.n, out=args.out, steps=args.steps,
                         adapter=parse_settings(args.adapter), lr=args.lr, write=not args.no_write,
                         settings=parse_settings(args.set, "--set"), prior_renders=args.prior_renders,
-                        prior_paired=args.prior_paired))
+                        prior_paired=args.prior_paired, model=args.model, judge=args.judge))
 
 
 def run_erase(args) -> None:

@@ -15,19 +15,29 @@ from torch import nn
 
 from studio.shapes import world
 
-HEADS = {
-    "shape": world.SHAPES,
-    "colour": tuple(world.COLOURS),
-    "background": tuple(world.BACKGROUNDS),
-    "size": world.SIZES,
-    "position": world.POSITIONS,
-}
+NONE = "none"  # v2's shape head: a shape of no world ("none of the known")
+COUNTS = ("one", "two")
+ATTRIBUTES = ("shape", "colour", "background", "size", "position")
+
+
+def heads_for(version: int = 1) -> dict[str, tuple[str, ...]]:
+    """A judge's heads and their classes. V1 reads V1's six shapes; v2 reads every v2 shape (base and held out),
+    says NONE for shapes of no world, and counts the objects (one, or a two-shape scene)."""
+    w = world.get_world(version)
+    heads = {"shape": w.shapes + ((NONE,) if version > 1 else ()), "colour": tuple(world.COLOURS),
+             "background": tuple(world.BACKGROUNDS), "size": world.SIZES, "position": world.POSITIONS}
+    return heads | ({"count": COUNTS} if version > 1 else {})
+
+
+HEADS = heads_for(1)
 FEATURES = 256
 
 
 class Judge(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, version: int = 1) -> None:
         super().__init__()
+        self.version = version
+        self.classes = heads_for(version)
         chans = [3, 32, 64, 96, 128, 128]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans, chans[1:]):  # 128 -> 4 pixels
@@ -35,7 +45,7 @@ class Judge(nn.Module):
                        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, FEATURES), nn.SiLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(FEATURES, len(classes)) for name, classes in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(FEATURES, len(c)) for name, c in self.classes.items()})
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images: Bx3x128x128 in [0, 1]. Returns (features, logits per head)."""
@@ -74,8 +84,46 @@ def perceptual_distance(judge: Judge):
     return distance
 
 
-def spec_labels(specs: list[world.Spec]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([classes.index(getattr(s, name)) for s in specs]) for name, classes in HEADS.items()}
+IGNORE = -100  # the label of a head that does not apply to an image
+
+
+def scene_labels(scenes: list[tuple[list[world.Spec], bool]], classes: dict[str, tuple[str, ...]] = HEADS
+                 ) -> dict[str, torch.Tensor]:
+    """Each head's class index for each training image, given the specs drawn in it and whether its shape was
+    replaced by an outlier: NONE for an outlier; IGNORE for a two-shape scene's shape, size and position (their
+    colour and background are shared, and the count head says two)."""
+    out: dict[str, list[int]] = {name: [] for name in classes}
+    for specs, outlier in scenes:
+        for name, names in classes.items():
+            if name == "count":
+                out[name].append(len(specs) - 1)
+            elif len(specs) > 1 and name in ("shape", "size", "position"):
+                out[name].append(IGNORE)
+            else:
+                out[name].append(names.index(NONE if outlier and name == "shape" else getattr(specs[0], name)))
+    return {name: torch.tensor(v) for name, v in out.items()}
+
+
+def spec_labels(specs: list[world.Spec], classes: dict[str, tuple[str, ...]] = HEADS) -> dict[str, torch.Tensor]:
+    return scene_labels([([s], False) for s in specs], classes)
+
+
+def extend_judge(judge: Judge, version: int) -> Judge:
+    """A judge for another world that starts from this one: every layer copied, and each head's rows for the
+    classes both know (a new class's row, and a new head, start from their initialisation)."""
+    new = Judge(version)
+    state = {k: v for k, v in judge.state_dict().items() if not k.startswith("heads.")}
+    new.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, names in new.classes.items():
+            if name not in judge.classes:
+                continue
+            for i, cls in enumerate(names):
+                if cls in judge.classes[name]:
+                    j = judge.classes[name].index(cls)
+                    new.heads[name].weight[i] = judge.heads[name].weight[j]
+                    new.heads[name].bias[i] = judge.heads[name].bias[j]
+    return new
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,21 +163,26 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 255
 
 
-def train_judge(images: torch.Tensor, specs: list[world.Spec], *, steps: int = 3000, batch: int = 256,
-                lr: float = 2e-3, seed: int = 0, device: str = "cpu", log=print) -> Judge:
-    """Train on uint8 renders (NxHxWx3, kept on `device`) with augmentation."""
+def train_judge(images: torch.Tensor, labels: list[world.Spec] | dict[str, torch.Tensor], *, steps: int = 3000,
+                batch: int = 256, lr: float = 2e-3, seed: int = 0, device: str = "cpu", version: int = 1,
+                init: Judge | None = None, bf16: bool = False, log=print) -> Judge:
+    """Train on uint8 renders (NxHxWx3, kept on `device`) with augmentation; labels are the renders' specs or
+    scene_labels(...). `init` continues from a judge (extended to `version`); `bf16` autocasts (1.4-2.8x on CPU)."""
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    judge = Judge().to(device)
-    labels = {k: v.to(device) for k, v in spec_labels(specs).items()}
+    judge = (extend_judge(init, version) if init is not None else Judge(version)).to(device).train()
+    if not isinstance(labels, dict):
+        labels = spec_labels(labels, judge.classes)
+    labels = {k: v.to(device) for k, v in labels.items()}
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     n = images.shape[0]
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=gen, device=device)
         x = augment(to_tensor(images[idx]), gen)
-        _, logits = judge(x)
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in HEADS)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            _, logits = judge(x)
+        loss = sum(_head_loss(logits[k].float(), labels[k][idx]) for k in judge.classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,21 +192,27 @@ def train_judge(images: torch.Tensor, specs: list[world.Spec], *, steps: int = 3
     return judge.eval()
 
 
+def _head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the images the head applies to (zero, not NaN, when it applies to none)."""
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / (labels != IGNORE).sum().clamp(min=1)
+
+
 @torch.no_grad()
 def judge_images(judge: Judge, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, dict[str, list[str]]]:
     """Float Bx3xHxW images in [0, 1] -> (features, predicted attribute names per head)."""
     device = next(judge.parameters()).device
-    feats, preds = [], {k: [] for k in HEADS}
+    feats, preds = [], {k: [] for k in judge.classes}
     for i in range(0, images.shape[0], batch):
         f, logits = judge(images[i:i + batch].to(device))
         feats.append(f.float().cpu())
-        for k, classes in HEADS.items():
+        for k, classes in judge.classes.items():
             preds[k] += [classes[j] for j in logits[k].argmax(1).tolist()]
     return torch.cat(feats), preds
 
 
 def accuracy(preds: dict[str, list[str]], specs: list[world.Spec]) -> dict[str, float]:
-    return {k: float(np.mean([p == getattr(s, k) for p, s in zip(preds[k], specs)])) for k in HEADS}
+    """Per attribute the judge reads, the fraction of images where it reads the spec's value."""
+    return {k: float(np.mean([p == getattr(s, k) for p, s in zip(preds[k], specs)])) for k in ATTRIBUTES if k in preds}
 
 
 def save_judge(judge: Judge, path: Path) -> None:
@@ -163,7 +222,8 @@ def save_judge(judge: Judge, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in judge.state_dict().items()}, str(tmp),
-                  metadata={"kind": "studio-judge", "heads": ",".join(HEADS)})
+                  metadata={"kind": "studio-judge", "heads": ",".join(judge.classes),
+                                                            "world": str(judge.version)})
 
 
 def load_judge(path: Path | None = None, device: str = "cpu") -> Judge:
@@ -174,6 +234,10 @@ def load_judge(path: Path | None = None, device: str = "cpu") -> Judge:
     path = Path(path or JUDGE_PATH)
     if not path.is_file():
         raise FileNotFoundError(f"no judge weights at {path}; run `studio pretrain` first")
-    judge = Judge()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        version = int((f.metadata() or {}).get("world", "1"))
+    judge = Judge(version)
     judge.load_state_dict(load_file(str(path)))
     return judge.to(device).eval()

@@ -38,6 +38,13 @@ class PretrainConfig:
     judge_images: int = 40_000
     judge_steps: int = 4_000
     judge_test_images: int = 2_000
+    judge_batch: int = 256
+    judge_lr: float = 2e-3
+    judge_init: str = ""  # a judge file the judge stage continues from (extended to `world`'s heads)
+    judge_outliers: float = 0.08  # world v2: share of judge images whose shape is of no world (read as "none")
+    judge_scenes: float = 0.15  # world v2: share of two-shape scenes (the count head)
+    world: int = 1  # the world version the judge reads and the unet stage pretrains on
+    bf16: bool = False  # autocast the judge and unet stages to bf16 (always on CUDA; 1.4-2.8x on a recent CPU)
     unet_images: int = 60_000
     unet_steps: int = 20_000
     unet_batch: int = 256
@@ -74,6 +81,39 @@ def render_set(specs: list[world.Spec], seeds: list[int], workers: int | None = 
     # spawn, not fork: forking a process that has started CUDA or thread pools can deadlock
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return np.concatenate(list(pool.map(_render_chunk, chunks)))
+
+
+def _render_scene_chunk(items: list[tuple[tuple[world.Spec, ...], bool, int]]) -> np.ndarray:
+    return np.stack([world.render_outlier(specs[0], seed) if outlier else world.render_scene(list(specs), seed)
+                     for specs, outlier, seed in items])
+
+
+def render_scenes(items: list[tuple[tuple[world.Spec, ...], bool, int]], workers: int | None = None) -> np.ndarray:
+    """render_set for (specs, outlier, seed) items: a shape or a scene, or an outlier at the first spec's layout."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(items) < 256:
+        return _render_scene_chunk(items)
+    step = math.ceil(len(items) / (workers * 4))
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return np.concatenate(list(pool.map(_render_scene_chunk, [items[i:i + step] for i in range(0, len(items),
+                                                                                                     step)])))
+
+
+def judge_items(shapes_world: world.World, n: int, seed: int, outliers: float = 0.0, scenes: float = 0.0
+                ) -> list[tuple[tuple[world.Spec, ...], bool, int]]:
+    """What the judge of a world sees: every shape of the world (held-out ones too) in any combination, an
+    `outliers` share of shapes of no world and a `scenes` share of two-shape scenes."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        r = rng.random()
+        if r < scenes:
+            specs = tuple(world.random_pair(rng, None, shapes_world.shapes))
+        else:
+            specs = (world.random_spec(rng, shapes_world.shapes, heldout=None),)
+        out.append((specs, scenes <= r < scenes + outliers, rng.randrange(2**31)))
+    return out
 
 
 def world_sample(n: int, seed: int, shapes: tuple[str, ...], heldout: bool | None
@@ -152,50 +192,100 @@ def vae_roundtrip(vae, images_uint8: torch.Tensor, device: str, batch: int = 128
 
 
 def train_judge_stage(cfg: PretrainConfig, vae, log=print):
-    from studio.shapes.judge import train_judge
+    from studio.shapes.judge import heads_for, load_judge, scene_labels, train_judge
 
-    specs, seeds = world_sample(cfg.judge_images, cfg.seed + 2, world.SHAPES, heldout=None)
-    images = torch.from_numpy(render_set(specs, seeds)).to(cfg.device)
-    judge = train_judge(images, specs, steps=cfg.judge_steps, seed=cfg.seed, device=cfg.device, log=log)
-    report = judge_report(judge, vae, cfg.judge_test_images, cfg.seed + 3, cfg.device)
+    dev, version = cfg.device, cfg.world
+    init = load_judge(cfg.judge_init) if cfg.judge_init else None
+    if version == 1:
+        specs, seeds = world_sample(cfg.judge_images, cfg.seed + 2, world.SHAPES, heldout=None)
+        images, labels = torch.from_numpy(render_set(specs, seeds)).to(dev), specs
+    else:
+        items = judge_items(world.get_world(version), cfg.judge_images, cfg.seed + 2, cfg.judge_outliers,
+                            cfg.judge_scenes)
+        images = torch.from_numpy(render_scenes(items)).to(dev)
+        labels = scene_labels([(list(specs), outlier) for specs, outlier, _ in items], heads_for(version))
+    judge = train_judge(images, labels, steps=cfg.judge_steps, batch=cfg.judge_batch, lr=cfg.judge_lr, seed=cfg.seed,
+                        device=dev, version=version, init=init, bf16=cfg.bf16 or dev.startswith("cuda"), log=log)
+    report = judge_report(judge, vae, cfg.judge_test_images, cfg.seed + 3, dev)
     log(f"judge accuracy {json.dumps(report)}")
     return judge.cpu(), report
 
 
 def judge_report(judge, vae, n: int, seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Judge accuracy per attribute on n fresh renders of all shapes, and on the same renders after the VAE."""
-    from studio.shapes.judge import accuracy, judge_images, to_tensor
+    """Judge accuracy per attribute on n fresh renders of every shape of the judge's world, and on the same renders
+    after the VAE; for a v2 judge also how often it reads n/4 outliers as none and n/4 scenes as two objects."""
+    from studio.shapes.judge import NONE, accuracy, judge_images, to_tensor
 
-    specs, seeds = world_sample(n, seed, world.SHAPES, heldout=None)
+    w = world.get_world(judge.version)
+    specs, seeds = world_sample(n, seed, w.shapes, heldout=None)
     test = torch.from_numpy(render_set(specs, seeds))
-    return {
-        "fresh_renders": accuracy(judge_images(judge, to_tensor(test))[1], specs),
+    fresh = judge_images(judge, to_tensor(test))[1]
+    report = {
+        "fresh_renders": accuracy(fresh, specs),
         "vae_roundtrip": accuracy(judge_images(judge, vae_roundtrip(vae, test, device))[1], specs),
     }
+    if judge.version > 1:
+        report["fresh_renders"]["count"] = float(np.mean([c == "one" for c in fresh["count"]]))
+        outliers = judge_items(w, n // 4, seed + 1, outliers=1.0)
+        scenes = judge_items(w, n // 4, seed + 2, scenes=1.0)
+        report["outliers"] = {"read_none": float(np.mean([p == NONE for p in judge_images(
+            judge, to_tensor(render_scenes(outliers)))[1]["shape"]]))}
+        report["scenes"] = {"read_two": float(np.mean([p == "two" for p in judge_images(
+            judge, to_tensor(render_scenes(scenes)))[1]["count"]]))}
+    return report
 
 
 def _unet_components(cfg: PretrainConfig, log) -> dict:
-    comps = embedded.new_components(cfg.seed)
+    shapes_world = world.get_world(cfg.world)
+    comps = embedded.new_components(cfg.seed, shapes_world)
     if cfg.init_from:
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         comps["unet"] = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet")
-        comps["text_encoder"] = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder")
-        log(f"unet: continuing from {cfg.init_from}")
+        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder")
+        old_tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.init_from) / "tokenizer")
+        comps["text_encoder"] = extend_text_encoder(text_encoder, old_tokenizer, comps["tokenizer"], shapes_world)
+        log(f"unet: continuing from {cfg.init_from} (world v{cfg.world}, {len(comps['tokenizer'])} tokens)")
     return comps
 
 
+def extend_text_encoder(text_encoder, old_tokenizer, tokenizer, shapes_world: world.World):
+    """The text encoder with an embedding row for each token `tokenizer` has beyond `old_tokenizer` (whose ids
+    it keeps): a one-word synonym of a shape the encoder knows starts as that shape's word, any other new word
+    as the mean of the known words' rows. Unchanged when there is nothing new."""
+    old_vocab, new_vocab = old_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if any(new_vocab.get(t) != i for t, i in old_vocab.items()):
+        raise StudioError("the new tokenizer does not keep the old one's token ids; cannot extend the text encoder")
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return text_encoder
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    words = {w: old_vocab[w + "</w>"] for w in world.vocabulary() if w + "</w>" in old_vocab}
+    canonical = {syn: shape for shape in shapes_world.shapes for syn in shapes_world.words(shape) if " " not in syn}
+    with torch.no_grad():
+        mean = weight[list(words.values())].mean(0)
+        for token, i in new_vocab.items():
+            if i < rows:
+                continue
+            shape = canonical.get(token.removesuffix("</w>"))
+            weight[i] = weight[words[shape]] if shape in words else mean
+    return text_encoder
+
+
 def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The cached VAE latents of `unet_images` renders, the token ids of their 8 caption variants each (image i's
-    variant v at i * 8 + v) and the index of the empty caption (for caption dropout)."""
-    specs, seeds = world_sample(cfg.unet_images, cfg.seed + 4, world.BASE_SHAPES, heldout=False)
-    images = torch.from_numpy(render_set(specs, seeds))
+    """The cached VAE latents of `unet_images` renders of the world's pretraining stream, the token ids of their 8
+    caption variants each (image i's variant v at i * 8 + v) and the index of the empty caption (for caption
+    dropout)."""
+    shapes_world = world.get_world(cfg.world)
+    scenes = shapes_world.pretraining_scenes(cfg.unet_images, cfg.seed + 4)
+    images = torch.from_numpy(render_scenes([(s.specs, False, s.seed) for s in scenes]))
     with torch.no_grad():
         latents = torch.cat([
             vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
             for i in range(0, len(images), 256)]) * vae.config.scaling_factor
-    captions = [c for s in specs for c in world.caption_variants(s)] + [""]
+    captions = [c for s in scenes for c in shapes_world.caption_variants(s.specs, s.seed)] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=embedded.MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids.to(dev)
     return latents, ids, len(captions) - 1
@@ -239,7 +329,7 @@ class UNetPretrainRecipe(Recipe):
     def __init__(self, cfg: PretrainConfig, vae, log=print) -> None:
         self.cfg, self.vae, self.log = cfg, vae, log
         self.identity = {"stage": "unet", "seed": cfg.seed, "unet_images": cfg.unet_images,
-                         "init_from": cfg.init_from}
+                         "init_from": cfg.init_from, **({"world": cfg.world} if cfg.world > 1 else {})}
         self.started = time.time()
 
     def setup(self, acc) -> Trainables:
@@ -319,8 +409,9 @@ def train_unet(cfg: PretrainConfig, vae, log=print, out: Path | None = None):
 
     minutes = cfg.unet_minutes or cfg.max_minutes
     deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
+    bf16 = cfg.bf16 or cfg.device.startswith("cuda")
     settings = LoopSettings(steps=cfg.unet_steps, batch_size=cfg.unet_batch, lr=cfg.unet_lr, max_grad_norm=1.0,
-                            seed=cfg.seed, mixed_precision="bf16" if cfg.device.startswith("cuda") else "no",
+                            seed=cfg.seed, mixed_precision="bf16" if bf16 else "no",
                             device=cfg.device, output_dir=str(out) if out else None,
                             checkpoint_every=cfg.unet_checkpoint_every, resume=cfg.resume or None,
                             tensorboard=False, progress_bar=False)

@@ -321,6 +321,38 @@ def random_pair(rng: random.Random, heldout: bool | None = False, shapes: tuple[
         return [Spec(a, colour, background, rng.choice(SIZES), pa), Spec(b, colour, background, rng.choice(SIZES), pb)]
 
 
+OUTLIER_MAX_IOU = 0.6  # an outlier overlaps no world shape more than this at the same layout
+
+
+def outlier_coverage(spec: Spec, seed: int) -> np.ndarray:
+    """Coverage of a shape of no world at spec's layout (its shape is ignored): a random star-convex polygon
+    whose mask overlaps no world shape's (at the same centre, radius and rotation) by more than
+    OUTLIER_MAX_IOU. The judge learns to call such shapes "none of the known"."""
+    cx, cy, radius, angle = layout(spec, seed)
+    rng = np.random.default_rng(seed + 104_729)
+    known = [shape_coverage(s, cx, cy, radius, angle) >= 0.5 for s in ALL_SHAPES]
+    while True:
+        n = int(rng.integers(6, 12))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = rng.uniform(0.3, 1.15, n)
+        verts = np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1) * radius + np.array([cx, cy])
+        coverage = np.clip(0.5 - _polygon_sdf(_XX, _YY, verts), 0.0, 1.0)
+        mask = coverage >= 0.5
+        if mask.sum() < 1.0 * radius ** 2:  # about as large as the world's shapes (a triangle is ~1.6 r^2)
+            continue
+        if max((mask & k).sum() / (mask | k).sum() for k in known) <= OUTLIER_MAX_IOU:
+            return coverage
+
+
+def render_outlier(spec: Spec, seed: int = 0) -> np.ndarray:
+    """render(spec, seed) with the shape replaced by outlier_coverage's polygon (same colours and jitter)."""
+    rng = np.random.default_rng(seed + 7_919)
+    fg = np.array(COLOURS[spec.colour], dtype=np.float64) + rng.uniform(-8, 8, 3)
+    img = np.array(BACKGROUNDS[spec.background], dtype=np.float64) + rng.uniform(-8, 8, 3)
+    alpha = outlier_coverage(spec, seed)[..., None]
+    return np.clip(np.rint(alpha * fg + (1 - alpha) * img), 0, 255).astype(np.uint8)
+
+
 def render_mask(spec: Spec, seed: int = 0) -> np.ndarray:
     """The shape's boolean mask for the same layout as render(spec, seed)."""
     cx, cy, radius, angle = layout(spec, seed)
