@@ -45,6 +45,11 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def for_run(self, steps: int) -> "AdapterConfig":
+        """These settings for a run of `steps` steps (a method whose settings are fractions of the run resolves
+        them to steps here; the file then records the resolved value)."""
+        return self
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
         from studio.utils.settings import from_values

@@ -239,7 +239,17 @@ def test_reselection_freezes_grown_entries_and_carries_the_others_optimizer_stat
                for before, now, layer in zip(at_reselection, after, layers))
 
 
+def test_reselection_is_on_by_default_at_half_the_steps():
+    assert SaraConfig().for_run(1000).reselect_at == 500
+    assert SaraConfig().for_run(1).reselect_at == 1
+    assert SaraConfig(reselect=None).for_run(10).reselect_at is None
+    assert SaraConfig(reselect_at=3).for_run(10).reselect_at == 3
+    with pytest.raises(AdapterError, match="reselect is a fraction"):
+        SaraConfig(reselect=1.5)
+
+
 def test_resume_after_reselection_equals_an_uninterrupted_run(tmp_path):
+    """Re-selection as the defaults have it (half the steps: step 2 of 4), and a run resumed after it."""
     import shutil
 
     from safetensors.torch import load_file
@@ -256,7 +266,7 @@ def test_resume_after_reselection_equals_an_uninterrupted_run(tmp_path):
 
     def run(name, steps, **kw):
         return train(data=str(data), trigger="sks", method="sara", output_dir=str(tmp_path / name), name=name,
-                     adapter={"budget": "1%", "reselect_at": 2}, steps=steps, batch_size=2, lr=lr,
+                     adapter={"budget": "1%"}, steps=steps, batch_size=2, lr=lr,
                      lr_warmup_steps=0, preview_every=0, checkpoint_every=1, keep_checkpoints=10, tensorboard=False,
                      progress_bar=False, on_event=events.append, **kw)
 

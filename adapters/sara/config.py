@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from studio.adapters.base import AdapterConfig, AdapterError
 from studio.utils.settings import setting
@@ -16,9 +16,9 @@ class SaraConfig(AdapterConfig):
     Exactly one of `threshold` (train |w| < threshold) and `budget` (how many weights: "150k", "20M", a
     fraction "0.05" or "5%") picks them; with a budget the threshold is the one global θ that selects
     that many. Their update is penalised by `nuclear_weight`·‖ΔW‖_* on `nuclear_layers` layers per step
-    (0: every eligible layer), chosen at random per step. With `reselect_at`, after that step the entries
-    whose weight W + ΔW has grown past the threshold are frozen at their learned values; the others train
-    on with their optimizer state."""
+    (0: every eligible layer), chosen at random per step. Progressive re-selection: after `reselect_at` (by
+    default `reselect` of the run's steps, the paper's half) the entries whose weight W + ΔW has grown past the
+    threshold are frozen at their learned values; the others train on with their optimizer state."""
 
     target_modules: list[str] = setting(
         default_factory=lambda: [r".*"], advanced=True,
@@ -31,8 +31,10 @@ class SaraConfig(AdapterConfig):
     nuclear_layers: int = setting(1, help="layers penalised per step, drawn at random (0: every eligible layer)",
                                   advanced=True)
     nuclear_min_dim: int = setting(32, help="layers with min(out, in) below this are not penalised", advanced=True)
-    reselect_at: int | None = setting(None, help="progressive re-selection after this step (the paper: half the "
-                                                 "steps); empty: off")
+    reselect: float | None = setting(0.5, help="progressive re-selection after this fraction of the run's steps "
+                                               "(the paper: 0.5); empty: off")
+    reselect_at: int | None = setting(None, advanced=True, help="re-selection after this step instead (overrides "
+                                                                "reselect)")
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.budget is None):
@@ -43,8 +45,16 @@ class SaraConfig(AdapterConfig):
             parse_budget(self.budget, None)  # a bad string fails here, before any work
         if self.reselect_at is not None and int(self.reselect_at) < 1:
             raise AdapterError(f"SaRA reselect_at must be a step >= 1, got {self.reselect_at}")
+        if self.reselect is not None and not 0 < float(self.reselect) < 1:
+            raise AdapterError(f"SaRA reselect is a fraction of the steps between 0 and 1, got {self.reselect}")
         if self.nuclear_weight < 0 or self.nuclear_layers < 0:
             raise AdapterError("SaRA nuclear_weight and nuclear_layers must not be negative")
+
+
+    def for_run(self, steps: int) -> "SaraConfig":
+        if self.reselect_at is not None or self.reselect is None:
+            return self
+        return replace(self, reselect_at=max(1, round(steps * float(self.reselect))))
 
 
 def parse_budget(budget: str | float | int, total: int | None) -> int:

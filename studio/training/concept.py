@@ -152,7 +152,7 @@ class ConceptRecipe(Recipe):
         self._load(acc)
         pipe = self.pipe
         self.base = base_fingerprint(pipe)
-        self.adapter_config = method.config_class.from_dict(cfg.adapter)
+        self.adapter_config = method.config_class.from_dict(cfg.adapter).for_run(cfg.steps)
         torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed only
         method.attach(pipe, self.adapter_config, cfg.name)
         params = method.trainable_parameters(pipe, cfg.name)
