@@ -32,10 +32,10 @@ from studio.adapters.base import FORMAT_VERSION, HEADER_KEYS, KINDS, matches_tar
 from studio.adapters.control import set_control
 from studio.utils.settings import describe
 
-# settings that fit the tiny model (its latents are 1/2 of the image: control encoders take two widths)
+# settings that fit the tiny model (its latents are 1/2 of the image: control encoders take one stage)
 TINY = {
     "controlnet": {"embedding_channels": [16, 32]},
-    "controlnext": {"channels": [16, 32], "unet_trainable": [r"attn2\.to_out"]},
+    "controlnext": {"unet_trainable": [r"attn2\.to_out"]},
     "t2i_adapter": {"num_res_blocks": 1},
     "hra": {"rank": 4},
     "oft": {"block_size": 16},

@@ -32,20 +32,21 @@ class ControlConfig(AdapterConfig):
 
 @dataclass
 class ControlNeXtConfig(ControlConfig):
-    """A small conv encoder of the control image whose feature, cross-normalised to the UNet's hidden state after
-    `conv_in` (its mean and std per sample), is added to it through a 1×1 conv that starts at 0 (so the
-    untrained adapter leaves the base output unchanged). `unet_trainable`: regexes on UNet parameter names also
-    trained (ControlNeXt tunes a few UNet layers, e.g. `attn2\\.to_out`); they are saved as weight deltas."""
+    """ControlNeXt: a light time-conditioned encoder of the control image whose feature, cross-normalised to the
+    UNet's hidden state after `conv_in` (its mean and std per sample), is added to it, with no zero gate.
+    `unet_trainable`: regexes on UNet parameter names trained beside it (the paper: the attention output
+    projections), saved as weight deltas."""
 
-    channels: list[int] = setting(default_factory=lambda: [16, 32, 64, 128], advanced=True,
-                                  help="encoder widths, one stride-2 stage between each (downsampling = the VAE's)")
-    unet_trainable: list[str] = setting(default_factory=list, advanced=True,
+    channels: list[int] = setting(default_factory=list, advanced=True,
+                                  help="encoder widths, one stride-2 stage each (downsampling = the VAE's); empty: "
+                                       "the paper's scaled to the UNet (filled in when attached)")
+    unet_trainable: list[str] = setting(default_factory=lambda: [r"attn[12]\.to_out"], advanced=True,
                                         help="regexes on UNet parameter names also trained (saved as weight deltas)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.channels) < 2 or min(self.channels) < 1:
-            raise AdapterError(f"ControlNeXt channels need at least two positive widths, got {self.channels}")
+        if min(self.channels, default=1) < 1:
+            raise AdapterError(f"ControlNeXt channels must be positive widths, got {self.channels}")
         self.channels = [int(c) for c in self.channels]
 
 

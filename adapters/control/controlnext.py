@@ -1,14 +1,18 @@
-"""A light ControlNeXt-style module (Peng et al. 2024): a small conv encoder of the control image whose feature is
-added to the UNet's hidden state after `conv_in`, with Cross Normalization (the feature normalised per sample and
-given the hidden state's mean and std), through a zero-initialised 1×1 conv. Optionally a few UNet layers are
-trained too (`unet_trainable` regexes), stored as weight deltas."""
+"""ControlNeXt (Peng et al. 2024): a light, time-conditioned encoder of the control image whose feature, aligned to
+the UNet's hidden state by Cross Normalization (normalised per sample, then given the hidden state's mean and std),
+is added to it after `conv_in`; no zero convolution or gate (Cross Normalization is what lets it train without
+one, so the fresh module is not the identity). The paper also tunes the UNet's attention output projections
+(`unet_trainable`, saved as weight deltas), at a tenth of the module's learning rate."""
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 
 import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
 from studio.adapters.base import AdapterError, register
@@ -17,37 +21,53 @@ from studio.adapters.control.config import ControlNeXtConfig
 from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
 EPS = 1e-6
+MODULE_LR_SCALE = 10.0  # the paper trains the module at 10x the UNet layers' learning rate
 
 
 def _groups(channels: int) -> int:
-    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 2)
+
+
+def default_widths(unet_channels: int, vae_factor: int) -> list[int]:
+    """The paper's widths (64, 128, 256 for SD 1.5's 320-channel UNet) scaled to the UNet's `conv_in` width, in
+    multiples of 8; one width per halving of the resolution."""
+    return [8 * math.ceil(unet_channels * 2 ** i / 5 / 8) for i in range(int(math.log2(vae_factor)))]
 
 
 class ControlNeXtEncoder(nn.Module):
-    """Control image (Bx3xHxW in [0, 1]) -> feature at 1/2^(len(channels)-1) resolution with `out_channels`."""
+    """Control image (Bx3xHxW in [0, 1]) and timestep -> the term added to the UNet's hidden state. A stem (two
+    3x3 convs, the first of stride 2) to channels[0]; for each further width a ResnetBlock2D that reads the time
+    embedding, then a stride-2 Downsample2D; a time-conditioned residual block and a 1x1 conv to the UNet's width."""
 
     def __init__(self, out_channels: int, channels: list[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1),
-                                   nn.GroupNorm(_groups(channels[0]), channels[0]), nn.SiLU()]
-        for cin, cout in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU(),
-                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+        c0, temb = channels[0], 4 * channels[0]
+        self.time_proj = Timesteps(2 * c0, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(2 * c0, temb)
+        self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, stride=2, padding=1), nn.GroupNorm(_groups(c0), c0), nn.ReLU(),
+                                  nn.Conv2d(c0, c0, 3, padding=1), nn.GroupNorm(_groups(c0), c0), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=_groups(cin),
+                          groups_out=_groups(cout)) for cin, cout in zip(channels, channels[1:]))
+        self.downsamplers = nn.ModuleList(Downsample2D(c, use_conv=True, padding=1) for c in channels[1:])
+        self.mid = ResnetBlock2D(in_channels=channels[-1], out_channels=channels[-1], temb_channels=temb,
+                                 groups=_groups(channels[-1]))
         self.out = nn.Conv2d(channels[-1], out_channels, 1)
-        # zero at the start, so the untrained module leaves the UNet unchanged; a 1×1 conv rather than a scalar
-        # gate: a scalar's one gradient is the sum of noisy per-channel ones, and with the encoder receiving no
-        # gradient while it is 0 it never opened (B5: still −0.003 after 200 steps of batch 8)
-        self.gate = nn.Conv2d(out_channels, out_channels, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
 
-    def forward(self, image: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The term added to `hidden`: gate(cross_norm(feature, hidden)), gate a zero-initialised 1×1 conv."""
-        feat = self.out(self.body(image * 2 - 1))
+    def feature(self, image: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+        """The control feature before Cross Normalization (1/2^len(channels) of the image)."""
+        t = torch.as_tensor(timestep, device=image.device).reshape(-1).expand(image.shape[0])
+        temb = self.time_embedding(self.time_proj(t).to(image.dtype))
+        x = self.stem(image * 2 - 1)
+        for block, down in zip(self.blocks, self.downsamplers):
+            x = down(block(x, temb))
+        return self.out(self.mid(x, temb))
+
+    def forward(self, image: torch.Tensor, hidden: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
+        feat = self.feature(image, timestep)
         if feat.shape[-2:] != hidden.shape[-2:]:
             feat = nn.functional.adaptive_avg_pool2d(feat, hidden.shape[-2:])
-        return self.gate(cross_normalize(feat, hidden))
+        return cross_normalize(feat, hidden)
 
 
 def cross_normalize(feat: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -73,15 +93,29 @@ class ControlNeXtMethod(ControlMethod):
     name = "controlnext"
     config_class = ControlNeXtConfig
     prefix = "controlnext"
-    presets = {"quick": {"lr": 1e-3, **LAYOUT_TIMESTEPS}, "standard": {"lr": 5e-4, **LAYOUT_TIMESTEPS}}
+    # lr: the tuned UNet layers'; the module trains at MODULE_LR_SCALE times it
+    presets = {"quick": {"lr": 1e-4, **LAYOUT_TIMESTEPS}, "standard": {"lr": 5e-5, **LAYOUT_TIMESTEPS}}
 
     def build(self, pipe, config: ControlNeXtConfig) -> nn.Module:
         factor = getattr(pipe, "vae_scale_factor", 8)
-        if 2 ** (len(config.channels) - 1) != factor:
-            raise AdapterError(f"ControlNeXt channels {config.channels} downsample by "
-                               f"{2 ** (len(config.channels) - 1)}, the model's latents are 1/{factor} of the image: "
-                               f"give {factor.bit_length()} widths")
-        return ControlNeXtEncoder(pipe.unet.config.block_out_channels[0], config.channels)
+        width = pipe.unet.config.block_out_channels[0]
+        if not config.channels:  # filled in, so the file records the widths it was built with
+            config.channels = default_widths(width, factor)
+        if 2 ** len(config.channels) != factor:
+            raise AdapterError(f"ControlNeXt channels {config.channels} downsample by {2 ** len(config.channels)}, "
+                               f"the model's latents are 1/{factor} of the image: give {int(math.log2(factor))} "
+                               "widths")
+        return ControlNeXtEncoder(width, config.channels)
+
+    def optimizer(self, pipe, adapter: str, params: list[nn.Parameter], *, lr: float, weight_decay: float,
+                  kind: str = "adamw") -> torch.optim.Optimizer | None:
+        """AdamW with the module at MODULE_LR_SCALE x `lr` and the tuned UNet layers at `lr` (the paper's split)."""
+        if kind != "adamw":
+            return None
+        own = {id(p) for p in self._entry(pipe, adapter).module.parameters()}
+        groups = [{"params": [p for p in params if id(p) in own], "lr": lr * MODULE_LR_SCALE},
+                  {"params": [p for p in params if id(p) not in own], "lr": lr}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
     def _attach_trainable(self, pipe, config: ControlNeXtConfig, adapter: str) -> None:
         unet_params = _unet_params(pipe, config.unet_trainable)

@@ -237,15 +237,17 @@ def install(pipe) -> None:
             scale = c.scale_for(sample.shape[0], sample)
             if mod.method == "controlnet":
                 dtype = mod.module.dtype
+                added = kwargs.get("added_cond_kwargs")  # SDXL's pooled text and size/crop ids
                 d, m = mod.module(sample.to(dtype), timestep, encoder_hidden_states=text.to(dtype),
-                                  controlnet_cond=image.to(dtype), conditioning_scale=scale, return_dict=False)
+                                  controlnet_cond=image.to(dtype), conditioning_scale=scale, return_dict=False,
+                                  added_cond_kwargs=added and {k: v.to(dtype) for k, v in added.items()})
                 down = list(d) if down is None else [a + b for a, b in zip(down, d)]
                 mid = m if mid is None else mid + m
             elif mod.method == "t2i_adapter":
                 feats = [scale * f for f in mod.module(image.to(sample.dtype))]
                 intra = feats if intra is None else [a + b for a, b in zip(intra, feats)]
             else:
-                st["feature_inputs"].append((mod, image, scale))
+                st["feature_inputs"].append((mod, image, scale, timestep))
         if down is None and intra is None:
             return None
         kwargs = dict(kwargs)
@@ -266,8 +268,8 @@ def install(pipe) -> None:
         feats = st.get("feature_inputs")
         if not feats:
             return None
-        for mod, image, scale in feats:
-            output = output + scale * mod.module(image.to(output.dtype), output)
+        for mod, image, scale, timestep in feats:
+            output = output + scale * mod.module(image.to(output.dtype), output, timestep)
         return output
 
     st["handles"] = [unet.register_forward_pre_hook(unet_pre, with_kwargs=True),

@@ -1,5 +1,6 @@
-"""T2I-Adapter (Mou et al. 2023) as diffusers builds it (`T2IAdapter`, "full_adapter"), sized to the loaded UNet's
-down blocks; its features go into the UNet through `down_intrablock_additional_residuals`."""
+"""T2I-Adapter (Mou et al. 2023) as diffusers builds it (`T2IAdapter`: "full_adapter", or "full_adapter_xl" on an
+SDXL UNet), sized to the loaded UNet's down blocks; its features go into the UNet through
+`down_intrablock_additional_residuals`."""
 
 from __future__ import annotations
 
@@ -25,11 +26,23 @@ class T2IAdapterMethod(ControlMethod):
 
         if config.adapter_config:
             return T2IAdapter.from_config(config.adapter_config)
-        unet = pipe.unet.config
-        model = T2IAdapter(in_channels=3, channels=list(unet.block_out_channels), num_res_blocks=config.num_res_blocks,
-                           downscale_factor=getattr(pipe, "vae_scale_factor", 8), adapter_type="full_adapter")
+        unet, factor = pipe.unet.config, getattr(pipe, "vae_scale_factor", 8)
+        channels = list(unet.block_out_channels)
+        if _sdxl_layout(unet):  # SDXL's first block downsamples before its feature is added: the XL adapter
+            model = T2IAdapter(in_channels=3, channels=channels + channels[-1:], num_res_blocks=config.num_res_blocks,
+                               downscale_factor=2 * factor, adapter_type="full_adapter_xl")
+        else:
+            model = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=config.num_res_blocks,
+                               downscale_factor=factor, adapter_type="full_adapter")
         config.adapter_config = {k: v for k, v in json.loads(model.to_json_string()).items() if not k.startswith("_")}
         return model
+
+    def _attach_trainable(self, pipe, config: T2IAdapterConfig, adapter: str) -> None:
+        unet = pipe.unet.config
+        if _sdxl_layout(unet) and len(unet.block_out_channels) != 3:
+            raise AdapterError(f"T2I-Adapter-XL fits SDXL's three down blocks; this UNet has "
+                               f"{len(unet.block_out_channels)}")
+        super()._attach_trainable(pipe, config, adapter)
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor],
                         config: T2IAdapterConfig | None = None, base: dict | None = None,
@@ -46,3 +59,9 @@ class T2IAdapterMethod(ControlMethod):
         except AdapterError as e:
             inject.modules(pipe).pop(adapter)
             raise AdapterError(f"{source}: {e}") from None
+
+
+def _sdxl_layout(unet_config) -> bool:
+    """SDXL's UNet: size/crop conditioning and a first down block without attention (which downsamples)."""
+    return (unet_config.get("addition_embed_type") == "text_time"
+            and unet_config.get("down_block_types", [""])[0] == "DownBlock2D")
