@@ -10,8 +10,9 @@ from pathlib import Path
 
 from studio.adapters import control, hipa, hra, loha, lokr, lora, oft, sara, soda, spm  # noqa: F401  (registers the methods)
 from studio.adapters.trigger import TRIGGER_KEYS, check_trigger_vectors, set_trigger_vectors
-from studio.adapters.base import (AdapterConfig, AdapterError, AdapterFile, AdapterMethod, adapter_name_for,
-                                  base_fingerprint, get_method, method_names, read_adapter, register, save_adapter)
+from studio.adapters.base import (AdapterConfig, AdapterError, AdapterMethod, adapter_name_for, base_fingerprint,
+                                  get_method, method_names, register)
+from studio.adapters.files import AdapterFile, read_adapter, save_adapter
 
 __all__ = ["AdapterConfig", "AdapterError", "AdapterFile", "AdapterMethod", "base_fingerprint", "get_method",
            "method_names", "read_adapter", "register", "save_adapter", "load_adapters", "set_adapter_weights",

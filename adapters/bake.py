@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterFile, read_adapter, save_adapter, thin_svd
+from studio.adapters.base import AdapterError, thin_svd
+from studio.adapters.files import AdapterFile, read_adapter, save_adapter
 from studio.adapters.lora.config import LoraConfig
 
 

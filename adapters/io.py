@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters.base import AdapterError, read_adapter, write_safetensors
+from studio.adapters.base import AdapterError
+from studio.adapters.files import read_adapter, write_safetensors
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.convert import to_diffusers, to_kohya
 from studio.adapters.lycoris_keys import NETWORK as LYCORIS

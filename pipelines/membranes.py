@@ -13,7 +13,7 @@ class MembraneMixin:
     the images of that prompt with the membrane at gamma times its weight. With `prompt_embeds` instead of
     prompts there is nothing to compare, and membranes act at their weight (full erasure)."""
 
-    studio_permeability_metric = "tokenuni"
+    studio_permeability_metric = "tokensim"
 
     def __call__(self, prompt=None, *args, num_images_per_prompt: int | None = 1, **kwargs):
         from studio.adapters import attached_adapters
@@ -32,7 +32,7 @@ class MembraneMixin:
             return super().__call__(prompt, *args, num_images_per_prompt=num_images_per_prompt, **kwargs)
 
 
-def use_membranes(pipe, metric: str | None = "tokenuni"):
+def use_membranes(pipe, metric: str | None = "tokensim"):
     """Turn Facilitated Transport on for `pipe` (in place; metric None turns it off). The pipeline keeps
     its class's behaviour otherwise: it becomes a subclass of its own class with MembraneMixin's call."""
     from studio.adapters import AdapterError
@@ -51,7 +51,7 @@ def use_membranes(pipe, metric: str | None = "tokenuni"):
     return pipe
 
 
-def load_membranes(pipe, files: dict | list, metric: str | None = "tokenuni") -> list[str]:
+def load_membranes(pipe, files: dict | list, metric: str | None = "tokensim") -> list[str]:
     """Attach membrane files ({file: weight} or a list) and turn Facilitated Transport on with `metric`
     (None: each membrane acts at its weight on every prompt, as a plain LoRA would)."""
     from studio.adapters import AdapterError, load_adapters, read_adapter

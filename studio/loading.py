@@ -110,7 +110,7 @@ def _embedded_config_for(path: Path) -> str | None:
 def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: str | torch.dtype | None = None,
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
                   progress: bool = False, adapters: dict[str | Path, float] | list | None = None,
-                  membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokenuni",
+                  membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokensim",
                   one_step: str | Path | None = None, control: dict | list[dict] | None = None):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its

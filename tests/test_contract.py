@@ -28,7 +28,8 @@ from conftest import unet_out
 from studio import load_pipeline
 from studio.adapters import (AdapterError, base_fingerprint, get_method, load_adapters, merge_adapters, method_names,
                              read_adapter, save_adapter, set_adapter_weights)
-from studio.adapters.base import FORMAT_VERSION, HEADER_KEYS, KINDS, matches_target
+from studio.adapters.base import FORMAT_VERSION, KINDS, matches_target
+from studio.adapters.files import HEADER_KEYS
 from studio.adapters.control import set_control
 from studio.utils.settings import describe
 

@@ -474,3 +474,14 @@ def test_few_shot_starts_from_a_trained_adapter_and_tunes_only_its_biases(tmp_pa
     with pytest.raises(TrainingError, match="tune takes all or bias"):  # refused with the settings, before any work
         train(data=str(images), control_data=str(conditions), name="y", output_dir=str(tmp_path / "y"),
               adapter={"tune": "weights"}, **common)
+
+
+def test_control_train_defaults_to_the_measured_recipe(tmp_path):
+    """No method and no preset: T2I-Adapter at B5's recipe; a preset or a given setting replaces its part."""
+    from studio.tasks.control import control_config
+
+    plain = control_config(output_dir=str(tmp_path / "a"), render=False)
+    assert (plain.method, plain.steps, plain.batch_size, plain.lr) == ("t2i_adapter", 1200, 8, 1e-3)
+    quick = control_config(preset="quick", output_dir=str(tmp_path / "b"), render=False)
+    assert (quick.steps, quick.batch_size) == (300, 4)
+    assert control_config(steps=50, output_dir=str(tmp_path / "c"), render=False).steps == 50

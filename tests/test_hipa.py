@@ -238,7 +238,7 @@ def test_the_benchmark_reuses_an_adaptor_written_before_a_setting_was_added(tmp_
 
     from safetensors import safe_open
 
-    from studio.adapters.base import write_safetensors
+    from studio.adapters.files import write_safetensors
     from studio.bench.onestep import _trained_before
 
     pipe = load_pipeline("shapes")

@@ -222,3 +222,26 @@ def test_each_control_method_trains_on_sdxl_and_steers_its_images(method, sdxl3_
     assert len(control_inputs(pipe)) == 1 and np.abs(controlled - plain).max() > 1e-3
     again, _ = draw(control={"adapter": result.adapter_path, "image": mask})
     assert np.array_equal(again, controlled)
+
+
+def test_a_membrane_trains_on_sdxl_and_transport_spares_other_prompts(sdxl_folder, tmp_path):
+    """SPM on SDXL: the erase loss reads both encoders (the pipeline's encode_prompt), the pooled embedding and the
+    size ids; the membrane moves the prediction on the erased concept's prompt, and Facilitated Transport leaves
+    a prompt without it exactly as the base model draws it."""
+    from pipelines.membranes import load_membranes
+    from studio.tasks.erase import erase
+
+    result = erase(["circle"], tmp_path / "m.safetensors", model=str(sdxl_folder),
+                   settings={"steps": 3, "lr": 5e-2, "denoise_steps": 3, "resolution": 32})
+    assert result.steps == 3
+
+    def draw(pipe, prompt):
+        return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = load_pipeline(str(sdxl_folder))
+    erased = load_pipeline(str(sdxl_folder))
+    load_membranes(erased, [str(result.adapter_path)])
+    assert np.abs(draw(erased, "a red circle") - draw(base, "a red circle")).max() > 1e-4
+    assert erased.studio_last_permeability and next(iter(erased.studio_last_permeability.values())) == [1.0]
+    assert np.array_equal(draw(erased, "a red square"), draw(base, "a red square"))

@@ -52,6 +52,31 @@ def test_permeability_is_high_for_the_concept_and_zero_for_other_prompts(shapes_
         permeability(shapes_pipe, PROMPTS, ["circle"], metric="cosine")
 
 
+def test_tokensim_opens_the_membrane_on_a_synonym_and_stays_shut_on_unrelated_prompts():
+    """On the shipped encoder extended with world v2's words (as v2 pretraining starts: "disc" at "circle", then
+    moved a little, as training moves it), the default metric gives the paraphrase a high strength, tokenuni 0;
+    every prompt naming no circle, in any word, gets exactly 0."""
+    from transformers import CLIPTextModel
+
+    from studio.shapes import embedded, world
+    from studio.shapes.pretrain import extend_text_encoder
+
+    pipe = load_pipeline("shapes")
+    old, pipe.tokenizer = pipe.tokenizer, embedded.build_tokenizer(world.V2)
+    pipe.text_encoder = extend_text_encoder(CLIPTextModel.from_pretrained(embedded.SHAPES_DIR / "text_encoder"), old,
+                                            pipe.tokenizer, world.V2)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    disc = pipe.tokenizer.convert_tokens_to_ids("disc</w>")
+    with torch.no_grad():
+        table[disc] += 0.1 * table[disc].norm() * torch.nn.functional.normalize(
+            torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+    paraphrase, unrelated = ["a red disc on a blue background"], ["a red box on a blue background", "a green hoop",
+                                                                  "a small yellow hexagon at the top", ""]
+    gamma = permeability(pipe, paraphrase + unrelated + ["a circle"], ["circle"])
+    assert gamma[0] > 0.5 and gamma[1:-1].tolist() == [0.0] * len(unrelated) and gamma[-1] == pytest.approx(1.0)
+    assert permeability(pipe, paraphrase, ["circle"], metric="tokenuni").tolist() == [0.0]
+
+
 def test_strength_zero_gives_the_base_model_exactly_and_each_prompt_gets_its_own(shapes_pipe, membrane_files):
     base = _images(shapes_pipe, PROMPTS)
     pipe = load_pipeline("shapes", membranes=[membrane_files[0]])
@@ -119,8 +144,8 @@ def _erase_gap(pipe, config, spm_on: bool) -> float:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor(600)
-    text = _embed(pipe, config.prompts[:1] * 2)
-    empty = _embed(pipe, [""] * 2)
+    text = _embed(pipe, config.prompts[:1] * 2)[0]
+    empty = _embed(pipe, [""] * 2)[0]
     spm = get_method("spm")
     with torch.no_grad():
         with spm.disabled(pipe):

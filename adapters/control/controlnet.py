@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from studio.adapters.base import AdapterError, read_adapter, register
+from studio.adapters.base import AdapterError, register
+from studio.adapters.files import read_adapter
 from studio.adapters.control import inject
 from studio.adapters.control.config import ControlNetConfig
 from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import (AdapterError, AdapterMethod, base_fingerprint, describe_base, read_adapter,
-                                  require_unet)
+from studio.adapters.base import AdapterError, AdapterMethod, base_fingerprint, describe_base, require_unet
+from studio.adapters.files import read_adapter
 from studio.adapters.control import inject
 
 # The engine's timestep settings a control adapter trains with by default (its presets, `studio bench control`):

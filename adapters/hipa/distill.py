@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from studio.adapters.base import (AdapterError, base_fingerprint, write_safetensors)
+from studio.adapters.base import AdapterError, base_fingerprint
+from studio.adapters.files import write_safetensors
 from studio.adapters.hipa.adversarial import (Features, FeatureDiscriminator, discriminator_loss,
                                               generator_loss, pooled_text)
 from studio.adapters.hipa.config import DistillSettings, HipaConfig

@@ -17,10 +17,22 @@ from studio.utils.settings import from_values
 TRAINING_NAME = "membrane"
 
 
-def _embed(pipe, texts: list[str]) -> torch.Tensor:
+def _embed(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' hidden states as the UNet reads them, and SDXL's pooled embedding (None for SD 1.x/2.x): on
+    SDXL the pipeline's own `encode_prompt` (both encoders' penultimate states side by side, the second's pooled
+    projection)."""
+    if _reads_pooled(pipe):
+        with torch.no_grad():
+            hidden, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder.device,
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return hidden, pooled
     ids = token_ids(pipe, texts).to(pipe.text_encoder.device)
     with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+        return pipe.text_encoder(ids)[0], None
+
+
+def _reads_pooled(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
 def random_anchors(target: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -38,10 +50,9 @@ def random_anchors(target: torch.Tensor, count: int, generator: torch.Generator)
     return torch.stack(out)
 
 
-def check_architecture(pipe) -> None:
-    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
-        raise AdapterError("membrane training supports SD 1.x/2.x-style UNets (and the embedded model); SDXL "
-                           "needs pooled embeddings and time ids, which this trainer does not build yet")
+def sdxl_time_ids(size: int, device) -> torch.Tensor:
+    """SDXL's size/crop conditioning of a generated square image: original = target = size, crop at (0, 0)."""
+    return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -54,6 +65,7 @@ class EraseTargets:
     empty: torch.Tensor
     scheduler: object
     latent_shape: tuple[int, int, int]
+    pooled: dict[str, torch.Tensor] | None = None  # SDXL: "target" (N, d), "surrogate", "empty" (d) and "time_ids"
 
 
 @dataclass
@@ -66,6 +78,7 @@ class EraseDraw:
     noise: torch.Tensor
     anchors: torch.Tensor | None
     anchor_rows: list[int]
+    anchors_pooled: torch.Tensor | None = None  # SDXL: each anchor's pooled embedding
 
 
 def erase_targets(pipe, config: SpmConfig, settings: EraseSettings) -> EraseTargets:
@@ -76,9 +89,15 @@ def erase_targets(pipe, config: SpmConfig, settings: EraseSettings) -> EraseTarg
         raise AdapterError("nothing to erase: name at least one concept (or target prompt)")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(settings.denoise_steps)
-    size = (settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-    return EraseTargets(_embed(pipe, prompts), _embed(pipe, [config.surrogate])[0], _embed(pipe, [""])[0],
-                        scheduler, (pipe.unet.config.in_channels, size, size))
+    pixels = settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = pixels // pipe.vae_scale_factor
+    (target, target_pooled), (surrogate, surrogate_pooled), (empty, empty_pooled) = (
+        _embed(pipe, prompts), _embed(pipe, [config.surrogate]), _embed(pipe, [""]))
+    pooled = None
+    if target_pooled is not None:
+        pooled = {"target": target_pooled, "surrogate": surrogate_pooled[0], "empty": empty_pooled[0],
+                  "time_ids": sdxl_time_ids(pixels, target.device)}
+    return EraseTargets(target, surrogate[0], empty[0], scheduler, (pipe.unet.config.in_channels, size, size), pooled)
 
 
 def erase_draw(targets: EraseTargets, config: SpmConfig, batch: int, generator: torch.Generator, *,
@@ -88,47 +107,68 @@ def erase_draw(targets: EraseTargets, config: SpmConfig, batch: int, generator: 
     chosen = torch.randint(0, n_prompts, (batch,), generator=generator).tolist()
     k = int(torch.randint(1, steps, (), generator=generator))
     noise = torch.randn((batch, *targets.latent_shape), generator=generator)
-    parts, rows = [], []
+    parts, rows, pooled_parts = [], [], []
     if anchors and config.anchor_weight > 0:
         # `anchors` per step whatever the batch: anchor j reads the latents of row j mod batch (with batch 1, as
-        # the sd15 preset trains, all three anchors read the one row)
+        # the sd15 preset trains, all three anchors read the one row); on SDXL each also gets a random pooled
+        # embedding, drawn the same way around the target's
         for j in range(config.anchors):
             row = j % batch
             parts.append(random_anchors(targets.target[chosen[row]].cpu(), 1, generator))
+            if targets.pooled is not None:
+                pooled_parts.append(random_anchors(targets.pooled["target"][chosen[row]].cpu(), 1, generator))
             rows.append(row)
         if config.anchor_empty:
             parts.append(targets.empty.cpu()[None])
+            if targets.pooled is not None:
+                pooled_parts.append(targets.pooled["empty"].cpu()[None])
             rows.append(len(rows) % batch)
-    return EraseDraw(chosen, k, noise, torch.cat(parts) if parts else None, rows)
+    return EraseDraw(chosen, k, noise, torch.cat(parts) if parts else None, rows,
+                     torch.cat(pooled_parts) if pooled_parts else None)
 
 
 def erase_loss(student, frozen, targets: EraseTargets, config: SpmConfig, settings: EraseSettings,
                draw: EraseDraw, rows: range) -> torch.Tensor:
     """The negative-guidance loss of the batch rows `rows` (plus Latent Anchoring on the anchors those rows
     own), as their part of the whole batch's loss: summed over them and divided by the batch's counts.
-    `student(x, t, text)` is the model being trained, `frozen(x, t, text)` the original."""
+    `student(x, t, text, pooled)` is the model being trained, `frozen(x, t, text, pooled)` the original (pooled:
+    SDXL's pooled embeddings, else None)."""
     device, sched, b = targets.target.device, targets.scheduler, len(draw.chosen)
     rows = list(rows)
+    n = len(rows)
     cond = targets.target[[draw.chosen[r] for r in rows]]
+    pooled = targets.pooled
     x = draw.noise[rows].to(device) * sched.init_noise_sigma
     owned = [j for j, r in enumerate(draw.anchor_rows) if r in rows]
+
+    def pooled_of(*parts: torch.Tensor | None) -> torch.Tensor | None:  # SDXL's pooled rows beside the texts
+        return None if pooled is None else torch.cat(parts)
+
     with torch.no_grad():
-        uncond = targets.empty.expand(len(rows), -1, -1)
+        uncond = targets.empty.expand(n, -1, -1)
+        cond_pooled = uncond_pooled = anchor_pooled = sur_pooled = None
+        if pooled is not None:
+            cond_pooled = pooled["target"][[draw.chosen[r] for r in rows]]
+            uncond_pooled, sur_pooled = pooled["empty"].expand(n, -1), pooled["surrogate"].expand(n, -1)
+            anchor_pooled = draw.anchors_pooled[owned].to(device) if owned else cond_pooled[:0]
         for t in sched.timesteps[:draw.k]:
-            u, c = student(torch.cat([x, x]), t, torch.cat([uncond, cond]), grad=False).chunk(2)
+            u, c = student(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled_of(uncond_pooled, cond_pooled),
+                           grad=False).chunk(2)
             x = sched.step(u + settings.sample_guidance * (c - u), t, x).prev_sample
         t = sched.timesteps[draw.k]  # the timestep the DDIM schedule actually reached at x_k
         anchor_emb = draw.anchors[owned].to(device) if owned else cond[:0]
         anchor_x = x[[rows.index(draw.anchor_rows[j]) for j in owned]] if owned else x[:0]
-        base = frozen(torch.cat([x, x, anchor_x]), t, torch.cat([cond, targets.surrogate.expand(len(rows), -1, -1),
-                                                                 anchor_emb]))
-        e_tar, e_sur = base[:len(rows)], base[len(rows):2 * len(rows)]
+        base = frozen(torch.cat([x, x, anchor_x]), t,
+                      torch.cat([cond, targets.surrogate.expand(n, -1, -1), anchor_emb]),
+                      pooled_of(cond_pooled, sur_pooled, anchor_pooled))
+        e_tar, e_sur = base[:n], base[n:2 * n]
         goal = e_sur - config.eta * (e_tar - e_sur)
-    pred = student(torch.cat([x, anchor_x]), t, torch.cat([cond, anchor_emb]), grad=True)
+    pred = student(torch.cat([x, anchor_x]), t, torch.cat([cond, anchor_emb]),
+                   pooled_of(cond_pooled, anchor_pooled), grad=True)
     per_row = x[0].numel()
-    loss = F.mse_loss(pred[:len(rows)].float(), goal.float(), reduction="sum") / (per_row * b)
+    loss = F.mse_loss(pred[:n].float(), goal.float(), reduction="sum") / (per_row * b)
     if draw.anchors is not None:
-        anchored = F.mse_loss(pred[len(rows):].float(), base[2 * len(rows):].float(), reduction="sum")
+        anchored = F.mse_loss(pred[n:].float(), base[2 * n:].float(), reduction="sum")
         loss = loss + config.anchor_weight * anchored / (per_row * len(draw.anchors))
     return loss
 

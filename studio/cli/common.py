@@ -62,7 +62,7 @@ def load_model(args):
     return load_pipeline(args.model, **load_options(args),
                          adapters=parse_adapter_args(getattr(args, "adapter", None)),
                          membranes=parse_adapter_args(getattr(args, "membrane", None)),
-                         transport=None if getattr(args, "no_transport", False) else "tokenuni",
+                         transport=None if getattr(args, "no_transport", False) else "tokensim",
                          one_step=getattr(args, "one_step", None), control=control_args(args))
 
 

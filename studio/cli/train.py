@@ -27,7 +27,7 @@ def _register_control(sub) -> None:
     add_train_args(ct)
     ct.add_argument("--condition", default="mask", help="mask, edges, box (exact, from the shapes world), canny, "
                     "lineart; several comma-separated: the training pairs alternate between them")
-    ct.add_argument("--examples", type=int, default=256, help="rendered training pairs (without --data)")
+    ct.add_argument("--examples", type=int, default=512, help="rendered training pairs (without --data)")
     ct.add_argument("--two-shapes", type=finite_float, default=0.0,
                     help="the fraction of rendered pairs that are two-shape scenes, their shapes' conditions two "
                          "inputs summed (multi-condition control; best started from a trained adapter)")
@@ -84,7 +84,7 @@ def control_train_config(args, render: bool = True):
     queued job renders it."""
     from studio.tasks.control import control_config
 
-    two_shapes, examples = getattr(args, "two_shapes", 0.0), getattr(args, "examples", 256)
+    two_shapes, examples = getattr(args, "two_shapes", 0.0), getattr(args, "examples", 512)
     if not 0.0 <= two_shapes <= 1.0:
         raise StudioError(f"--two-shapes is a fraction between 0 and 1 (got {two_shapes})")
     if examples < 1:

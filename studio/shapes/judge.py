@@ -126,8 +126,9 @@ def extend_judge(judge: Judge, version: int) -> Judge:
     return new
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Blur, noise, small shifts and a little contrast change: what a generated image may suffer."""
+def augment(images: torch.Tensor, generator: torch.Generator, blur: float = 1.6) -> torch.Tensor:
+    """Blur (sigma up to `blur` pixels), noise, small shifts and a little contrast change: what a generated image
+    may suffer."""
     b = images.shape[0]
     dev = images.device
     # small shifts, edge-replicated
@@ -137,8 +138,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     theta[:, :, 2] = shift * 2 / world.IMAGE_SIZE
     grid = F.affine_grid(theta, images.shape, align_corners=False)
     images = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
-    # gaussian blur with a per-image sigma in [0, 1.6]
-    sigma = torch.rand(b, generator=generator, device=dev) * 1.6 + 1e-3
+    # gaussian blur with a per-image sigma in [0, blur]
+    sigma = torch.rand(b, generator=generator, device=dev) * blur + 1e-3
     x = torch.arange(-3, 4, device=dev).float()
     k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)
@@ -165,7 +166,7 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def train_judge(images: torch.Tensor, labels: list[world.Spec] | dict[str, torch.Tensor], *, steps: int = 3000,
                 batch: int = 256, lr: float = 2e-3, seed: int = 0, device: str = "cpu", version: int = 1,
-                init: Judge | None = None, bf16: bool = False, log=print) -> Judge:
+                init: Judge | None = None, bf16: bool = False, blur: float = 1.6, log=print) -> Judge:
     """Train on uint8 renders (NxHxWx3, kept on `device`) with augmentation; labels are the renders' specs or
     scene_labels(...). `init` continues from a judge (extended to `version`); `bf16` autocasts (1.4-2.8x on CPU)."""
     torch.manual_seed(seed)
@@ -179,7 +180,7 @@ def train_judge(images: torch.Tensor, labels: list[world.Spec] | dict[str, torch
     n = images.shape[0]
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=gen, device=device)
-        x = augment(to_tensor(images[idx]), gen)
+        x = augment(to_tensor(images[idx]), gen, blur)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
             _, logits = judge(x)
         loss = sum(_head_loss(logits[k].float(), labels[k][idx]) for k in judge.classes)

@@ -43,6 +43,8 @@ class PretrainConfig:
     judge_init: str = ""  # a judge file the judge stage continues from (extended to `world`'s heads)
     judge_outliers: float = 0.08  # world v2: share of judge images whose shape is of no world (read as "none")
     judge_scenes: float = 0.15  # world v2: share of two-shape scenes (the count head)
+    judge_vae_fraction: float = 0.0  # share of the judge's images seen after the VAE round trip (what it will read)
+    judge_blur: float = 1.6  # the judge's blur augmentation: sigma up to this many pixels
     world: int = 1  # the world version the judge reads and the unet stage pretrains on
     bf16: bool = False  # autocast the judge and unet stages to bf16 (always on CUDA; 1.4-2.8x on a recent CPU)
     unet_images: int = 60_000
@@ -202,13 +204,26 @@ def train_judge_stage(cfg: PretrainConfig, vae, log=print):
     else:
         items = judge_items(world.get_world(version), cfg.judge_images, cfg.seed + 2, cfg.judge_outliers,
                             cfg.judge_scenes)
-        images = torch.from_numpy(render_scenes(items)).to(dev)
+        images = torch.from_numpy(render_scenes(items))
         labels = scene_labels([(list(specs), outlier) for specs, outlier, _ in items], heads_for(version))
+    images = _some_through_the_vae(images, vae, cfg.judge_vae_fraction, cfg.seed, dev).to(dev)
     judge = train_judge(images, labels, steps=cfg.judge_steps, batch=cfg.judge_batch, lr=cfg.judge_lr, seed=cfg.seed,
-                        device=dev, version=version, init=init, bf16=cfg.bf16 or dev.startswith("cuda"), log=log)
+                        device=dev, version=version, init=init, bf16=cfg.bf16 or dev.startswith("cuda"),
+                        blur=cfg.judge_blur, log=log)
     report = judge_report(judge, vae, cfg.judge_test_images, cfg.seed + 3, dev)
     log(f"judge accuracy {json.dumps(report)}")
     return judge.cpu(), report
+
+
+def _some_through_the_vae(images: torch.Tensor, vae, fraction: float, seed: int, device: str) -> torch.Tensor:
+    """uint8 NxHxWx3 images with a `fraction` of them (drawn from the seed) replaced by their VAE round trip."""
+    if fraction <= 0:
+        return images
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:int(fraction * len(images))]
+    decoded = vae_roundtrip(vae, images[chosen], device)
+    images = images.clone()
+    images[chosen] = (decoded.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    return images
 
 
 def judge_report(judge, vae, n: int, seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from studio.adapters.base import base_fingerprint
+from studio.adapters.base import base_fingerprint, require_unet
 from studio.adapters.spm.config import EraseSettings, SpmConfig
-from studio.adapters.spm.erase import (TRAINING_NAME, check_architecture, erase_config, erase_draw, erase_loss,
+from studio.adapters.spm.erase import (TRAINING_NAME, erase_config, erase_draw, erase_loss,
                                        erase_targets)
 from studio.adapters.spm.model import SpmMethod
 from studio.tasks.runs import checked_file, loop_settings, run_folder, split_settings
@@ -38,9 +38,12 @@ def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> li
     return list(concepts)
 
 
-def _unet_call(unet):
-    def call(x, t, text, grad: bool = True):
-        return unet(x, t, encoder_hidden_states=text).sample
+def _unet_call(unet, time_ids: torch.Tensor | None = None):
+    """(x, t, text, pooled) -> the UNet's prediction; on SDXL `pooled` and the size/crop `time_ids` go in
+    `added_cond_kwargs`."""
+    def call(x, t, text, pooled=None, grad: bool = True):
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids.expand(len(x), -1)}
+        return unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
     return call
 
 
@@ -51,7 +54,7 @@ class EraseRecipe(Recipe):
     label = "erase"
 
     def __init__(self, pipe, config: SpmConfig, settings: EraseSettings, *, esd: bool = False) -> None:
-        check_architecture(pipe)
+        require_unet(pipe, "erasing")
         self.pipe, self.config, self.settings, self.esd = pipe, config, settings, esd
         self.method = "esd" if esd else "spm"
         self.base = base_fingerprint(pipe)
@@ -82,18 +85,19 @@ class EraseRecipe(Recipe):
         return Trainables(params, {"unet": unet}, lr_lambda=lambda step: min(1.0, step / warmup))
 
     def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
-        trained, plain = _unet_call(modules["unet"]), _unet_call(self.pipe.unet)
+        ids = self.targets.pooled["time_ids"] if self.targets.pooled else None
+        trained, plain = _unet_call(modules["unet"], ids), _unet_call(self.pipe.unet, ids)
 
-        def student(x, t, text, grad: bool = True):  # DDP's forward only where gradients flow
-            return (trained if grad else plain)(x, t, text)
+        def student(x, t, text, pooled=None, grad: bool = True):  # DDP's forward only where gradients flow
+            return (trained if grad else plain)(x, t, text, pooled)
 
         self.student = student
         if self.esd:
-            self.frozen = _unet_call(self.frozen_unet)
+            self.frozen = _unet_call(self.frozen_unet, ids)
         else:
-            def frozen(x, t, text):
+            def frozen(x, t, text, pooled=None):
                 with self.membrane.disabled(self.pipe):
-                    return plain(x, t, text)
+                    return plain(x, t, text, pooled)
             self.frozen = frozen
 
     def loss(self, step: int, share: Share, generator: torch.Generator) -> torch.Tensor:

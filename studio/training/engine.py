@@ -288,7 +288,7 @@ class Engine:
 
     def _save_checkpoint(self, step: int, recipe: Recipe) -> Path | None:
         from studio.adapters import save_adapter
-        from studio.adapters.base import write_safetensors
+        from studio.adapters.files import write_safetensors
 
         acc = self.accelerator
         if self.out is None:

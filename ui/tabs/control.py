@@ -211,7 +211,7 @@ def _training_inputs() -> tuple[dict[str, Any], Any]:
     import gradio as gr
 
     from studio.adapters import method_names
-    from studio.tasks.control import DEFAULT_METHOD
+    from studio.tasks.control import DEFAULT_EXAMPLES, DEFAULT_METHOD, DEFAULT_RECIPE
     from studio.training import PRESETS
 
     gr.Markdown("Trains on shapes-world renders and their condition images, drawn here (what `studio "
@@ -222,9 +222,11 @@ def _training_inputs() -> tuple[dict[str, Any], Any]:
                 "condition": gr.Dropdown(CONDITION_KINDS, value="mask", allow_custom_value=True,
                                          label="Condition kind")}
     with gr.Row():
-        page["preset"] = gr.Dropdown(list(PRESETS), value=list(PRESETS)[0], label="Training preset")
+        recipe = f"control recipe ({DEFAULT_RECIPE['steps']} steps x {DEFAULT_RECIPE['batch_size']})"
+        page["preset"] = gr.Dropdown([(recipe, "")] + [(name, name) for name in PRESETS], value="",
+                                     label="Training preset")
         page["steps"] = gr.Number(value=0, precision=0, label="Training steps (0: preset)")
-        page["examples"] = gr.Number(value=256, precision=0, label="Rendered examples")
+        page["examples"] = gr.Number(value=DEFAULT_EXAMPLES, precision=0, label="Rendered examples")
         page["seed"] = gr.Number(value=0, precision=0, label="Training seed")
     with gr.Row():
         page["two_shapes"] = gr.Slider(0, 1, value=0.0, step=0.05, label="Two-shape scenes (fraction)",
