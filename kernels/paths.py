@@ -30,11 +30,13 @@ def auto_path(on_cuda: bool, dtype: torch.dtype = torch.float32, op: str = "lora
     """Measured on an H100 (BENCHMARKS.md, B7 on CUDA): at SD-sized layers in half precision a linear is
     bound by the host's kernel launches, not the GPU, and the plain path (no Triton launcher, no extra
     copies) costs least; in fp32 the LoRA kernel's 3×TF32 tensor-core products beat cuBLAS's fp32 GEMM.
-    The sparse delta's SDDMM kernel lost to the plain dense product at every measured density (0.2-20%).
-    On the CPU the fused path wins everywhere."""
-    if not on_cuda:
+    The sparse delta's SDDMM kernel lost to the plain dense product at every measured density (0.2-20%), so the
+    sparse delta runs the fused path there too: it takes that dense product in row blocks and, unlike the
+    reference, saves no merged weight for backward (SaRA's memory saving). On the CPU the fused path wins
+    everywhere."""
+    if not on_cuda or op == "sparse":
         return "fused"
-    return "triton" if op == "lora" and dtype == torch.float32 and triton_available() else "reference"
+    return "triton" if dtype == torch.float32 and triton_available() else "reference"
 
 
 def kernel_path(x: torch.Tensor | None = None, op: str = "lora") -> str:

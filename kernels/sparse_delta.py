@@ -3,8 +3,10 @@
 Forward scatters the values into a transient copy of W (one matmul, nothing kept). Backward needs the
 values' gradient only at the trained entries, (dYᵀX)[M]: a sampled dense-dense product (SDDMM) over the
 mask. On the CPU that is `torch.sparse.sampled_addmm` below `SAMPLED_BELOW` density and the dense product
-plus a gather above it (measured: the dense GEMM wins once ~5% of the entries are trained). On CUDA the
-plain reference is the default (see `paths.auto_path`); the Triton SDDMM kernel runs when forced.
+plus a gather above it (measured: the dense GEMM wins once ~5% of the entries are trained), the product taken
+in blocks of output rows so that no weight-sized gradient is ever held (`CHUNK_ELEMENTS`). The fused path saves
+only the input, the frozen weight (the parameter itself, not a copy) and the values; the merged weight is rebuilt
+where it is needed. It is the default on CUDA too (`paths.auto_path`); the Triton SDDMM kernel runs when forced.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from studio.kernels.paths import kernel_path
 
 SAMPLED_BELOW = 0.05
+CHUNK_ELEMENTS = 1 << 20  # the largest block of a weight gradient formed at once (4 MB in fp32)
 
 
 class SparsePattern:
@@ -88,8 +91,18 @@ class _SparseDeltaConv2d(torch.autograd.Function):
         if need_b:
             grad_b = grad_y.sum((0, 2, 3))
         if need_v:
-            grad_v = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *args).reshape(-1)[index]
+            grad_v = _conv_values_grad(x, weight, grad_y, index, conv)
         return grad_x, None, grad_b, grad_v, None, None
+
+
+def _conv_values_grad(x, weight, grad_y, index, conv) -> torch.Tensor:
+    """The conv weight's gradient at `index`, formed a block of output channels at a time (groups = 1)."""
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if conv.groups != 1:
+        return torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *args).reshape(-1)[index]
+    pattern = SparsePattern(index, (weight.shape[0], weight[0].numel()))
+    return _blockwise_sampled(lambda r0, r1: torch.nn.grad.conv2d_weight(
+        x, (r1 - r0, *weight.shape[1:]), grad_y[:, r0:r1], *args), pattern, x)
 
 
 def sparse_delta_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, values: torch.Tensor, index: torch.Tensor,
@@ -115,7 +128,29 @@ def sampled_grad(grad_y: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, 
             mask = torch.sparse_csr_tensor(crow, columns, x.new_zeros(pattern.index.numel()), pattern.shape,
                                            check_invariants=False)
         return torch.sparse.sampled_addmm(mask, grad_y.t().contiguous(), x, beta=0.0).values()
-    return (grad_y.t() @ x).view(-1)[pattern.index]
+    return _blockwise_sampled(lambda r0, r1: grad_y[:, r0:r1].t() @ x, pattern, x)
+
+
+def _row_blocks(pattern: SparsePattern) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first entry, end entry) of each block of output rows holding trained entries, a block
+    being at most `CHUNK_ELEMENTS` of the weight."""
+    out_features, row = pattern.shape
+    step = max(1, CHUNK_ELEMENTS // row)
+    bounds = torch.arange(0, out_features + step, step).clamp(max=out_features)
+    starts = torch.searchsorted(pattern.index, bounds.to(pattern.index.device) * row).tolist()
+    rows = bounds.tolist()
+    return [(rows[i], rows[i + 1], starts[i], starts[i + 1]) for i in range(len(rows) - 1)
+            if starts[i + 1] > starts[i]]
+
+
+def _blockwise_sampled(block_grad, pattern: SparsePattern, like: torch.Tensor) -> torch.Tensor:
+    """The weight gradient at the pattern's entries, `block_grad(r0, r1)` giving rows r0..r1 of it."""
+    row = pattern.shape[1]
+    parts = []
+    for r0, r1, e0, e1 in _row_blocks(pattern):
+        block = block_grad(r0, r1).reshape(-1)
+        parts.append(block[pattern.index[e0:e1] - r0 * row])
+    return torch.cat(parts) if parts else like.new_zeros(0)
 
 
 class _FusedSparseDelta(torch.autograd.Function):

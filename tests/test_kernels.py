@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio import load_pipeline
 from studio.adapters import get_method
 from studio.adapters.lora import LoraConfig
 from studio.adapters.lora.layer import FusedLoraLinear
-from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear,
+from studio.kernels import (SparsePattern, attention_backend, kernel_path, lora_linear, sparse_delta_conv2d,
                             sparse_delta_linear)
 from studio.kernels.check import lora_outputs_and_grads
 from studio.kernels.lora_linear import merge_pays
@@ -109,6 +110,63 @@ def test_fused_sparse_delta_equals_reference(density):
     torch.testing.assert_close(outs["fused"][2], dense[pattern.index], **TOL)
 
 
+class _BigOutputs(TorchDispatchMode):
+    """Records the shapes of matmul/convolution outputs with at least `limit` elements."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.seen = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "convolution_backward") and any(
+                isinstance(t, torch.Tensor) and t.numel() >= self.limit for t in (out if isinstance(out, tuple)
+                                                                                   else (out,))):
+            self.seen.append(name)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparse_delta_saves_no_dense_weight_and_never_forms_its_gradient(kind, monkeypatch):
+    """SaRA's memory claim on every device: autograd keeps no weight-sized tensor but the frozen weight itself
+    (the parameter, not a copy), and the values' gradient is formed in row blocks, never weight-sized."""
+    import studio.kernels.sparse_delta as sd
+
+    monkeypatch.setattr(sd, "CHUNK_ELEMENTS", 4096)
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        weight = torch.randn(256, 128, generator=g)
+        x = torch.randn(2, 8, 128, generator=g, requires_grad=True)
+    else:
+        conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+        weight = conv.weight.detach().requires_grad_(False)
+        conv.weight.requires_grad_(False)
+        x = torch.randn(1, 32, 6, 6, generator=g, requires_grad=True)
+    pattern = SparsePattern.from_mask(torch.rand(weight.shape[0], weight[0].numel(), generator=g) < 0.2)
+    values = torch.randn(pattern.index.numel(), generator=g, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = (sparse_delta_linear(x, weight, None, values, pattern, path="fused") if kind == "linear"
+             else sparse_delta_conv2d(x, conv, values, pattern.index, path="fused"))
+    weight_sized = [t for t in saved if t.numel() >= weight.numel()]
+    assert all(t.data_ptr() == weight.data_ptr() for t in weight_sized), [t.shape for t in weight_sized]
+    with _BigOutputs(weight.numel()) as mode:
+        y.square().sum().backward()
+    assert mode.seen == [], mode.seen
+    ref = x.detach().clone().requires_grad_(True), values.detach().clone().requires_grad_(True)
+    y_ref = (sparse_delta_linear(ref[0], weight, None, ref[1], pattern, path="reference") if kind == "linear"
+             else sparse_delta_conv2d(ref[0], conv, ref[1], pattern.index, path="reference"))
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(values.grad, ref[1].grad, **TOL)
+    torch.testing.assert_close(x.grad, ref[0].grad, **TOL)
+
+
 def test_sparse_pattern_from_index_sorts_and_checks_bounds():
     pattern = SparsePattern.from_index(torch.tensor([7, 2, 2, 5]), (3, 4))
     assert pattern.index.tolist() == [2, 5, 7]
@@ -135,7 +193,8 @@ def test_kernel_path_is_chosen_and_can_be_forced(monkeypatch):
     # on CUDA (the choice measured on an H100): Triton for fp32, the plain path for half precision
     assert auto_path(True, torch.float32) == ("triton" if triton_available() else "reference")
     assert auto_path(True, torch.float16) == auto_path(True, torch.bfloat16) == "reference"
-    assert auto_path(True, torch.float32, op="sparse") == "reference"
+    # the sparse delta: fused everywhere (it keeps no merged weight for backward; SaRA's memory saving)
+    assert auto_path(True, torch.float32, op="sparse") == auto_path(True, torch.bfloat16, op="sparse") == "fused"
     monkeypatch.setenv("STUDIO_KERNELS", "reference")
     assert kernel_path(torch.zeros(1)) == "reference"
     monkeypatch.setenv("STUDIO_KERNELS", "fast")

@@ -245,3 +245,39 @@ def test_a_membrane_trains_on_sdxl_and_transport_spares_other_prompts(sdxl_folde
     assert np.abs(draw(erased, "a red circle") - draw(base, "a red circle")).max() > 1e-4
     assert erased.studio_last_permeability and next(iter(erased.studio_last_permeability.values())) == [1.0]
     assert np.array_equal(draw(erased, "a red square"), draw(base, "a red square"))
+
+
+def test_a_one_step_adaptor_distils_on_sdxl_and_the_pipeline_draws_what_the_student_learned(sdxl_folder, tmp_path):
+    """HiPA on SDXL: the student reads both encoders, the pooled prompt and the time ids the SDXL pipeline
+    generates with (its one-step image is the pipeline's, to float precision), trains with the perceptual and
+    adversarial terms on the model's own VAE, and moves towards the teacher's images."""
+    from studio.adapters.hipa.config import DistillSettings, HipaConfig
+    from studio.adapters.hipa.distill import encode_prompts as hipa_prompts
+    from studio.adapters.hipa.distill import make_teacher_pairs, one_step_images
+    from studio.adapters.hipa.features import feature_distance, vae_stage_features
+    from studio.tasks.distill import distill_adaptor
+
+    pipe = load_pipeline(str(sdxl_folder))
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    settings = DistillSettings(pairs=4, teacher_steps=3, steps=20, batch=4, lr=1e-2, warmup=2,
+                               adversarial_weight=0.1)
+    pairs = make_teacher_pairs(pipe, prompts, settings)
+    embeds = hipa_prompts(pipe, prompts)
+    assert embeds.pooled is not None and embeds.pooled.shape[0] == 4
+    teacher = pairs.images.float() / 255
+
+    def error() -> float:
+        with torch.no_grad():
+            return float(((one_step_images(pipe, pairs.noise, embeds, 999) - teacher) ** 2).mean())
+
+    before = error()
+    features = vae_stage_features(pipe.vae)
+    result = distill_adaptor(pipe, HipaConfig(rank=2), settings, pairs, tmp_path / "h.safetensors",
+                             perceptual=feature_distance(features), features=features)
+    after = error()
+    assert result.steps == 20 and after < 0.9 * before, (before, after)
+    loaded = load_pipeline(str(sdxl_folder), one_step=result.path)
+    with torch.no_grad():
+        student = one_step_images(loaded, pairs.noise, embeds, 999).clamp(0, 1)
+    drawn = loaded(prompts, latents=pairs.noise, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    assert torch.allclose(drawn, student, atol=1e-4), float((drawn - student).abs().max())

@@ -23,6 +23,7 @@ from studio.adapters.hipa.adversarial import (Features, FeatureDiscriminator, di
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
 from studio.adapters.hipa.schedule import last_timestep, predicted_x0
+from studio.adapters.prompts import embed_prompts, unet_conditioning
 
 TRAINING_NAME = "one_step"
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,13 +96,21 @@ def make_teacher_pairs(pipe, prompts: list[str], settings: DistillSettings, *, b
                         settings.teacher_guidance, base_fingerprint(pipe))
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> torch.Tensor:
-    out = []
-    for i in range(0, len(prompts), batch):
-        embeds, _ = pipe.encode_prompt(prompts[i:i + batch], pipe.device, 1, False)
-        out.append(embeds)
-    return torch.cat(out)
+@dataclass
+class PromptEmbeds:
+    """The encoded prompts the student reads, one row per prompt; `pooled` only on SDXL."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __getitem__(self, idx) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden[idx], None if self.pooled is None else self.pooled[idx])
+
+
+def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> PromptEmbeds:
+    parts = [embed_prompts(pipe, prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
+    pooled = None if parts[0][1] is None else torch.cat([p for _, p in parts])
+    return PromptEmbeds(torch.cat([h for h, _ in parts]), pooled)
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -109,25 +118,24 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5
 
 
-def one_step_latents(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int, *,
+def one_step_latents(pipe, noise: torch.Tensor, prompts: PromptEmbeds, timestep: int, *,
                      unet=None) -> torch.Tensor:
-    """The student's x0: one UNet call (`unet`, default the pipeline's) at `timestep` on `noise`."""
+    """The student's x0: one UNet call (`unet`, default the pipeline's) at `timestep` on `noise` (on SDXL with the
+    pooled prompt and the time ids the pipeline generates with)."""
     t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
-    out = (unet or pipe.unet)(noise, t, encoder_hidden_states=prompt_embeds).sample
+    size = noise.shape[-1] * pipe.vae_scale_factor
+    out = (unet or pipe.unet)(noise, t, **unet_conditioning(prompts.hidden, prompts.pooled, size)).sample
     # the pipeline's scheduler holds alpha_bar of the training schedule (DDIM, LCM, Euler: the same betas)
     return predicted_x0(out, noise, float(pipe.scheduler.alphas_cumprod[timestep]),
                         pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
-def one_step_images(pipe, noise: torch.Tensor, prompt_embeds: torch.Tensor, timestep: int) -> torch.Tensor:
+def one_step_images(pipe, noise: torch.Tensor, prompts: PromptEmbeds, timestep: int) -> torch.Tensor:
     """The student's images: its x0, decoded."""
-    return decode(pipe, one_step_latents(pipe, noise, prompt_embeds, timestep))
+    return decode(pipe, one_step_latents(pipe, noise, prompts, timestep))
 
 
 def check_pipeline(pipe, config: HipaConfig) -> None:
-    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
-        raise AdapterError("one-step distillation supports SD 1.x/2.x-style UNets (and the embedded model); SDXL "
-                           "needs pooled embeddings and time ids, which this trainer does not build yet")
     last = last_timestep(pipe.scheduler.config)
     if config.timestep != last:
         raise AdapterError(f"the one-step timestep must be the model's last training timestep ({last}), "
@@ -146,7 +154,7 @@ def pair_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def student_loss(pipe, unet, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, embeds: torch.Tensor,
+def student_loss(pipe, unet, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs, embeds: PromptEmbeds,
                  idx: list[int], *, perceptual: Perceptual | None = None, features: Features | None = None,
                  discriminator=None) -> tuple[torch.Tensor, dict]:
     """The student's loss on the pairs `idx` (the mean over them): spatial, high-frequency and (with a
@@ -165,7 +173,7 @@ def student_loss(pipe, unet, config: HipaConfig, settings: DistillSettings, pair
                                           fourier_weight=settings.fourier_weight, edge_weight=settings.edge_weight)
     seen = {}
     if discriminator is not None:
-        text = pooled_text(embeds[idx])
+        text = pooled_text(embeds.hidden[idx])
         student_features = features(student)
         loss = loss + settings.adversarial_weight * generator_loss(discriminator, student_features, text)
         seen = {"teacher": teacher, "fake": [f.detach() for f in student_features], "text": text}

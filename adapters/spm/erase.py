@@ -10,29 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from studio.adapters.base import AdapterError, token_ids
+from studio.adapters.base import AdapterError
+from studio.adapters.prompts import embed_prompts, reads_pooled, sdxl_time_ids
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.utils.settings import from_values
 
 TRAINING_NAME = "membrane"
-
-
-def _embed(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompts' hidden states as the UNet reads them, and SDXL's pooled embedding (None for SD 1.x/2.x): on
-    SDXL the pipeline's own `encode_prompt` (both encoders' penultimate states side by side, the second's pooled
-    projection)."""
-    if _reads_pooled(pipe):
-        with torch.no_grad():
-            hidden, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder.device,
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return hidden, pooled
-    ids = token_ids(pipe, texts).to(pipe.text_encoder.device)
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0], None
-
-
-def _reads_pooled(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
 def random_anchors(target: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -48,11 +31,6 @@ def random_anchors(target: torch.Tensor, count: int, generator: torch.Generator)
             scale = 0.8 + 0.4 * float(torch.rand((), generator=generator))
             out.append((scale * flat.norm() * n).view_as(target).to(target.dtype))
     return torch.stack(out)
-
-
-def sdxl_time_ids(size: int, device) -> torch.Tensor:
-    """SDXL's size/crop conditioning of a generated square image: original = target = size, crop at (0, 0)."""
-    return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -92,7 +70,7 @@ def erase_targets(pipe, config: SpmConfig, settings: EraseSettings) -> EraseTarg
     pixels = settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     size = pixels // pipe.vae_scale_factor
     (target, target_pooled), (surrogate, surrogate_pooled), (empty, empty_pooled) = (
-        _embed(pipe, prompts), _embed(pipe, [config.surrogate]), _embed(pipe, [""]))
+        embed_prompts(pipe, prompts), embed_prompts(pipe, [config.surrogate]), embed_prompts(pipe, [""]))
     pooled = None
     if target_pooled is not None:
         pooled = {"target": target_pooled, "surrogate": surrogate_pooled[0], "empty": empty_pooled[0],

@@ -104,14 +104,15 @@ class DistillRecipe(Recipe):
             torch.manual_seed(settings.seed)
             self.adaptor.attach(pipe, self.config, TRAINING_NAME)
         self.params = self.adaptor.trainable_parameters(pipe, TRAINING_NAME)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
         self.embeds = encode_prompts(pipe, self.pairs.prompts[:self.n])
         if settings.adversarial_weight:
             self.disc, self.disc_optimizer = make_discriminator(pipe, settings, self.pairs, self.features,
-                                                                self.embeds.shape[-1])
+                                                                self.embeds.hidden.shape[-1])
         if settings.ema_decay:  # (its decay warms up as (1 + step) / (10 + step) until it reaches ema_decay)
             from diffusers.training_utils import EMAModel
 

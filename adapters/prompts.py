@@ -1,0 +1,44 @@
+"""Prompts as a UNet pipeline's denoiser reads them, for the methods that drive the UNet themselves (SPM's erase
+loss, HiPA's one-step student): SD 1.x/2.x read one text encoder's last hidden states; SDXL reads the pipeline's
+own `encode_prompt` (both encoders' penultimate states side by side, the second's pooled projection) and six
+size/crop numbers per image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from studio.adapters.base import token_ids
+
+
+def reads_pooled(pipe) -> bool:
+    """Whether the pipeline's UNet reads a pooled prompt embedding and time ids (SDXL)."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+@torch.no_grad()
+def embed_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' hidden states as the UNet reads them, and SDXL's pooled embedding (None for SD 1.x/2.x)."""
+    if reads_pooled(pipe):
+        hidden, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder.device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return hidden, pooled
+    ids = token_ids(pipe, texts).to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0], None
+
+
+def sdxl_time_ids(size: int, device) -> torch.Tensor:
+    """SDXL's size/crop conditioning of a generated square image: original = target = size, crop at (0, 0), as
+    the SDXL pipeline conditions its own generations."""
+    return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
+
+
+def unet_conditioning(hidden: torch.Tensor, pooled: torch.Tensor | None, size: int) -> dict[str, Any]:
+    """Keyword arguments of the UNet's forward for these prompts; on SDXL the pooled rows and the time ids of a
+    generated `size`-pixel square image."""
+    kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
+    if pooled is not None:
+        ids = sdxl_time_ids(size, pooled.device).to(pooled.dtype).expand(pooled.shape[0], -1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
+    return kwargs
