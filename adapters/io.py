@@ -12,18 +12,28 @@ from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.convert import to_diffusers, to_kohya
 from studio.adapters.lycoris_keys import NETWORK as LYCORIS
 from studio.adapters.lycoris_keys import to_lycoris_kohya
-from studio.adapters.trigger import TRIGGER_KEY, TRIGGER_KEY_2, TRIGGER_KEYS
+from studio.adapters.trigger import TRIGGER_KEY, TRIGGER_KEYS
 
 FORMATS = ("kohya", "diffusers")
 
 
-def embedding_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A textual-inversion file's tensors: `emb_params` for one text encoder; SDXL's two-tensor layout,
-    `clip_l` (the first, CLIP ViT-L encoder) and `clip_g` (the second, OpenCLIP bigG), for two — the files
-    A1111, ComfyUI and diffusers' `load_textual_inversion` read."""
+# the embedding file's key for each text encoder of a family, in the pipeline's order: the names ComfyUI's
+# tokenizers ask for (`embedding_key`), and for SDXL also what A1111 and diffusers' load_textual_inversion read
+EMBEDDING_KEYS = {"sdxl": ("clip_l", "clip_g"), "sd3": ("clip_l", "clip_g", "t5xxl"), "flux": ("clip_l", "t5xxl")}
+
+
+def embedding_tensors(vectors: dict[str, torch.Tensor], family: str = "") -> dict[str, torch.Tensor]:
+    """A textual-inversion file's tensors: `emb_params` for one text encoder; for several, one tensor per
+    encoder named as ComfyUI asks for it (SDXL `clip_l`, `clip_g` — also A1111's and diffusers'
+    `load_textual_inversion` layout; SD3 `clip_l`, `clip_g`, `t5xxl`; Flux `clip_l`, `t5xxl`)."""
     if set(vectors) == {TRIGGER_KEY}:
         return {"emb_params": vectors[TRIGGER_KEY]}
-    return {"clip_l": vectors[TRIGGER_KEY], "clip_g": vectors[TRIGGER_KEY_2]}
+    names = EMBEDDING_KEYS.get(family) or EMBEDDING_KEYS["sdxl"]
+    keys = [key for key in TRIGGER_KEYS if key in vectors]
+    if len(keys) != len(names):
+        raise AdapterError(f"{len(keys)} trigger embeddings do not fit a {family or 'two-encoder'} model's "
+                           f"{len(names)} text encoders")
+    return {name: vectors[key] for name, key in zip(names, keys)}
 
 
 def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) -> list[Path]:
@@ -69,6 +79,6 @@ def export_adapter(path: str | Path, fmt: str, out: str | Path | None = None) ->
         embedding = out.with_name(f"{trigger}.safetensors")
         if not trigger or embedding.resolve() in (path.resolve(), out.resolve()):
             raise AdapterError(f"{path.name}: its trigger token cannot be written as {embedding.name}")
-        written.append(write_safetensors(embedding, embedding_tensors(vectors),
+        written.append(write_safetensors(embedding, embedding_tensors(vectors, file.base.get("family", "")),
                                          {"studio_source": path.name, "trigger": trigger}))
     return [write_safetensors(out, tensors, {**metadata, "studio_source": path.name})] + written

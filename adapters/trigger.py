@@ -1,10 +1,10 @@
 """A trained token for the trigger word, beside any adapter (pivotal tuning: textual inversion and the adapter
 trained together, as the diffusers advanced DreamBooth script and ai-toolkit do).
 
-The trigger becomes one new token of each tokenizer (SDXL: both); its input embedding in each text encoder is
-the only text-encoder weight that trains, so prompts without the trigger encode exactly as before. The vectors
-travel in the adapter file under TRIGGER_KEY (the first encoder) and TRIGGER_KEY_2 (SDXL's second), with the
-word in the header's "trigger".
+The trigger becomes one new token of each tokenizer (SDXL: both CLIP encoders; SD3: CLIP-L, CLIP-G and T5; Flux:
+CLIP-L and T5); its input embedding in each text encoder is the only text-encoder weight that trains, so prompts
+without the trigger encode exactly as before. The vectors travel in the adapter file under TRIGGER_KEY (the first
+encoder), TRIGGER_KEY_2 (the second) and TRIGGER_KEY_3 (SD3's T5), with the word in the header's "trigger".
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from studio.adapters.base import AdapterError, pipeline_text_encoders
 
 TRIGGER_KEY = "trigger_embedding"
 TRIGGER_KEY_2 = "trigger_embedding_2"
-TRIGGER_KEYS = (TRIGGER_KEY, TRIGGER_KEY_2)
+TRIGGER_KEY_3 = "trigger_embedding_3"
+TRIGGER_KEYS = (TRIGGER_KEY, TRIGGER_KEY_2, TRIGGER_KEY_3)
 
 
 class TriggerEmbedding(torch.nn.Module):
@@ -93,7 +94,8 @@ def detach_trigger_embedding(pipe) -> None:
 
 
 def trigger_tensors(pipe) -> dict[str, torch.Tensor]:
-    """{TRIGGER_KEY: vector[1, dim], (SDXL) TRIGGER_KEY_2: ...} while trigger embeddings train, else {}."""
+    """{TRIGGER_KEY: vector[1, dim], TRIGGER_KEY_2: ... (one per text encoder)} while trigger embeddings train,
+    else {}."""
     out = {}
     for key, _, encoder in _encoders(pipe):
         module = encoder.get_input_embeddings()

@@ -13,7 +13,7 @@ from PIL import Image
 from studio import data
 from studio.loading import StudioError, load_pipeline
 from studio.shapes import world
-from studio.training import TrainConfig, TrainingError
+from studio.training import TrainConfig
 from studio.training.engine import train
 from studio.training.families import family_for
 from studio.training.objectives import flow_matching_loss, flow_timestep_indices
@@ -192,10 +192,48 @@ def test_lora_trains_the_clip_encoders_with_the_transformer(folder, one_image, t
 
 
 @pytest.mark.parametrize("folder", FAMILIES, indirect=True)
-def test_the_trigger_token_is_refused_with_the_reason(folder, one_image, tmp_path):
-    with pytest.raises(TrainingError, match="trigger_token"):
-        train(model=str(folder), data=str(one_image), method="lora", steps=1, output_dir=str(tmp_path / "b"),
-              trigger="sks", trigger_token=True, **RUN)
+def test_the_trigger_token_trains_in_every_text_encoder_and_exports_comfyuis_embedding(folder, one_image, tmp_path):
+    """The trigger becomes one token of each tokenizer, CLIP and T5 alike (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L,
+    T5), each vector trains, prompts without the trigger encode exactly as before, the file's vectors load back
+    into a fresh pipeline (where the word is one token again and changes the image), and the export writes
+    the embedding file with the keys ComfyUI's tokenizers ask for."""
+    from safetensors.torch import load_file
+
+    from studio.adapters import read_adapter
+    from studio.adapters.base import pipeline_text_encoders
+    from studio.adapters.io import export_adapter
+
+    family = _family(folder)
+    base = load_pipeline(str(folder))
+    plain = "a red circle on a blue background"
+    with torch.no_grad():
+        before = family_for(base, TrainConfig(model=str(folder), data=".")).encode([plain], "cpu")
+    result = train(model=str(folder), data=str(one_image), method="lora", steps=3, lr=5e-2, trigger="sks",
+                   trigger_token=True, output_dir=str(tmp_path), name="tok", **RUN)
+    file = read_adapter(result.adapter_path)
+    vectors = {k: v for k, v in file.tensors.items() if k.startswith("trigger_embedding")}
+    keys = {"sd3": ["trigger_embedding", "trigger_embedding_2", "trigger_embedding_3"],
+            "flux": ["trigger_embedding", "trigger_embedding_2"]}[family]
+    assert sorted(vectors) == keys
+    tuned = load_pipeline(str(folder), adapters=[result.adapter_path])
+    for key, (name, tokenizer, encoder) in zip(keys, pipeline_text_encoders(tuned)):
+        ids = tokenizer("sks", add_special_tokens=False).input_ids
+        assert len(ids) == 1, (name, ids)  # one token in CLIP and in T5
+        row = encoder.get_input_embeddings().weight[ids[0]]
+        torch.testing.assert_close(row, vectors[key].reshape(-1))
+        old_ids = getattr(base, name.replace("text_encoder", "tokenizer"))("sks", add_special_tokens=False).input_ids
+        init = getattr(base, name).get_input_embeddings().weight[old_ids].mean(0)
+        assert (row - init).abs().max() > 1e-4, name  # it trained
+    with torch.no_grad():
+        after = family_for(tuned, TrainConfig(model=str(folder), data=".")).encode([plain], "cpu")
+    torch.testing.assert_close(after.hidden, before.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(after.pooled, before.pooled, rtol=0, atol=0)
+    _, embedding = export_adapter(result.adapter_path, "diffusers", tmp_path / "tok.diffusers.safetensors")
+    exported = load_file(embedding)
+    names = {"sd3": ["clip_l", "clip_g", "t5xxl"], "flux": ["clip_l", "t5xxl"]}[family]
+    assert sorted(exported) == sorted(names)
+    for name, key in zip(names, keys):
+        torch.testing.assert_close(exported[name], vectors[key])
 
 
 @pytest.mark.parametrize("method", sorted(OVERFIT))

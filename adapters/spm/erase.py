@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.adapters.base import AdapterError
-from studio.adapters.prompts import embed_prompts, reads_pooled, sdxl_time_ids
+from studio.adapters.prompts import embed_prompts, sdxl_time_ids
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.utils.settings import from_values
 

@@ -24,7 +24,6 @@ def t5_states(tokenizer, encoder, captions: list[str], length: int, device) -> t
 
 class FlowFamily(Family):
     denoiser = "transformer"
-    trains_trigger_token = False  # not yet: a new token in CLIP and T5 and its export are not written
 
     def __init__(self, pipe, config) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
