@@ -223,3 +223,31 @@ def test_anchors_are_not_capped_by_the_batch(shapes_pipe):
     call = _unet_call(shapes_pipe.unet)
     loss = erase_loss(call, call, targets, config, settings, draw, range(1))
     assert torch.isfinite(loss)
+
+
+def test_the_paraphrase_set_pairs_each_word_with_the_same_circles_and_its_goal_reads_the_table():
+    """B3's paraphrase set: the same specs and seeds under 'circle', 'disc' and 'round shape' (so residuals compare
+    image for image), world v2's parser reads each as a circle, the collateral set names no circle; the goal reads
+    the transport row's residuals and collateral."""
+    from studio.bench.erase import PARAPHRASES, paraphrase_sets
+    from studio.bench.goals import readings
+    from studio.shapes import world
+
+    sets, others = paraphrase_sets(8)
+    assert list(sets) == ["circle", *PARAPHRASES["circle"]]
+    seeds = [[seed for _, seed in pairs] for pairs in sets.values()]
+    assert seeds[0] == seeds[1] == seeds[2]
+    for word, pairs in sets.items():
+        for prompt, _ in pairs:
+            assert world.V2.parse_caption(prompt).shape == "circle"
+            assert (word == "circle") == ("circle" in prompt)
+    assert all(spec.shape != "circle" for spec, _ in others) and len(others) == 8
+    header = ["model", "transport", "read as circle: 'circle' prompts", "read as circle: 'disc' prompts",
+              "read as circle: 'round shape' prompts", "other shapes: mean attribute accuracy", "collateral (pts)"]
+    rows = [["base model", "—", "95.0%", "90.0%", "88.0%", "97.0%", "+0.0"],
+            ["SPM circle", "yes", "4.0%", "6.0%", "12.5%", "97.0%", "+0.0"]]
+    (goal, (figure, met)), = [r for r in readings(("B3 paraphrase set v1 (shapes, n=8)", header, rows))]
+    assert goal.metric.startswith("paraphrase set") and "12.5%" in figure and met is False
+    rows[1][4] = "9.0%"
+    (_, (_, met)), = readings(("B3 paraphrase set v1 (shapes, n=8)", header, rows))
+    assert met is True

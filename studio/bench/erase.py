@@ -122,3 +122,71 @@ def bench_erase(n: int = 64, out: str | Path = "runs/bench_erase", settings: dic
     header = ["model", "transport", "circle residual", "red residual", "collateral (pts, mean attr.)",
               "collateral (pts, shape)", "FD (Δ)", "train (s)", "trainable params", "file (KB)"]
     return record(f"B3 erase (n={n} prompts per set, 25 DDIM steps, guidance 5)", header, rows, write=write)
+
+
+# B3's paraphrase set, version 1 (2026-12-03): prompts that name the circle without the word "circle", by the
+# words world v2's captions also use for it. The membrane is trained on prompts with the word "circle" only.
+PARAPHRASES = {"circle": ("disc", "round shape")}
+
+
+def paraphrase_sets(n: int, concept: str = "circle") -> tuple[dict[str, list[tuple[str, int]]], list]:
+    """{"circle": [(prompt, seed)], "disc": [...], ...} on the same n circle specs and seeds (paired), and n
+    (spec, seed) pairs of world v2's other base shapes named by their canonical words (the collateral set)."""
+    import random
+
+    from studio.bench.evaluate import B3_SEED
+    from studio.shapes import world
+
+    v2, rng = world.V2, random.Random(B3_SEED + 200)
+    named = [(world.with_shape(v2.random_spec(rng, heldout=None), concept), rng.randrange(2**31)) for _ in range(n)]
+    sets = {word: [(v2.caption(spec).replace(concept, word), seed) for spec, seed in named]
+            for word in (concept, *PARAPHRASES[concept])}
+    others = []
+    while len(others) < n:
+        spec, seed = v2.random_spec(rng, heldout=None), rng.randrange(2**31)
+        if spec.shape != concept:
+            others.append((spec, seed))
+    return sets, others
+
+
+def bench_paraphrase(model: str, judge_path: str, n: int = 64, out: str | Path = "runs/bench_erase",
+                     settings: dict | None = None, write: bool = True, log=print) -> str:
+    """B3 paraphrase: the circle membrane (trained on prompts with the word "circle") on prompts naming the circle
+    by its other words, on a world-v2 model whose base model draws a circle for them; collateral on the other
+    base shapes. Facilitated Transport with the default metric, beside no transport."""
+    from studio.bench.evaluate import generate_images
+    from studio.loading import load_pipeline
+    from studio.pipelines.membranes import use_membranes
+    from studio.shapes import world
+    from studio.shapes.judge import accuracy, judge_images, load_judge
+
+    judge = load_judge(judge_path)
+    if judge.version != 2:
+        raise ValueError(f"the paraphrase set needs a world-v2 judge; {judge_path} reads world v{judge.version}")
+    sets, others = paraphrase_sets(n)
+    other_prompts = [(world.V2.caption(spec), seed) for spec, seed in others]
+
+    def measure(pipe) -> list[str]:
+        cells = []
+        for pairs in sets.values():
+            images = generate_images(pipe, [p for p, _ in pairs], [s for _, s in pairs], 25, 5.0)
+            cells.append(f"{100 * sum(p == 'circle' for p in judge_images(judge, images)[1]['shape']) / n:.1f}%")
+        images = generate_images(pipe, [p for p, _ in other_prompts], [s for _, s in other_prompts], 25, 5.0)
+        acc = accuracy(judge_images(judge, images)[1], [spec for spec, _ in others])
+        return cells + [float(sum(acc.values()) / len(acc))]
+
+    base = measure(load_pipeline(model))
+    membrane = _train(load_pipeline(model), ["circle"], settings or {}, Path(out) / "circle_v2.safetensors", log)
+    pipe = load_pipeline(model, membranes=[membrane.path])
+    with_transport = measure(pipe)
+    use_membranes(pipe, None)
+    without = measure(pipe)
+    rows = []
+    for name, transport, cells in (("base model", "—", base), ("SPM circle", "yes", with_transport),
+                                   ("SPM circle", "no", without)):
+        rows.append([name, transport, *cells[:-1], f"{100 * cells[-1]:.1f}%", f"{100 * (cells[-1] - base[-1]):+.1f}"])
+        log(" | ".join(rows[-1]))
+    header = ["model", "transport", *(f"read as circle: '{w}' prompts" for w in sets),
+              "other shapes: mean attribute accuracy", "collateral (pts)"]
+    return record(f"B3 paraphrase set v1 ({Path(model).name}, n={n} prompts per set, 25 DDIM steps, guidance 5)",
+                  header, rows, write=write)

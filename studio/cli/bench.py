@@ -95,7 +95,10 @@ def _register_concept(bsub) -> None:
     be = bsub.add_parser("erase", help="B3: erase circle (and red), with and without Facilitated Transport, "
                                        "beside the ESD baseline; stacking and transfer")
     be.add_argument("--n", type=int, default=64)
-    be.add_argument("--parts", default="permeability,erase")
+    be.add_argument("--parts", default="permeability,erase",
+                    help="permeability, erase, paraphrase (the paraphrase set: needs --model and --judge of world v2)")
+    be.add_argument("--model", default=None, help="paraphrase: a world-v2 shapes model folder")
+    be.add_argument("--judge", default=None, help="paraphrase: a world-v2 judge file")
     be.add_argument("--out", default="runs/bench_erase")
     be.add_argument("--setting", action="append", metavar="KEY=VALUE", help="erase setting override (repeatable)")
     be.add_argument("--no-write", action="store_true")
@@ -260,16 +263,21 @@ def run_concept(args) -> None:
 
 
 def run_erase(args) -> None:
-    from studio.bench.erase import bench_erase, bench_permeability
+    from studio.bench.erase import bench_erase, bench_paraphrase, bench_permeability
 
     parts = set(args.parts.split(","))
-    if not parts <= {"permeability", "erase"}:
-        raise StudioError(f"bench erase: --parts takes permeability, erase (got {args.parts!r})")
+    if not parts <= {"permeability", "erase", "paraphrase"}:
+        raise StudioError(f"bench erase: --parts takes permeability, erase, paraphrase (got {args.parts!r})")
+    if "paraphrase" in parts and not (args.model and args.judge):
+        raise StudioError("bench erase --parts paraphrase needs --model and --judge (a world-v2 model and judge)")
     if "permeability" in parts:
         print(bench_permeability(n=args.n, write=not args.no_write))
     if "erase" in parts:
         print(bench_erase(n=args.n, out=args.out, settings=parse_settings(args.setting, "--setting"),
                           write=not args.no_write))
+    if "paraphrase" in parts:
+        print(bench_paraphrase(args.model, args.judge, n=args.n, out=args.out,
+                               settings=parse_settings(args.setting, "--setting"), write=not args.no_write))
 
 
 def run_onestep(args) -> None:
