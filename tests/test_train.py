@@ -446,3 +446,31 @@ def test_loraplus_moves_the_b_matrices_at_ratio_times_lr(sd1_folder, tmp_path):
     assert largest[16.0] == pytest.approx(16e-3, rel=0.01)
     with pytest.raises(TrainingError, match="loraplus_ratio .* the sara adapter has none"):
         train(**run, method="sara", loraplus_ratio=16.0, output_dir=str(tmp_path / "sara"), name="x")
+
+
+def test_the_consistency_loss_starts_at_log_2_and_falls_as_the_adapter_beats_the_reference(tmp_path, star_data):
+    """dco_beta (SODA's official loss): with the adapter at identity the model's error equals the reference's on
+    every sample, so the first step's loss is exactly log 2; training drives it below (the adapted model's error
+    falls under the base model's on the concept); a negative β is refused."""
+    import math
+
+    from studio.training.objectives import consistency_loss
+
+    e, ref = torch.tensor([0.20, 0.10]), torch.tensor([0.25, 0.10])
+    want = float(-(torch.nn.functional.logsigmoid(-1000 * (e - ref))).mean())
+    assert math.isclose(float(consistency_loss(e, ref, 1000.0)), want, rel_tol=1e-6)
+    losses = {}
+
+    def on_event(event):
+        if event["kind"] == "step":
+            losses[event["step"]] = event["loss"]
+
+    result = train(data=str(star_data), trigger="sks", method="soda", steps=30, lr=1e-2, batch_size=4,
+                   dco_beta=1000.0, output_dir=str(tmp_path / "run"), preview_every=0, tensorboard=False,
+                   progress_bar=False, on_event=on_event)
+    assert result.steps == 30
+    assert math.isclose(losses[1], math.log(2), rel_tol=1e-5), losses[1]
+    late = sum(losses[s] for s in range(21, 31)) / 10
+    assert late < 0.9 * math.log(2), late
+    with pytest.raises(TrainingError, match="dco_beta"):
+        TrainConfig(data=str(star_data), dco_beta=-1.0).validate()

@@ -272,7 +272,8 @@ class ConceptRecipe(Recipe):
         batch = self._batch(source, indices, gen, share, step)
 
         def default(b):
-            return self.family.loss(self.model, b, self._model_inputs(b), teacher)
+            reference = self._base_prediction if self.config.dco_beta and teacher is None else None
+            return self.family.loss(self.model, b, self._model_inputs(b), teacher, reference)
 
         return default(batch) if teacher else self.method_impl.training_loss(self.pipe, batch, default)
 

@@ -99,6 +99,10 @@ class TrainConfig:
                                     "of lr (1: off; the paper suggests 16)", advanced=True)
     max_grad_norm: float = setting(1.0, help="gradient clipping norm (0: none)")
     snr_gamma: float | None = setting(None, help="Min-SNR weighting (Hang et al. 2023)", advanced=True)
+    dco_beta: float = setting(0.0, help="Direct Consistency Optimization (Lee et al. 2024; SODA's official loss): "
+                                        "−log σ(−β(‖ε_θ−ε‖² − ‖ε_ref−ε‖²)) against the base model with the adapter "
+                                        "off, at this β (the official SODA recipe: 1000); 0: plain MSE",
+                              advanced=True)
     x0_weighting: bool = setting(False, help="weight each sample by its error in x0 space (1/SNR), normalised to "
                                              "mean 1", advanced=True)
     timestep_bias: str = setting("none", help="favour the later/earlier `portion` of the timesteps, or the range "
@@ -186,6 +190,8 @@ class TrainConfig:
             if self.timestep_bias == "range" and not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
                 raise TrainingError(f"timestep_bias_begin..end must be a non-empty range of timesteps, got "
                                     f"{self.timestep_bias_begin}..{self.timestep_bias_end}")
+        if self.dco_beta < 0:
+            raise TrainingError(f"dco_beta must be >= 0, got {self.dco_beta}")
         if self.x0_weighting and self.snr_gamma:
             raise TrainingError("x0_weighting and snr_gamma are two loss weightings: choose one")
 

@@ -41,12 +41,20 @@ def x0_weights(scheduler, timesteps: torch.Tensor, probabilities: torch.Tensor |
     return (weight / mean).to(timesteps.device)[timesteps]
 
 
+def consistency_loss(errors: torch.Tensor, reference_errors: torch.Tensor, beta: float) -> torch.Tensor:
+    """Direct Consistency Optimization (Lee et al. 2024), the loss SODA's official code trains with: each sample's
+    error is rewarded only for how far it falls below the reference model's on the same noisy input,
+    −log σ(−β (e_θ − e_ref)), so the model learns the concept while staying consistent with the reference."""
+    return -F.logsigmoid(-beta * (errors - reference_errors)).mean()
+
+
 def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: torch.Tensor | dict, noise: torch.Tensor,
                    timesteps: torch.Tensor, snr_gamma: float | None = None, teacher=None,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, reference=None, dco_beta: float = 0.0) -> torch.Tensor:
     """MSE to the noise (or velocity) target; with `teacher(noisy, timesteps, conditioning)`, to the teacher's
     prediction at the same noisy latents instead. `conditioning`: the encoder hidden states, or the UNet's keyword
-    inputs (`conditioning.unet_inputs`: SDXL's pooled prompt and time ids). `weights`: per-sample loss weights."""
+    inputs (`conditioning.unet_inputs`: SDXL's pooled prompt and time ids). `weights`: per-sample loss weights.
+    With `reference` (called as a teacher is) and `dco_beta` > 0: the consistency loss of the two errors."""
     inputs = conditioning if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, **inputs).sample
@@ -58,13 +66,18 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, conditioning: torch.T
     else:
         target = noise
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    scale = torch.ones_like(per_sample)
     if snr_gamma:
         snr = signal_to_noise(scheduler).to(timesteps.device)[timesteps]
-        weight = torch.clamp(snr, max=snr_gamma) / (snr + (scheduler.config.prediction_type == "v_prediction"))
-        per_sample = per_sample * weight
+        scale = scale * torch.clamp(snr, max=snr_gamma) / (snr + (scheduler.config.prediction_type == "v_prediction"))
     if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean()
+        scale = scale * weights
+    if reference is not None and dco_beta > 0:
+        with torch.no_grad():
+            ref = reference(noisy, timesteps, conditioning)
+        ref_per_sample = F.mse_loss(ref.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return consistency_loss(per_sample * scale, ref_per_sample * scale, dco_beta)
+    return (per_sample * scale).mean()
 
 
 FLOW_TIMESTEPS = ("logit_normal", "mode", "uniform")
@@ -81,9 +94,10 @@ def flow_timestep_indices(num_timesteps: int, n: int, gen: torch.Generator, sche
 
 
 def flow_matching_loss(predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, teacher=None,
-                       scheme: str = "logit_normal") -> torch.Tensor:
+                       scheme: str = "logit_normal", reference=None, dco_beta: float = 0.0) -> torch.Tensor:
     """Rectified flow: noisy = (1 − σ)·x0 + σ·ε and the velocity target ε − x0 (or `teacher(noisy)`), weighted as
-    diffusers' `compute_loss_weighting_for_sd3` weights `scheme` (1 for the densities above)."""
+    diffusers' `compute_loss_weighting_for_sd3` weights `scheme` (1 for the densities above). With
+    `reference(noisy)` and `dco_beta` > 0: the consistency loss of the two errors."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     s = sigmas.view(-1, *([1] * (latents.dim() - 1)))
@@ -96,4 +110,9 @@ def flow_matching_loss(predict, latents: torch.Tensor, noise: torch.Tensor, sigm
         target = noise - latents
     weight = compute_loss_weighting_for_sd3(scheme, sigmas).float()
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    if reference is not None and dco_beta > 0:
+        with torch.no_grad():
+            ref = reference(noisy)
+        ref_per_sample = F.mse_loss(ref.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        return consistency_loss(per_sample * weight, ref_per_sample * weight, dco_beta)
     return (per_sample * weight).mean()

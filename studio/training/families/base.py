@@ -60,7 +60,8 @@ class Family:
         """The denoiser's prediction, shaped as `noisy`."""
         raise NotImplementedError
 
-    def loss(self, model, batch: dict[str, Any], inputs: dict[str, Any], teacher: Teacher | None = None
-             ) -> torch.Tensor:
-        """The objective on `batch` (latents, noise, timesteps); towards `teacher`'s prediction where given."""
+    def loss(self, model, batch: dict[str, Any], inputs: dict[str, Any], teacher: Teacher | None = None,
+             reference: Teacher | None = None) -> torch.Tensor:
+        """The objective on `batch` (latents, noise, timesteps); towards `teacher`'s prediction where given; with
+        `reference` (the base model) and the config's `dco_beta`, the consistency loss against it."""
         raise NotImplementedError

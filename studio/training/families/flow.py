@@ -52,11 +52,15 @@ class FlowFamily(Family):
         return flow_timestep_indices(self.scheduler.config.num_train_timesteps, n, generator, cfg.flow_timesteps,
                                      cfg.flow_logit_mean, cfg.flow_logit_std, cfg.flow_mode_scale)
 
-    def loss(self, model, batch: dict[str, Any], inputs: dict[str, Any], teacher: Teacher | None = None
-             ) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, Any], inputs: dict[str, Any], teacher: Teacher | None = None,
+             reference: Teacher | None = None) -> torch.Tensor:
         index = batch["timesteps"].cpu()
         sigmas = self.scheduler.sigmas[index].to(batch["latents"])
         timesteps = self.scheduler.timesteps[index].to(batch["latents"].device)
+
+        def at_t(predict):
+            return None if predict is None else (lambda noisy: predict(noisy, timesteps, inputs))
+
         return flow_matching_loss(lambda noisy: self.forward(model, noisy, timesteps, inputs), batch["latents"],
-                                  batch["noise"], sigmas, None if teacher is None else
-                                  (lambda noisy: teacher(noisy, timesteps, inputs)), self.config.flow_timesteps)
+                                  batch["noise"], sigmas, at_t(teacher), self.config.flow_timesteps,
+                                  at_t(reference), getattr(self.config, "dco_beta", 0.0))

@@ -44,8 +44,9 @@ class UNetFamily(Family):
     def forward(self, model, noisy, timesteps, inputs):
         return model(noisy, timesteps, **inputs).sample
 
-    def loss(self, model, batch, inputs, teacher: Teacher | None = None) -> torch.Tensor:
+    def loss(self, model, batch, inputs, teacher: Teacher | None = None, reference: Teacher | None = None
+             ) -> torch.Tensor:
         cfg = self.config
         weights = x0_weights(self.scheduler, batch["timesteps"], self.t_weights) if cfg.x0_weighting else None
         return denoising_loss(model, self.scheduler, batch["latents"], inputs, batch["noise"], batch["timesteps"],
-                              cfg.snr_gamma, teacher, weights)
+                              cfg.snr_gamma, teacher, weights, reference, getattr(cfg, "dco_beta", 0.0))
