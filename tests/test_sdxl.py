@@ -281,3 +281,19 @@ def test_a_one_step_adaptor_distils_on_sdxl_and_the_pipeline_draws_what_the_stud
         student = one_step_images(loaded, pairs.noise, embeds, 999).clamp(0, 1)
     drawn = loaded(prompts, latents=pairs.noise, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
     assert torch.allclose(drawn, student, atol=1e-4), float((drawn - student).abs().max())
+
+
+def test_b6_builds_sdxls_exact_unet_and_its_loss_reads_the_pooled_prompt_and_size_ids(sdxl_folder):
+    """B6's SDXL model is SDXL-base's UNet (2.57 B parameters, counted on meta), and its loss feeds a UNet of that
+    kind the pooled prompt and the time ids (on the tiny SDXL here, a step's gradient reaches the add-embedding)."""
+    from diffusers import UNet2DConditionModel
+
+    from studio.bench.train_cost import SDXL_UNET, _ddpm_loss
+
+    with torch.device("meta"):
+        full = UNet2DConditionModel(**SDXL_UNET)
+    assert sum(p.numel() for p in full.parameters()) == 2_567_463_684
+    unet = load_pipeline(str(sdxl_folder)).unet
+    loss = _ddpm_loss(unet, {"batch": 2, "latent": 8, "tokens": 77}, torch.Generator().manual_seed(0))()
+    loss.backward()
+    assert unet.add_embedding.linear_1.weight.grad.abs().sum() > 0

@@ -1,5 +1,6 @@
 """B6 (`studio bench train`): training step time and peak memory per method, side by side, on the embedded
-model, on a UNet of SD 1.5's exact architecture (random weights, 32x32 latents, batch 1, fp32) and on SD3-medium's
+model, on a UNet of SD 1.5's exact architecture (random weights, 32x32 latents, batch 1, fp32), on SDXL's (random
+weights, 64x64 latents, batch 1, gradient checkpointing, its pooled prompt and size ids) and on SD3-medium's
 exact transformer (random weights, 64x64 latents, batch 1, fp32, gradient checkpointing, the flow-matching loss).
 Each (model, method) runs in its own process so that peak memory is its own."""
 
@@ -26,6 +27,15 @@ SD15_UNET = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
+# SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), built with random weights
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "cross_attention_dim": 2048, "attention_head_dim": (5, 10, 20),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
 # SD3-medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json)
 SD3_MEDIUM_TRANSFORMER = {
     "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
@@ -41,6 +51,8 @@ FLUX_DEV_TRANSFORMER = {
 }
 SETUPS = {"shapes": {"batch": 4, "latent": 16, "tokens": 32},
           "sd15": {"batch": 1, "latent": 32, "tokens": 77},
+          # 512² images: 64² latents, 77 tokens of both encoders side by side
+          "sdxl": {"batch": 1, "latent": 64, "tokens": 77, "checkpointing": True},
           # 77 CLIP + 256 T5 tokens, as SD3's pipeline encodes a prompt
           "sd3m": {"batch": 1, "latent": 64, "tokens": 333, "checkpointing": True},
           # 1024² (128² latents, 4096 packed tokens) and 512 T5 tokens: on a GPU only (the device check)
@@ -65,9 +77,9 @@ def _denoiser(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         from studio.loading import load_pipeline
 
         return load_pipeline("shapes").unet
-    if model == "sd15":
+    if model in ("sd15", "sdxl"):
         torch.manual_seed(0)
-        return UNet2DConditionModel(**SD15_UNET)
+        return UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET))
     raise ValueError(f"unknown model {model!r}")
 
 
@@ -139,7 +151,13 @@ def _ddpm_loss(unet, setup: dict, g: torch.Generator):
     b, s = setup["batch"], setup["latent"]
     latents = torch.randn(b, 4, s, s, generator=g)
     text = torch.randn(b, setup["tokens"], unet.config.cross_attention_dim, generator=g)
-    return lambda: denoising_loss(unet, scheduler, latents, text, torch.randn(latents.shape, generator=g),
+    conditioning = text
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the pooled prompt and the size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        ids = torch.tensor([[8.0 * s, 8.0 * s, 0.0, 0.0, 8.0 * s, 8.0 * s]]).expand(b, -1)
+        conditioning = {"encoder_hidden_states": text, "added_cond_kwargs": {
+            "text_embeds": torch.randn(b, pooled, generator=g), "time_ids": ids}}
+    return lambda: denoising_loss(unet, scheduler, latents, conditioning, torch.randn(latents.shape, generator=g),
                                   torch.randint(0, 1000, (b,), generator=g))
 
 

@@ -44,7 +44,8 @@ def _register_speed(bsub) -> None:
 
     bt = bsub.add_parser("train", help="B6: step time and peak memory per method, each in its own process")
     bt.add_argument("--models", default="shapes,sd15",
-                    help="shapes, sd15 (random SD 1.5 UNet), sd3m (random SD3-medium transformer, 64x64 latents), "
+                    help="shapes, sd15 (random SD 1.5 UNet), sdxl (random SDXL UNet, 64x64 latents), sd3m (random "
+                         "SD3-medium transformer, 64x64 latents), "
                          "flux (random Flux.1-dev transformer, 1024², GPU only)")
     bt.add_argument("--methods", default=None, help="comma-separated: full (the whole UNet) or METHOD-rN "
                                                     "(default: the benchmark's)")
