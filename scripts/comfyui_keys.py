@@ -18,7 +18,8 @@ ComfyUI's `comfy.sd.load_lora_for_models` does,
 
 It checks key names only. ComfyUI also needs the base model's layer widths to match the file's tensors: a file
 for Studio's embedded shapes model (SD-1.5 module names, other widths) names the right layers, but ComfyUI
-cannot load the shapes model itself. Embedding files (`emb_params`, or SDXL's `clip_l` / `clip_g`) are read
+cannot load the shapes model itself. Embedding files (`emb_params`; SDXL's `clip_l` / `clip_g`; SD3's `clip_l`,
+`clip_g`, `t5xxl`; Flux's `clip_l`, `t5xxl`) are read
 with ComfyUI's `comfy.sd1_clip.load_embed`; the report says which tensor it takes for each encoder and whether
 its width is the one ComfyUI's encoder has. Exit status: 0 when every key loads, 1 when some do not, 2 on bad
 input. Runs offline on the CPU (ComfyUI is told `--cpu`)."""
@@ -54,8 +55,9 @@ TRANSFORMER_CONFIGS = {
 }
 FAMILIES = (*UNET_CONFIGS, *TRANSFORMER_CONFIGS)
 # the text encoders' embedding keys and widths ComfyUI's tokenizers ask load_embed for
-EMBEDDING_KEYS = {"sd1": {"clip_l": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
-EMBEDDING_NAMES = ("emb_params", "string_to_param", "clip_l", "clip_g")
+EMBEDDING_KEYS = {"sd1": {"clip_l": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280},
+                  "sd3": {"clip_l": 768, "clip_g": 1280, "t5xxl": 4096}, "flux": {"clip_l": 768, "t5xxl": 4096}}
+EMBEDDING_NAMES = ("emb_params", "string_to_param", "clip_l", "clip_g", "t5xxl")
 NOT_LOADED = "lora key not loaded: "
 
 
@@ -143,8 +145,12 @@ def embedding_report(comfy, path: Path, tensors: dict, family: str) -> list[tupl
         vector = comfy.sd1_clip.load_embed(path.stem, str(path.parent), width, key)
         if vector is None:
             raise InputError(f"ComfyUI's load_embed found no embedding {path.stem} in {path.parent}")
-        named = next((k for k in ("string_to_param", key) if k in tensors), None)
-        taken = f"`{named}` by name" if named else f"`{next(iter(tensors))}`, its first tensor (ComfyUI's fallback)"
+        # which of the file's tensors ComfyUI returned, by value
+        taken_key = next((k for k, t in tensors.items() if t.shape[-1] == vector.shape[-1]
+                          and bool((t.float().reshape(vector.shape) == vector.float()).all())), None)
+        if taken_key is None:
+            raise InputError(f"ComfyUI's load_embed returned a vector that is none of {path.name}'s tensors")
+        taken = f"`{taken_key}`" + (" by name" if taken_key == key else " (ComfyUI's first-tensor fallback)")
         rows.append((key, f"{taken}, width {vector.shape[-1]}", vector.shape[-1] == width))
     return rows
 
@@ -154,6 +160,8 @@ def guess_family(keys: list[str], metadata: dict[str, str]) -> str:
         return "sdxl"
     if any(k.startswith("transformer.") for k in keys):
         return "flux" if any(k.startswith("transformer.single_transformer_blocks.") for k in keys) else "sd3"
+    if "t5xxl" in keys:  # an SD3 or Flux trigger embedding
+        return "sd3" if "clip_g" in keys else "flux"
     sdxl = ("lora_te1_", "lora_te2_", "text_encoder_2.")
     return "sdxl" if any(k.startswith(sdxl) for k in keys) or "clip_g" in keys else "sd1"
 
