@@ -4,7 +4,8 @@ import torch
 from studio.shapes import world
 from studio.bench.evaluate import frechet_distance
 from studio.shapes.judge import accuracy, judge_images, to_tensor
-from studio.shapes.pretrain import render_set, vae_roundtrip, world_sample
+from studio.shapes.pretrain import vae_roundtrip
+from studio.shapes.renders import render_set, world_sample
 
 
 def _sample(n, seed):

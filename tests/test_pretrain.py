@@ -92,3 +92,20 @@ def test_extend_text_encoder_starts_synonyms_as_their_shape():
     assert torch.equal(weight[ids["disc"]], weight[ids["circle"]])
     assert torch.equal(weight[ids["box"]], weight[ids["square"]])
     assert not torch.equal(weight[ids["hexagon"]], weight[ids["circle"]])
+
+
+def test_the_unet_stage_caches_its_latents_and_renders_again_for_another_vae(tmp_path, monkeypatch):
+    """A resumed or repeated unet stage reads its latents from <out>/unet_stage/latents.safetensors instead of
+    rendering its images again; a cache written with other VAE weights is not used."""
+    import studio.shapes.pretrain as pretrain_module
+
+    pretrain(PretrainConfig(**TOY), tmp_path, stages=("vae", "unet"))
+    cache = tmp_path / "unet_stage" / "latents.safetensors"
+    assert cache.is_file()
+    renders = []
+    real = pretrain_module.render_scenes
+    monkeypatch.setattr(pretrain_module, "render_scenes", lambda *a, **k: renders.append(1) or real(*a, **k))
+    pretrain(PretrainConfig(**TOY), tmp_path, stages=("unet",))
+    assert renders == []
+    pretrain(PretrainConfig(**{**TOY, "vae_steps": 3}), tmp_path, stages=("vae", "unet"))
+    assert renders == [1]

@@ -6,7 +6,7 @@ import pytest
 
 from studio.shapes import world
 from studio.bench.evaluate import B1_SEED, b1_prompts
-from studio.shapes.pretrain import world_sample
+from studio.shapes.renders import world_sample
 
 
 def test_render_is_deterministic_and_seed_dependent():

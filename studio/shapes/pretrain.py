@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.shapes import embedded, world
+from studio.shapes.renders import judge_items, render_scenes, render_set, world_sample
 from studio.training.recipe import AdapterOutput, Recipe, Trainables
 from studio.utils.files import atomic_dir
 from studio.loading import StudioError
@@ -64,66 +62,6 @@ class PretrainConfig:
     init_from: str = ""  # a shapes pipeline folder whose UNet and text encoder the unet stage continues from
     unet_checkpoint_every: int = 1000  # the unet stage's checkpoints (in <out>/unet_stage/checkpoints)
     resume: str = ""  # "latest" (or a checkpoint folder): continue the unet stage from its checkpoint
-
-
-def _render_chunk(args: tuple[list[world.Spec], list[int]]) -> np.ndarray:
-    specs, seeds = args
-    return np.stack([world.render(s, seed) for s, seed in zip(specs, seeds)])
-
-
-def render_set(specs: list[world.Spec], seeds: list[int], workers: int | None = None) -> np.ndarray:
-    """Render many specs in parallel; NxHxWx3 uint8."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(specs) < 256:
-        return _render_chunk((specs, seeds))
-    step = math.ceil(len(specs) / (workers * 4))
-    chunks = [(specs[i:i + step], seeds[i:i + step]) for i in range(0, len(specs), step)]
-    import multiprocessing
-
-    # spawn, not fork: forking a process that has started CUDA or thread pools can deadlock
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return np.concatenate(list(pool.map(_render_chunk, chunks)))
-
-
-def _render_scene_chunk(items: list[tuple[tuple[world.Spec, ...], bool, int]]) -> np.ndarray:
-    return np.stack([world.render_outlier(specs[0], seed) if outlier else world.render_scene(list(specs), seed)
-                     for specs, outlier, seed in items])
-
-
-def render_scenes(items: list[tuple[tuple[world.Spec, ...], bool, int]], workers: int | None = None) -> np.ndarray:
-    """render_set for (specs, outlier, seed) items: a shape or a scene, or an outlier at the first spec's layout."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(items) < 256:
-        return _render_scene_chunk(items)
-    step = math.ceil(len(items) / (workers * 4))
-    import multiprocessing
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return np.concatenate(list(pool.map(_render_scene_chunk, [items[i:i + step] for i in range(0, len(items),
-                                                                                                     step)])))
-
-
-def judge_items(shapes_world: world.World, n: int, seed: int, outliers: float = 0.0, scenes: float = 0.0
-                ) -> list[tuple[tuple[world.Spec, ...], bool, int]]:
-    """What the judge of a world sees: every shape of the world (held-out ones too) in any combination, an
-    `outliers` share of shapes of no world and a `scenes` share of two-shape scenes."""
-    rng, out = random.Random(seed), []
-    for _ in range(n):
-        r = rng.random()
-        if r < scenes:
-            specs = tuple(world.random_pair(rng, None, shapes_world.shapes))
-        else:
-            specs = (world.random_spec(rng, shapes_world.shapes, heldout=None),)
-        out.append((specs, scenes <= r < scenes + outliers, rng.randrange(2**31)))
-    return out
-
-
-def world_sample(n: int, seed: int, shapes: tuple[str, ...], heldout: bool | None
-                 ) -> tuple[list[world.Spec], list[int]]:
-    rng = random.Random(seed)
-    specs = [world.random_spec(rng, shapes, heldout=heldout) for _ in range(n)]
-    seeds = [rng.randrange(2**31) for _ in range(n)]
-    return specs, seeds
 
 
 def _deadline(cfg: PretrainConfig) -> float:
@@ -289,21 +227,64 @@ def extend_text_encoder(text_encoder, old_tokenizer, tokenizer, shapes_world: wo
     return text_encoder
 
 
-def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str, cache: Path | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The cached VAE latents of `unet_images` renders of the world's pretraining stream, the token ids of their 8
     caption variants each (image i's variant v at i * 8 + v) and the index of the empty caption (for caption
-    dropout)."""
+    dropout). With `cache` (a file), the latents are read from it when it was written for the same stream and
+    VAE, else computed and written there: a resumed run does not render its images again."""
     shapes_world = world.get_world(cfg.world)
     scenes = shapes_world.pretraining_scenes(cfg.unet_images, cfg.seed + 4)
-    images = torch.from_numpy(render_scenes([(s.specs, False, s.seed) for s in scenes]))
-    with torch.no_grad():
-        latents = torch.cat([
-            vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
-            for i in range(0, len(images), 256)]) * vae.config.scaling_factor
+    latents = _cached_latents(cache, cfg, vae)
+    if latents is None:
+        images = torch.from_numpy(render_scenes([(s.specs, False, s.seed) for s in scenes]))
+        with torch.no_grad():
+            latents = torch.cat([
+                vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+                for i in range(0, len(images), 256)]) * vae.config.scaling_factor
+        if cache is not None:
+            _write_latents(cache, cfg, vae, latents)
+    latents = latents.contiguous().to(dev)  # (the encoder's output is channels-last: cached or not, one layout)
     captions = [c for s in scenes for c in shapes_world.caption_variants(s.specs, s.seed)] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=embedded.MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids.to(dev)
     return latents, ids, len(captions) - 1
+
+
+def _latent_key(cfg: PretrainConfig, vae) -> str:
+    """What the cached latents depend on: the stream (world, seed, count) and the VAE's weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return json.dumps({"world": cfg.world, "seed": cfg.seed, "images": cfg.unet_images,
+                       "vae": digest.hexdigest()[:16]}, sort_keys=True)
+
+
+def _cached_latents(cache: Path | None, cfg: PretrainConfig, vae) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") != _latent_key(cfg, vae):
+                return None
+            return f.get_tensor("latents")
+    except Exception:  # a damaged cache is made again
+        return None
+
+
+def _write_latents(cache: Path, cfg: PretrainConfig, vae, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from studio.utils.files import atomic_path
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"key": _latent_key(cfg, vae)})
 
 
 def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen: torch.Generator,
@@ -341,8 +322,8 @@ class UNetPretrainRecipe(Recipe):
 
     label = "pretraining the UNet"
 
-    def __init__(self, cfg: PretrainConfig, vae, log=print) -> None:
-        self.cfg, self.vae, self.log = cfg, vae, log
+    def __init__(self, cfg: PretrainConfig, vae, log=print, latent_cache: Path | None = None) -> None:
+        self.cfg, self.vae, self.log, self.latent_cache = cfg, vae, log, latent_cache
         self.identity = {"stage": "unet", "seed": cfg.seed, "unet_images": cfg.unet_images,
                          "init_from": cfg.init_from, **({"world": cfg.world} if cfg.world > 1 else {})}
         self.started = time.time()
@@ -357,8 +338,9 @@ class UNetPretrainRecipe(Recipe):
         self.unet, self.text_encoder = comps["unet"].to(dev), comps["text_encoder"].to(dev)
         self.noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
         self.vae = self.vae.to(dev)
-        self.data = _caption_data(cfg, self.vae, comps["tokenizer"], dev)
+        self.data = _caption_data(cfg, self.vae, comps["tokenizer"], dev, self.latent_cache)
         self.log(f"unet: {len(self.data[0])} cached latents, std {self.data[0].std().item():.3f}")
+        self.started = time.time()  # the time budget's schedule counts training, not rendering
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.ema = [p.detach().clone().float() for p in self.params]
         self.snr = signal_to_noise(self.noise_sched).cpu()
@@ -423,7 +405,6 @@ def train_unet(cfg: PretrainConfig, vae, log=print, out: Path | None = None):
     from studio.training.engine import Engine
 
     minutes = cfg.unet_minutes or cfg.max_minutes
-    deadline = time.time() + minutes * 60 if minutes > 0 else float("inf")
     bf16 = cfg.bf16 or cfg.device.startswith("cuda")
     settings = LoopSettings(steps=cfg.unet_steps, batch_size=cfg.unet_batch, lr=cfg.unet_lr, max_grad_norm=1.0,
                             seed=cfg.seed, mixed_precision="bf16" if bf16 else "no",
@@ -437,8 +418,10 @@ def train_unet(cfg: PretrainConfig, vae, log=print, out: Path | None = None):
         elif event["kind"] == "step" and (event["step"] % 500 == 1 or event["step"] == cfg.unet_steps):
             log(f"unet step {event['step']} loss {event['loss']:.4f}")
 
-    recipe = UNetPretrainRecipe(cfg, vae, log)
-    result = Engine(settings, on_event=on_event, should_stop=lambda: time.time() > deadline).run(recipe)
+    recipe = UNetPretrainRecipe(cfg, vae, log, Path(out) / "latents.safetensors" if out else None)
+    # the time budget counts training from the end of the data caching, as the learning-rate schedule does
+    result = Engine(settings, on_event=on_event,
+                    should_stop=lambda: minutes > 0 and time.time() > recipe.started + minutes * 60).run(recipe)
     if result.stopped:
         log(f"unet stopped by the time limit at step {result.steps}")
     comps = recipe.comps

@@ -403,7 +403,7 @@ class World:
                            heldout: bool | None = False) -> list[Scene]:
         """The pretraining stream: base shapes only, combinations as `heldout` (False: pretraining ones), a
         two_shape_fraction (default the world's) of two-shape scenes. With none, V1's stream is the specs and
-        seeds pretrain.world_sample(n, seed, BASE_SHAPES, False) draws."""
+        seeds renders.world_sample(n, seed, BASE_SHAPES, False) draws."""
         if two_shape_fraction is not None:  # replace() checks it
             return replace(self, two_shape_fraction=two_shape_fraction).pretraining_scenes(n, seed, heldout=heldout)
         rng, fraction = random.Random(seed), self.two_shape_fraction
