@@ -139,13 +139,13 @@ def test_anchors_have_the_target_norm_range():
 
 def _erase_gap(pipe, config, spm_on: bool) -> float:
     """Distance of the model's prediction on a circle prompt from the erase target (at fixed noise)."""
-    from studio.adapters.spm.erase import _embed
+    from studio.adapters.prompts import embed_prompts
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor(600)
-    text = _embed(pipe, config.prompts[:1] * 2)[0]
-    empty = _embed(pipe, [""] * 2)[0]
+    text = embed_prompts(pipe, config.prompts[:1] * 2)[0]
+    empty = embed_prompts(pipe, [""] * 2)[0]
     spm = get_method("spm")
     with torch.no_grad():
         with spm.disabled(pipe):
