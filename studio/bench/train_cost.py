@@ -145,6 +145,8 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
 def _ddpm_loss(unet, setup: dict, g: torch.Generator):
     from diffusers import DDPMScheduler
 
+    from studio.adapters.prompts import unet_conditioning
+    from studio.training.conditioning import reads_time_ids
     from studio.training.engine import denoising_loss
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -152,11 +154,9 @@ def _ddpm_loss(unet, setup: dict, g: torch.Generator):
     latents = torch.randn(b, 4, s, s, generator=g)
     text = torch.randn(b, setup["tokens"], unet.config.cross_attention_dim, generator=g)
     conditioning = text
-    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the pooled prompt and the size/crop ids
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        ids = torch.tensor([[8.0 * s, 8.0 * s, 0.0, 0.0, 8.0 * s, 8.0 * s]]).expand(b, -1)
-        conditioning = {"encoder_hidden_states": text, "added_cond_kwargs": {
-            "text_embeds": torch.randn(b, pooled, generator=g), "time_ids": ids}}
+    if reads_time_ids(unet):  # SDXL: the pooled prompt and the size/crop ids of an 8·s-pixel square image
+        width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        conditioning = unet_conditioning(text, torch.randn(b, width, generator=g), 8 * s)
     return lambda: denoising_loss(unet, scheduler, latents, conditioning, torch.randn(latents.shape, generator=g),
                                   torch.randint(0, 1000, (b,), generator=g))
 

@@ -235,7 +235,8 @@ def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str, cache: Path | N
     VAE, else computed and written there: a resumed run does not render its images again."""
     shapes_world = world.get_world(cfg.world)
     scenes = shapes_world.pretraining_scenes(cfg.unet_images, cfg.seed + 4)
-    latents = _cached_latents(cache, cfg, vae)
+    key = _latent_key(cfg, vae) if cache is not None else ""
+    latents = _cached_latents(cache, key)
     if latents is None:
         images = torch.from_numpy(render_scenes([(s.specs, False, s.seed) for s in scenes]))
         with torch.no_grad():
@@ -243,7 +244,7 @@ def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str, cache: Path | N
                 vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
                 for i in range(0, len(images), 256)]) * vae.config.scaling_factor
         if cache is not None:
-            _write_latents(cache, cfg, vae, latents)
+            _write_latents(cache, key, latents)
     latents = latents.contiguous().to(dev)  # (the encoder's output is channels-last: cached or not, one layout)
     captions = [c for s in scenes for c in shapes_world.caption_variants(s.specs, s.seed)] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=embedded.MAX_TOKENS, truncation=True,
@@ -263,28 +264,28 @@ def _latent_key(cfg: PretrainConfig, vae) -> str:
                        "vae": digest.hexdigest()[:16]}, sort_keys=True)
 
 
-def _cached_latents(cache: Path | None, cfg: PretrainConfig, vae) -> torch.Tensor | None:
+def _cached_latents(cache: Path | None, key: str) -> torch.Tensor | None:
     from safetensors import safe_open
 
     if cache is None or not cache.is_file():
         return None
     try:
         with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") != _latent_key(cfg, vae):
+            if (f.metadata() or {}).get("key") != key:
                 return None
             return f.get_tensor("latents")
     except Exception:  # a damaged cache is made again
         return None
 
 
-def _write_latents(cache: Path, cfg: PretrainConfig, vae, latents: torch.Tensor) -> None:
+def _write_latents(cache: Path, key: str, latents: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
     from studio.utils.files import atomic_path
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
-        save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"key": _latent_key(cfg, vae)})
+        save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"key": key})
 
 
 def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen: torch.Generator,
