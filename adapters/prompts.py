@@ -1,7 +1,8 @@
-"""Prompts as a UNet pipeline's denoiser reads them, for the methods that drive the UNet themselves (SPM's erase
+"""Prompts as a pipeline's denoiser reads them, for the methods that drive the denoiser themselves (SPM's erase
 loss, HiPA's one-step student): SD 1.x/2.x read one text encoder's last hidden states; SDXL reads the pipeline's
 own `encode_prompt` (both encoders' penultimate states side by side, the second's pooled projection) and six
-size/crop numbers per image."""
+size/crop numbers per image; SD3 and Flux read their pipeline's `encode_prompt` (hidden states and a pooled
+embedding)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,29 @@ from studio.adapters.base import token_ids
 
 def reads_pooled(pipe) -> bool:
     """Whether the pipeline's UNet reads a pooled prompt embedding and time ids (SDXL)."""
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 @torch.no_grad()
 def embed_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompts' hidden states as the UNet reads them, and SDXL's pooled embedding (None for SD 1.x/2.x)."""
-    if reads_pooled(pipe):
-        hidden, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.text_encoder.device,
-                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+    """The prompts' hidden states as the denoiser reads them, and the pooled embedding of the families that read
+    one (SDXL, SD3, Flux; None for SD 1.x/2.x)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    device = pipe.text_encoder.device
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        hidden, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
         return hidden, pooled
-    ids = token_ids(pipe, texts).to(pipe.text_encoder.device)
+    if isinstance(pipe, FluxPipeline):
+        hidden, pooled, _ = pipe.encode_prompt(texts, None, device=device, num_images_per_prompt=1)
+        return hidden, pooled
+    if reads_pooled(pipe):
+        hidden, _, pooled, _ = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return hidden, pooled
+    ids = token_ids(pipe, texts).to(device)
     return pipe.text_encoder(ids)[0], None
 
 

@@ -213,14 +213,14 @@ def test_anchors_are_not_capped_by_the_batch(shapes_pipe):
     latents), and the loss takes them."""
     from studio.adapters.spm.config import EraseSettings, SpmConfig
     from studio.adapters.spm.erase import erase_draw, erase_loss, erase_targets
-    from studio.tasks.erase import _unet_call
+    from studio.tasks.erase import denoiser_call
 
     config = SpmConfig(concepts=["circle"], anchors=3, anchor_weight=1.0, anchor_empty=False)
     settings = EraseSettings(denoise_steps=2, batch=1)
     targets = erase_targets(shapes_pipe, config, settings)
     draw = erase_draw(targets, config, 1, torch.Generator().manual_seed(0), anchors=True)
     assert len(draw.anchors) == 3 and draw.anchor_rows == [0, 0, 0]
-    call = _unet_call(shapes_pipe.unet)
+    call = denoiser_call(shapes_pipe, shapes_pipe.unet, targets.pixels)
     loss = erase_loss(call, call, targets, config, settings, draw, range(1))
     assert torch.isfinite(loss)
 

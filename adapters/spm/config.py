@@ -9,9 +9,14 @@ from studio.utils.settings import setting
 
 # every Linear/1x1 Conv of the transformer blocks (SPM's targets), matched as module-path suffixes
 TRANSFORMER_LINEARS = [
+    # the UNet's (SD 1.x / 2.x, SDXL) transformer blocks: projections in and out, self- and cross-attention, ff
     r"attentions\.\d+\.proj_(in|out)",
     r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
+    # SD3 / Flux joint blocks (image and text streams) and Flux's single-stream blocks
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+    r"transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",
+    r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)",
 ]
 
 
@@ -25,7 +30,7 @@ class SpmConfig(AdapterConfig):
 
     target_modules: list[str] = setting(
         default_factory=lambda: list(TRANSFORMER_LINEARS), advanced=True,
-        help="UNet modules that carry the membrane: regexes matching a module path or a dotted suffix of it")
+        help="denoiser modules that carry the membrane: regexes matching a module path or a dotted suffix of it")
     concepts: list[str] = setting(default_factory=list, help="the concepts the membrane erases (e.g. 'circle')")
     prompts: list[str] = setting(default_factory=list,
                                  help="prompts the membrane is trained on; empty: the concepts themselves")
@@ -58,9 +63,11 @@ class EraseSettings:
     steps: int = setting(350, help="optimizer steps (>= 1)")
     lr: float = setting(5e-3, help="learning rate of the membrane (AdamW, > 0)")
     batch: int = setting(4, help="prompts per step (>= 1)")
-    denoise_steps: int = setting(8, help="steps of the DDIM schedule the training latents are drawn from")
+    denoise_steps: int = setting(8, help="steps of the schedule the training latents are drawn along (DDIM; "
+                                         "SD3 and Flux: their Euler schedule)")
     sample_guidance: float = setting(3.0, help="classifier-free guidance while denoising the training latents "
-                                               "(membrane on)")
+                                               "(membrane on; 1: none, which `studio erase` uses on Flux, whose "
+                                               "guidance is distilled)")
     seed: int = setting(0, help="random seed of the latents, anchors and timesteps")
     resolution: int | None = setting(None, help="image side in pixels of the training latents; empty: the model's "
                                                 "native size", advanced=True)

@@ -1,7 +1,11 @@
 """Training a membrane, data-free: latents the model denoises itself, a negative-guidance target
 eps(sur) - eta * (eps(tar) - eps(sur)) from the frozen model, and Latent Anchoring. These are the step's
 pieces (its random draws and its loss); the loop is the training engine's (studio.tasks.erase runs it). The
-same loss trains the ESD-style baseline (cross-attention fine-tuned directly, no anchors)."""
+same loss trains the ESD-style baseline (cross-attention fine-tuned directly, no anchors).
+
+On the rectified-flow families (SD3, Flux) the predictions are velocities ε − x0 and the latents come from the
+pipeline's Euler schedule; the target is the same combination of predictions: at a fixed x_t a velocity is an
+affine function of the predicted noise, so negative guidance in velocity is negative guidance in noise."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from studio.adapters.base import AdapterError
-from studio.adapters.prompts import embed_prompts, sdxl_time_ids
+from studio.adapters.prompts import embed_prompts
+from studio.adapters.sampling import Schedule, sampling_schedule
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.utils.settings import from_values
 
@@ -35,15 +40,16 @@ def random_anchors(target: torch.Tensor, count: int, generator: torch.Generator)
 
 @dataclass
 class EraseTargets:
-    """What every erase step reads: the embedded target prompts, surrogate and empty prompt, and the DDIM
-    schedule the training latents are drawn from."""
+    """What every erase step reads: the embedded target prompts, surrogate and empty prompt, and the few-step
+    schedule the training latents are drawn along (DDIM, or the flow families' Euler schedule)."""
 
     target: torch.Tensor
     surrogate: torch.Tensor
     empty: torch.Tensor
-    scheduler: object
+    schedule: Schedule
     latent_shape: tuple[int, int, int]
-    pooled: dict[str, torch.Tensor] | None = None  # SDXL: "target" (N, d), "surrogate", "empty" (d) and "time_ids"
+    pixels: int  # the side of the images the latents stand for (SDXL's size conditioning reads it)
+    pooled: dict[str, torch.Tensor] | None = None  # SDXL, SD3, Flux: "target" (N, d), "surrogate", "empty" (d)
 
 
 @dataclass
@@ -56,40 +62,41 @@ class EraseDraw:
     noise: torch.Tensor
     anchors: torch.Tensor | None
     anchor_rows: list[int]
-    anchors_pooled: torch.Tensor | None = None  # SDXL: each anchor's pooled embedding
+    anchors_pooled: torch.Tensor | None = None  # each anchor's pooled embedding, where the family reads one
 
 
 def erase_targets(pipe, config: SpmConfig, settings: EraseSettings) -> EraseTargets:
-    from diffusers import DDIMScheduler
+    from studio.adapters.base import denoiser
 
     prompts = config.target_prompts()
     if not prompts:
         raise AdapterError("nothing to erase: name at least one concept (or target prompt)")
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(settings.denoise_steps)
-    pixels = settings.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # the pipeline's native size: SDXL, SD3 and Flux pipelines keep it, SD 1.x reads the UNet's config
+    native = getattr(pipe, "default_sample_size", None) or denoiser(pipe)[1].config.sample_size
+    pixels = settings.resolution or native * pipe.vae_scale_factor
     size = pixels // pipe.vae_scale_factor
+    schedule = sampling_schedule(pipe, settings.denoise_steps, size)
     (target, target_pooled), (surrogate, surrogate_pooled), (empty, empty_pooled) = (
         embed_prompts(pipe, prompts), embed_prompts(pipe, [config.surrogate]), embed_prompts(pipe, [""]))
     pooled = None
     if target_pooled is not None:
-        pooled = {"target": target_pooled, "surrogate": surrogate_pooled[0], "empty": empty_pooled[0],
-                  "time_ids": sdxl_time_ids(pixels, target.device)}
-    return EraseTargets(target, surrogate[0], empty[0], scheduler, (pipe.unet.config.in_channels, size, size), pooled)
+        pooled = {"target": target_pooled, "surrogate": surrogate_pooled[0], "empty": empty_pooled[0]}
+    return EraseTargets(target, surrogate[0], empty[0], schedule, (pipe.vae.config.latent_channels, size, size),
+                        pixels, pooled)
 
 
 def erase_draw(targets: EraseTargets, config: SpmConfig, batch: int, generator: torch.Generator, *,
                anchors: bool) -> EraseDraw:
     """Every random draw of a step, from `generator` alone (so a step is a function of its generator)."""
-    n_prompts, steps = len(targets.target), len(targets.scheduler.timesteps)
+    n_prompts, steps = len(targets.target), len(targets.schedule.timesteps)
     chosen = torch.randint(0, n_prompts, (batch,), generator=generator).tolist()
     k = int(torch.randint(1, steps, (), generator=generator))
     noise = torch.randn((batch, *targets.latent_shape), generator=generator)
     parts, rows, pooled_parts = [], [], []
     if anchors and config.anchor_weight > 0:
         # `anchors` per step whatever the batch: anchor j reads the latents of row j mod batch (with batch 1, as
-        # the sd15 preset trains, all three anchors read the one row); on SDXL each also gets a random pooled
-        # embedding, drawn the same way around the target's
+        # the sd15 preset trains, all three anchors read the one row); where the family reads a pooled embedding,
+        # each also gets a random one, drawn the same way around the target's
         for j in range(config.anchors):
             row = j % batch
             parts.append(random_anchors(targets.target[chosen[row]].cpu(), 1, generator))
@@ -105,21 +112,40 @@ def erase_draw(targets: EraseTargets, config: SpmConfig, batch: int, generator: 
                      torch.cat(pooled_parts) if pooled_parts else None)
 
 
+def denoise(student, schedule: Schedule, x: torch.Tensor, steps: int, cond: tuple, uncond: tuple,
+            guidance: float) -> torch.Tensor:
+    """`x` after the first `steps` steps of `schedule`, the prediction guided from `uncond` to `cond` (each a
+    (text, pooled) pair; pooled None where the family reads none) by classifier-free guidance; with guidance 1
+    the conditional prediction alone (Flux: its distilled guidance is an input)."""
+    def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if a is None else torch.cat([a, b])
+
+    for i, t in enumerate(schedule.timesteps[:steps]):
+        if guidance == 1:
+            guided = student(x, t, *cond, grad=False)
+        else:
+            u, c = student(torch.cat([x, x]), t, both(uncond[0], cond[0]), both(uncond[1], cond[1]),
+                           grad=False).chunk(2)
+            guided = u + guidance * (c - u)
+        x = schedule.step(guided, i, x)
+    return x
+
+
 def erase_loss(student, frozen, targets: EraseTargets, config: SpmConfig, settings: EraseSettings,
                draw: EraseDraw, rows: range) -> torch.Tensor:
     """The negative-guidance loss of the batch rows `rows` (plus Latent Anchoring on the anchors those rows
     own), as their part of the whole batch's loss: summed over them and divided by the batch's counts.
     `student(x, t, text, pooled)` is the model being trained, `frozen(x, t, text, pooled)` the original (pooled:
-    SDXL's pooled embeddings, else None)."""
-    device, sched, b = targets.target.device, targets.scheduler, len(draw.chosen)
+    the pooled embeddings where the family reads them, else None)."""
+    device, schedule, b = targets.target.device, targets.schedule, len(draw.chosen)
     rows = list(rows)
     n = len(rows)
     cond = targets.target[[draw.chosen[r] for r in rows]]
     pooled = targets.pooled
-    x = draw.noise[rows].to(device) * sched.init_noise_sigma
+    x = draw.noise[rows].to(device) * schedule.init_sigma
     owned = [j for j, r in enumerate(draw.anchor_rows) if r in rows]
 
-    def pooled_of(*parts: torch.Tensor | None) -> torch.Tensor | None:  # SDXL's pooled rows beside the texts
+    def pooled_of(*parts: torch.Tensor | None) -> torch.Tensor | None:  # pooled rows beside the texts
         return None if pooled is None else torch.cat(parts)
 
     with torch.no_grad():
@@ -129,11 +155,9 @@ def erase_loss(student, frozen, targets: EraseTargets, config: SpmConfig, settin
             cond_pooled = pooled["target"][[draw.chosen[r] for r in rows]]
             uncond_pooled, sur_pooled = pooled["empty"].expand(n, -1), pooled["surrogate"].expand(n, -1)
             anchor_pooled = draw.anchors_pooled[owned].to(device) if owned else cond_pooled[:0]
-        for t in sched.timesteps[:draw.k]:
-            u, c = student(torch.cat([x, x]), t, torch.cat([uncond, cond]), pooled_of(uncond_pooled, cond_pooled),
-                           grad=False).chunk(2)
-            x = sched.step(u + settings.sample_guidance * (c - u), t, x).prev_sample
-        t = sched.timesteps[draw.k]  # the timestep the DDIM schedule actually reached at x_k
+        x = denoise(student, schedule, x, draw.k, (cond, cond_pooled), (uncond, uncond_pooled),
+                    settings.sample_guidance)
+        t = schedule.timesteps[draw.k]  # the timestep the schedule actually reached at x_k
         anchor_emb = draw.anchors[owned].to(device) if owned else cond[:0]
         anchor_x = x[[rows.index(draw.anchor_rows[j]) for j in owned]] if owned else x[:0]
         base = frozen(torch.cat([x, x, anchor_x]), t,

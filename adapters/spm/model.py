@@ -3,7 +3,7 @@ membranes is how they are trained (erase.py) and that their strength is set per 
 
 from __future__ import annotations
 
-from studio.adapters.base import register, require_unet
+from studio.adapters.base import register
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.model import LoraMethod
 from studio.adapters.spm.config import SpmConfig
@@ -29,7 +29,6 @@ class SpmMethod(LoraMethod):
     presets = {}  # membranes are trained by `studio erase` (adapters/spm/erase.py), not the concept engine
 
     def attach(self, pipe, config: SpmConfig, adapter: str) -> None:
-        require_unet(pipe, self.name)  # the membranes' erase training and transport are written for a UNet
         super().attach(pipe, _lora_config(config), adapter)
         membranes(pipe)[adapter] = list(config.concepts)
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora import LoraLayer
 
-from studio.adapters.base import AdapterError, token_ids
+from studio.adapters.base import AdapterError, denoiser, token_ids
 
 METRICS = ("tokensim", "tokenuni", "clipcos_tokenuni", "clipcos")
 SIMILAR_TOKEN_QUANTILE = 0.999  # a token counts as near a concept's when closer than all but 0.1% of the vocabulary
@@ -92,7 +92,7 @@ def token_similarity(table: torch.Tensor, prompt_ids: list[set[int]], concept_id
 # ---- per-sample strengths inside the adapter layers ----
 
 def _membrane_layers(pipe, names):
-    for module in pipe.unet.modules():
+    for module in denoiser(pipe)[1].modules():
         if isinstance(module, LoraLayer) and any(n in module.lora_A for n in names):
             yield module
 
@@ -116,7 +116,7 @@ def _add_membranes(strengths: dict[str, torch.Tensor]):
 
 @contextmanager
 def membrane_strengths(pipe, strengths: dict[str, torch.Tensor]):
-    """Inside: membrane `name` acts on image i of each UNet call at strengths[name][i] times its weight
+    """Inside: membrane `name` acts on image i of each denoiser call at strengths[name][i] times its weight
     (0 leaves that image's prediction exactly the base model's); outside, membranes act at their weight."""
     names = set(strengths)
     layers = list(_membrane_layers(pipe, names))

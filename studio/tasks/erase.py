@@ -1,5 +1,6 @@
 """`studio erase`: a membrane (SPM) trained through the training engine, data-free, on latents the model
-denoises itself; and the ESD-style baseline on the same loss.
+denoises itself (any family: SD 1.x/2.x, SDXL, SD3, Flux); and the ESD-style baseline on the same loss (a UNet's
+cross-attention).
 
     erase(["circle"], "runs/no_circle.safetensors", settings={"steps": 200, "checkpoint_every": 20})
 
@@ -15,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from studio.adapters.base import base_fingerprint, require_unet
+from studio.adapters.base import base_fingerprint, denoiser, require_unet
+from studio.adapters.prompts import unet_conditioning
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.erase import (TRAINING_NAME, erase_config, erase_draw, erase_loss,
                                        erase_targets)
@@ -38,13 +40,31 @@ def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> li
     return list(concepts)
 
 
-def _unet_call(unet, time_ids: torch.Tensor | None = None):
-    """(x, t, text, pooled) -> the UNet's prediction; on SDXL `pooled` and the size/crop `time_ids` go in
-    `added_cond_kwargs`."""
+def denoiser_call(pipe, model, pixels: int):
+    """(x, t, text, pooled) -> `model`'s prediction (the pipeline's denoiser or its prepared copy) with the
+    family's conditioning: a UNet's keyword inputs (SDXL: the pooled rows and the size ids of a `pixels`-square
+    image), or a diffusion transformer's inputs and forward as its training family builds them (Flux: packed
+    latents, position ids, the distilled guidance)."""
+    if getattr(pipe, "unet", None) is not None:
+        def call(x, t, text, pooled=None, grad: bool = True):
+            return model(x, t, **unet_conditioning(text, pooled, pixels)).sample
+        return call
+
+    from studio.training.conditioning import PromptEncoding
+    from studio.training.config import TrainConfig
+    from studio.training.families import family_for
+
+    family = family_for(pipe, TrainConfig())
+
     def call(x, t, text, pooled=None, grad: bool = True):
-        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids.expand(len(x), -1)}
-        return unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        timesteps = torch.as_tensor(t, device=x.device).float().expand(len(x))
+        return family.forward(model, x, timesteps, family.inputs(PromptEncoding(text, pooled), {}))
     return call
+
+
+def guidance_distilled(pipe) -> bool:
+    """Whether the denoiser reads the guidance scale as an input (Flux dev) instead of running CFG."""
+    return bool(getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds", False))
 
 
 class EraseRecipe(Recipe):
@@ -54,7 +74,8 @@ class EraseRecipe(Recipe):
     label = "erase"
 
     def __init__(self, pipe, config: SpmConfig, settings: EraseSettings, *, esd: bool = False) -> None:
-        require_unet(pipe, "erasing")
+        if esd:
+            require_unet(pipe, "the ESD-x baseline (it fine-tunes a UNet's cross-attention)")
         self.pipe, self.config, self.settings, self.esd = pipe, config, settings, esd
         self.method = "esd" if esd else "spm"
         self.base = base_fingerprint(pipe)
@@ -62,13 +83,14 @@ class EraseRecipe(Recipe):
         self.identity = {"method": self.method, "adapter": config.to_dict(), "settings": run, "base": self.base}
 
     def setup(self, accelerator) -> Trainables:
-        pipe, unet = self.pipe, self.pipe.unet
+        pipe = self.pipe
+        self.denoiser_name, model = denoiser(pipe)
         pipe.to(accelerator.device)
-        self.was_training = unet.training
-        unet.requires_grad_(False)
+        self.was_training = model.training
+        model.requires_grad_(False)
         if self.esd:
-            self.frozen_unet = copy.deepcopy(unet).eval()
-            self.named = {n: p for n, p in unet.named_parameters() if ".attn2." in n}
+            self.frozen_unet = copy.deepcopy(model).eval()
+            self.named = {n: p for n, p in model.named_parameters() if ".attn2." in n}
             params = list(self.named.values())
             for p in params:
                 p.requires_grad_(True)
@@ -80,20 +102,21 @@ class EraseRecipe(Recipe):
             params = self.membrane.trainable_parameters(pipe, TRAINING_NAME)
         self.params = params
         self.targets = erase_targets(pipe, self.config, self.settings)
-        unet.train()
+        model.train()
         warmup = max(self.settings.warmup, 1)
-        return Trainables(params, {"unet": unet}, lr_lambda=lambda step: min(1.0, step / warmup))
+        return Trainables(params, {self.denoiser_name: model}, lr_lambda=lambda step: min(1.0, step / warmup))
 
     def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
-        ids = self.targets.pooled["time_ids"] if self.targets.pooled else None
-        trained, plain = _unet_call(modules["unet"], ids), _unet_call(self.pipe.unet, ids)
+        pipe, pixels = self.pipe, self.targets.pixels
+        trained = denoiser_call(pipe, modules[self.denoiser_name], pixels)
+        plain = denoiser_call(pipe, denoiser(pipe)[1], pixels)
 
         def student(x, t, text, pooled=None, grad: bool = True):  # DDP's forward only where gradients flow
             return (trained if grad else plain)(x, t, text, pooled)
 
         self.student = student
         if self.esd:
-            self.frozen = _unet_call(self.frozen_unet, ids)
+            self.frozen = denoiser_call(pipe, self.frozen_unet, pixels)
         else:
             def frozen(x, t, text, pooled=None):
                 with self.membrane.disabled(self.pipe):
@@ -122,7 +145,7 @@ class EraseRecipe(Recipe):
         if self.esd:
             self.pipe.unet.eval().requires_grad_(False)
         else:
-            self.pipe.unet.train(self.was_training)
+            denoiser(self.pipe)[1].train(self.was_training)
             for p in self.params:
                 p.requires_grad_(False)
 
@@ -165,6 +188,7 @@ def erase_esd(pipe, config: SpmConfig, settings: EraseSettings | None = None, *,
     from studio.adapters.base import AdapterError
 
     settings = settings or EraseSettings()
+    require_unet(pipe, "the ESD-x baseline (it fine-tunes a UNet's cross-attention)")
     if not any(".attn2." in n for n, _ in pipe.unet.named_parameters()):
         raise AdapterError("the UNet has no cross-attention (attn2) layers to fine-tune")
     engine = _engine(settings, None, None, None, on_step, should_stop, progress)
@@ -188,6 +212,8 @@ def erase(concepts: list[str], out: str | Path, *, model: str = "shapes", preset
     config, run = erase_config(list(concepts), preset, settings=own, adapter=adapter)
     loop = loop_settings(run, machinery, output_dir=run_folder(out), resume=resume, progress_bar=progress_bar)
     pipe = load_pipeline(model, **(load or {}))
+    if "sample_guidance" not in own and guidance_distilled(pipe):
+        run.sample_guidance = 1.0  # Flux reads its guidance as an input; CFG on top is not how it samples
     if not config.prompts:
         config.prompts = default_prompts(pipe, config.concepts, seed=run.seed)
     return train_membrane(pipe, config, run, out, loop=loop, on_event=on_event, should_stop=should_stop)
