@@ -32,7 +32,7 @@ def test_the_erase_latents_follow_the_pipelines_own_sampler(folder):
 
     from studio.adapters.spm import SpmConfig
     from studio.adapters.spm.erase import denoise, erase_targets
-    from studio.tasks.erase import denoiser_call, guidance_distilled
+    from studio.adapters.denoise import denoiser_call, guidance_distilled
 
     pipe = load_pipeline(str(folder))
     flux = guidance_distilled(pipe)
@@ -65,7 +65,8 @@ def test_a_membrane_trained_on_the_transformer_moves_its_prediction_to_the_erase
     from studio.adapters.spm import SpmConfig
     from studio.adapters.spm.erase import TRAINING_NAME, erase_draw, erase_loss, erase_targets
     from studio.adapters.spm.model import membranes
-    from studio.tasks.erase import denoiser_call, train_membrane
+    from studio.adapters.denoise import denoiser_call
+    from studio.tasks.erase import train_membrane
 
     pipe = load_pipeline(str(folder))
     before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
@@ -124,3 +125,65 @@ def test_the_esd_baseline_is_refused_on_a_transformer_with_the_reason(sd3_folder
 
     with pytest.raises(AdapterError, match="cross-attention"):
         erase_esd(load_pipeline(str(sd3_folder)), SpmConfig(concepts=["circle"]), _settings(steps=1))
+
+
+@pytest.mark.parametrize("folder", FAMILIES, indirect=True)
+def test_a_one_step_adaptor_distils_on_the_transformer_and_the_pipeline_draws_what_the_student_learned(folder,
+                                                                                                       tmp_path):
+    """HiPA on a flow model: the teacher is the pipeline's own 3-step sampler; the student, one Euler step from
+    σ = 1 (x0 = z − v), trains with the perceptual and adversarial terms on the model's own VAE and moves towards
+    the teacher's images; loaded with `one_step=`, the pipeline's one-step image is the student's to float
+    precision."""
+    from studio.adapters.hipa.config import DistillSettings, HipaConfig
+    from studio.adapters.hipa.distill import encode_prompts, make_teacher_pairs, one_step_images
+    from studio.adapters.hipa.features import feature_distance, vae_stage_features
+    from studio.tasks.distill import distill_adaptor
+
+    pipe = load_pipeline(str(folder))
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    settings = DistillSettings(pairs=4, teacher_steps=3, steps=20, batch=4, lr=1e-2, warmup=2, resolution=SIZE,
+                               adversarial_weight=0.1)
+    pairs = make_teacher_pairs(pipe, prompts, settings)
+    assert pairs.noise.shape[-1] == SIZE // pipe.vae_scale_factor
+    embeds = encode_prompts(pipe, prompts)
+    teacher = pairs.images.float() / 255
+
+    def error(model) -> float:
+        with torch.no_grad():
+            return float(((one_step_images(model, pairs.noise, embeds, 1000) - teacher) ** 2).mean())
+
+    before = error(pipe)
+    features = vae_stage_features(pipe.vae)
+    result = distill_adaptor(pipe, HipaConfig(rank=2, timestep=1000), settings, pairs, tmp_path / "h.safetensors",
+                             perceptual=feature_distance(features), features=features)
+    after = error(pipe)
+    assert result.steps == 20 and after < 0.9 * before, (before, after)
+    loaded = load_pipeline(str(folder), one_step=result.path)
+    assert loaded.studio_one_step == 1000
+    with torch.no_grad():
+        student = one_step_images(loaded, pairs.noise, embeds, 1000).clamp(0, 1)
+    noise = pairs.noise
+    if "flux" in folder.name:  # FluxPipeline takes packed latents
+        from diffusers import FluxPipeline
+
+        noise = FluxPipeline._pack_latents(noise, *noise.shape)
+        drawn = loaded(prompts, latents=noise, num_inference_steps=1, height=SIZE, width=SIZE, output_type="pt").images
+    else:
+        drawn = loaded(prompts, latents=noise, num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE,
+                       output_type="pt").images
+    assert torch.allclose(drawn, student, atol=1e-4), float((drawn - student).abs().max())
+
+
+def test_a_one_step_adaptor_of_a_unet_model_is_refused_on_a_transformer(sd3_folder, tmp_path):
+    """A HiPA file made at the UNet's T = 999 names its timestep; a flow model's one step runs at 1000."""
+    from studio.adapters import base_fingerprint, get_method, save_adapter
+    from studio.adapters.hipa.config import HipaConfig
+    from studio.loading import StudioError
+
+    pipe = load_pipeline(str(sd3_folder))
+    hipa = get_method("hipa")
+    hipa.attach(pipe, HipaConfig(rank=1), "h")
+    path = save_adapter(tmp_path / "h.safetensors", "hipa", HipaConfig(rank=1), hipa.state_dict(pipe, "h"),
+                        base_fingerprint(pipe))
+    with pytest.raises(StudioError, match="trained at timestep 999, but this model's one-step timestep is 1000"):
+        load_pipeline(str(sd3_folder), one_step=path)

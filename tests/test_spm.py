@@ -213,7 +213,7 @@ def test_anchors_are_not_capped_by_the_batch(shapes_pipe):
     latents), and the loss takes them."""
     from studio.adapters.spm.config import EraseSettings, SpmConfig
     from studio.adapters.spm.erase import erase_draw, erase_loss, erase_targets
-    from studio.tasks.erase import denoiser_call
+    from studio.adapters.denoise import denoiser_call
 
     config = SpmConfig(concepts=["circle"], anchors=3, anchor_weight=1.0, anchor_empty=False)
     settings = EraseSettings(denoise_steps=2, batch=1)

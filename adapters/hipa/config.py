@@ -8,21 +8,27 @@ from studio.adapters.base import AdapterConfig, AdapterError
 from studio.utils.settings import setting
 
 # the attention projections of every transformer block (attn1 and attn2 q/k/v/out): the brief's reading
-# of HiPA's 3.3M parameters as a rank-16 attention LoRA on SD 2.1
-ATTENTION_PROJECTIONS = [r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"]
+# of HiPA's 3.3M parameters as a rank-16 attention LoRA on SD 2.1; on SD3 / Flux the joint blocks' attention (both
+# streams) and Flux's single blocks' q/k/v
+ATTENTION_PROJECTIONS = [
+    r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+    r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)",
+]
 
 
 @dataclass
 class HipaConfig(AdapterConfig):
-    """A low-rank adaptor (LoRA through PEFT) with which the UNet, called once at `timestep` on pure noise,
-    predicts noise whose one-step estimate of x0 looks like the multi-step teacher's image."""
+    """A low-rank adaptor (LoRA through PEFT) with which the denoiser, called once at `timestep` on pure noise,
+    predicts noise (a flow model: velocity) whose one-step estimate of x0 looks like the multi-step teacher's
+    image."""
 
     target_modules: list[str] = setting(
         default_factory=lambda: list(ATTENTION_PROJECTIONS), advanced=True,
-        help="UNet modules that carry the adaptor: regexes matching a module path or a dotted suffix of it")
+        help="denoiser modules that carry the adaptor: regexes matching a module path or a dotted suffix of it")
     rank: int = setting(4, help="rank of the adaptor's LoRA (>= 1)")
-    timestep: int = setting(999, help="the one timestep the UNet is called at (the last training timestep: what "
-                                      "'trailing' spacing gives one step)", advanced=True)
+    timestep: int = setting(999, help="the one timestep the denoiser is called at (the last training timestep: what "
+                                      "'trailing' spacing gives one step; SD3 / Flux: 1000, σ = 1)", advanced=True)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -37,7 +43,10 @@ class DistillSettings:
 
     pairs: int = setting(1024, help="(noise, prompt, teacher image) triplets made by the frozen model (>= 1)")
     teacher_steps: int = setting(25, help="sampling steps of the multi-step teacher (>= 1)")
-    teacher_guidance: float = setting(5.0, help="classifier-free guidance of the teacher")
+    teacher_guidance: float = setting(5.0, help="classifier-free guidance of the teacher (Flux: the distilled "
+                                                "guidance it reads as input)")
+    resolution: int | None = setting(None, help="image side in pixels of the teacher pairs; empty: the model's "
+                                                "native size", advanced=True)
     steps: int = setting(800, help="optimizer steps of the student (>= 1)")
     lr: float = setting(1e-3, help="learning rate of the adaptor (AdamW, > 0)")
     batch: int = setting(8, help="teacher pairs per step (>= 1)")
@@ -69,6 +78,8 @@ class DistillSettings:
                                f"got {self.radius}")
         if not 0 <= self.ema_decay < 1:
             raise AdapterError(f"ema_decay must be in [0, 1), got {self.ema_decay:g}")
+        if self.resolution is not None and self.resolution < 8:
+            raise AdapterError(f"resolution must be at least 8 pixels, got {self.resolution}")
         if self.discriminator_lr <= 0:
             raise AdapterError(f"discriminator_lr must be > 0, got {self.discriminator_lr:g}")
 

@@ -3,7 +3,7 @@ is trained (distill.py) and that it is called once, at the last training timeste
 
 from __future__ import annotations
 
-from studio.adapters.base import register, require_unet
+from studio.adapters.base import register
 from studio.adapters.hipa.config import HipaConfig
 from studio.adapters.lora.config import LoraConfig
 from studio.adapters.lora.model import LoraMethod
@@ -22,7 +22,6 @@ class HipaMethod(LoraMethod):
     presets = {}  # trained by `studio distill` (adapters/hipa/distill.py), not the concept engine
 
     def attach(self, pipe, config: HipaConfig, adapter: str) -> None:
-        require_unet(pipe, self.name)  # the one-step distillation is written for a UNet
         super().attach(pipe, lora_config(config), adapter)
 
     def load_state_dict(self, pipe, adapter, tensors, config: HipaConfig | None = None, base=None,

@@ -1,4 +1,5 @@
-"""The one-step schedule: the UNet is called once, on pure noise, at the last training timestep T.
+"""The one-step schedule: the UNet is called once, on pure noise, at the last training timestep T (a flow model's
+transformer at σ = 1, which its own Euler scheduler does with one step).
 
 With SD's default "leading" spacing and steps_offset=1 a one-step schedule would call the UNet at t=1 on pure
 noise; "trailing" spacing (or `timesteps=[T]`) gives t=T. The student and the pipeline use the same T, and
@@ -12,6 +13,15 @@ import torch
 
 def last_timestep(scheduler_config) -> int:
     return int(scheduler_config["num_train_timesteps"]) - 1
+
+
+def one_step_timestep(pipe) -> int:
+    """The timestep of the one call: a DDPM-style model's last training timestep T, or on a flow model
+    σ = 1 on the 0–1000 scale (what a one-step Euler schedule runs first)."""
+    from studio.adapters.sampling import is_flow
+
+    config = pipe.scheduler.config
+    return int(config["num_train_timesteps"]) if is_flow(pipe) else last_timestep(config)
 
 
 def one_step_scheduler(scheduler_config):

@@ -184,7 +184,7 @@ def _flow_loss(transformer, setup: dict, g: torch.Generator):
 def _flux_loss(transformer, setup: dict, g: torch.Generator):
     """Flux's objective on random 16-channel latents, through the Flux family's own packed prediction (position
     ids, guidance 3.5, the VAE's 8× scale)."""
-    from studio.training.families.flux import packed_prediction
+    from studio.adapters.denoise import packed_prediction
     from studio.training.objectives import flow_matching_loss
 
     b, s, cfg = setup["batch"], setup["latent"], transformer.config

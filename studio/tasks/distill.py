@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from studio.adapters.base import AdapterError, base_fingerprint
+from studio.adapters.base import AdapterError, base_fingerprint, denoiser
 from studio.adapters.hipa.config import DistillSettings, HipaConfig
 from studio.adapters.hipa.distill import (TRAINING_NAME, Perceptual, TeacherPairs, check_distill, discriminator_step,
                                           encode_prompts, lr_factor, make_discriminator, make_teacher_pairs,
@@ -104,9 +104,10 @@ class DistillRecipe(Recipe):
             torch.manual_seed(settings.seed)
             self.adaptor.attach(pipe, self.config, TRAINING_NAME)
         self.params = self.adaptor.trainable_parameters(pipe, TRAINING_NAME)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
+        self.denoiser_name, model = denoiser(pipe)
+        for name in (self.denoiser_name, "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
         self.embeds = encode_prompts(pipe, self.pairs.prompts[:self.n])
@@ -117,15 +118,15 @@ class DistillRecipe(Recipe):
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=settings.ema_decay, foreach=True)
-        pipe.unet.train()
-        return Trainables(self.params, {"unet": pipe.unet}, lr_lambda=lr_factor(settings))
+        model.train()
+        return Trainables(self.params, {self.denoiser_name: model}, lr_lambda=lr_factor(settings))
 
     def prepared(self, modules: dict[str, torch.nn.Module]) -> None:
-        self.unet = modules["unet"]
+        self.model = modules[self.denoiser_name]
 
     def loss(self, step: int, share: Share, generator: torch.Generator) -> torch.Tensor:
         idx = pair_indices(self.n, share.batch, self.settings.seed, step)[share.rows]
-        loss, self.seen = student_loss(self.pipe, self.unet, self.config, self.settings, self.pairs, self.embeds, idx,
+        loss, self.seen = student_loss(self.pipe, self.model, self.config, self.settings, self.pairs, self.embeds, idx,
                                        perceptual=self.perceptual, features=self.features, discriminator=self.disc)
         return loss * len(share) / share.batch
 
@@ -175,7 +176,7 @@ class DistillRecipe(Recipe):
         self.adaptor.set_state(self.pipe, TRAINING_NAME, tensors)
 
     def finish(self) -> None:
-        self.pipe.unet.eval()
+        denoiser(self.pipe)[1].eval()
         for p in self.params:
             p.requires_grad_(False)
         if self.ema is not None and self.ema.optimization_step:
@@ -214,12 +215,12 @@ def run_distill(pipe, settings: DistillSettings, out: str | Path, *, rank: int =
                 on_event: Callable[[dict], None] | None = None) -> TrainResult:
     """Teacher pairs (from `cache` when they fit), then the adaptor written to `out`. `on_teacher(done, total)`
     reports the teacher's images, `on_step(step, loss)` the student's steps."""
-    from studio.adapters.hipa.schedule import last_timestep
+    from studio.adapters.hipa.schedule import one_step_timestep
 
     settings.validate()
     prompts = distill_prompts(pipe, settings.pairs, prompts_file)
     pairs = teacher_pairs(pipe, settings, prompts, cache, progress=progress, log=log, on_batch=on_teacher)
-    config = HipaConfig(rank=rank, timestep=last_timestep(pipe.scheduler.config))
+    config = HipaConfig(rank=rank, timestep=one_step_timestep(pipe))
     features = vae_stage_features(pipe.vae)  # the model's own VAE encoder, never the benchmarks' judge
     perceptual = feature_distance(features)
     return distill_adaptor(pipe, config, settings, pairs, out, perceptual=perceptual, features=features,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from studio.adapters.base import base_fingerprint, denoiser, require_unet
-from studio.adapters.prompts import unet_conditioning
+from studio.adapters.denoise import denoiser_call, guidance_distilled
 from studio.adapters.spm.config import EraseSettings, SpmConfig
 from studio.adapters.spm.erase import (TRAINING_NAME, erase_config, erase_draw, erase_loss,
                                        erase_targets)
@@ -38,33 +38,6 @@ def default_prompts(pipe, concepts: list[str], n: int = 64, seed: int = 0) -> li
         if prompts:
             return prompts
     return list(concepts)
-
-
-def denoiser_call(pipe, model, pixels: int):
-    """(x, t, text, pooled) -> `model`'s prediction (the pipeline's denoiser or its prepared copy) with the
-    family's conditioning: a UNet's keyword inputs (SDXL: the pooled rows and the size ids of a `pixels`-square
-    image), or a diffusion transformer's inputs and forward as its training family builds them (Flux: packed
-    latents, position ids, the distilled guidance)."""
-    if getattr(pipe, "unet", None) is not None:
-        def call(x, t, text, pooled=None, grad: bool = True):
-            return model(x, t, **unet_conditioning(text, pooled, pixels)).sample
-        return call
-
-    from studio.training.conditioning import PromptEncoding
-    from studio.training.config import TrainConfig
-    from studio.training.families import family_for
-
-    family = family_for(pipe, TrainConfig())
-
-    def call(x, t, text, pooled=None, grad: bool = True):
-        timesteps = torch.as_tensor(t, device=x.device).float().expand(len(x))
-        return family.forward(model, x, timesteps, family.inputs(PromptEncoding(text, pooled), {}))
-    return call
-
-
-def guidance_distilled(pipe) -> bool:
-    """Whether the denoiser reads the guidance scale as an input (Flux dev) instead of running CFG."""
-    return bool(getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds", False))
 
 
 class EraseRecipe(Recipe):
