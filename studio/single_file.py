@@ -1,8 +1,10 @@
-"""Write an SD 1.x-family pipeline as one original-layout (LDM) `.safetensors` checkpoint.
+"""Write an SD 1.x-family or SDXL pipeline as one original-layout (LDM / SGM) `.safetensors` checkpoint.
 
 The layout A1111, ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (UNet),
-`first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (CLIP text encoder). It is the inverse of
-diffusers' own LDM->diffusers conversion, whose fixed-name table it reuses. (The embedded model's file is
+`first_stage_model.*` (VAE), and the text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.*`; SDXL's
+CLIP-L under `conditioner.embedders.0.transformer.*` and its OpenCLIP-bigG under `conditioner.embedders.1.model.*`
+in OpenCLIP's own naming (fused q/k/v, `resblocks`, a transposed `text_projection`). It is the inverse of
+diffusers' own conversion to diffusers, whose fixed-name tables it reuses. (The embedded model's file is
 read by diffusers and `load_pipeline`, not by ComfyUI: its channel widths are not SD 1.5's, so ComfyUI cannot
 detect the model type.)
 """
@@ -31,7 +33,9 @@ def _rename(rest: str, table) -> str:
 def unet_to_ldm(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-prompt and size embedding
+        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
     per = config["layers_per_block"] + 1
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -98,18 +102,67 @@ def vae_to_ldm(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     return out
 
 
+def clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model in the original layout, under `prefix` (which nests it in `text_model.`,
+    as the original does and transformers 5 no longer does)."""
+    return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in sd.items()
+            if not k.endswith("position_ids")}
+
+
+_OPEN_CLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+
+
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a transformers CLIPTextModelWithProjection) in OpenCLIP's naming under `prefix`:
+    each layer's q, k and v projections fused into `attn.in_proj_*`, the projection transposed."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    sd = {("" if k.startswith(("text_model.", "text_projection")) else "text_model.") + k: v for k, v in sd.items()
+          if not k.endswith("position_ids")}
+    fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in fixed:
+            out[prefix + fixed[key]] = value.T.contiguous() if key == "text_projection.weight" else value
+            continue
+        head = "text_model.encoder.layers."
+        if not key.startswith(head):
+            raise ValueError(f"no original-layout name for text-encoder weight {key}")
+        layer, rest = key[len(head):].split(".", 1)
+        base = f"{prefix}transformer.resblocks.{layer}."
+        if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+            if rest.startswith("self_attn.q_proj."):  # q, k, v stacked in that order, as OpenCLIP's in_proj is
+                kind = rest.rsplit(".", 1)[1]
+                parts = [sd[f"{head}{layer}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
+                out[f"{base}attn.in_proj_{kind}"] = torch.cat(parts)
+            continue
+        out[base + _rename_prefix(rest, _OPEN_CLIP_LAYER)] = value
+    return out
+
+
+def _rename_prefix(rest: str, table) -> str:
+    for new, old in table:
+        if rest.startswith(new):
+            return old + rest[len(new):]
+    raise ValueError(f"no original-layout name for text-encoder weight {rest}")
+
+
 def save_single_file(pipe, path: str | Path) -> Path:
-    """Save an SD 1.x-family pipeline (UNet, VAE, CLIP text encoder) as one LDM-layout safetensors file."""
+    """Save an SD 1.x-family or SDXL pipeline (UNet, VAE, text encoders) as one original-layout safetensors file."""
     from safetensors.torch import save_file
 
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("single-file export covers the SD 1.x/2.x family; SDXL is not supported yet")
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError("single-file export covers the UNet families (SD 1.x/2.x, SDXL); a diffusion transformer's "
+                         "original layout is not written yet")
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    # the original layout nests CLIP under text_model. (transformers 5 no longer does)
-    state.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
-                  for k, v in pipe.text_encoder.state_dict().items()})
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        state.update(clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:
+        state.update(clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -297,3 +297,55 @@ def test_b6_builds_sdxls_exact_unet_and_its_loss_reads_the_pooled_prompt_and_siz
     loss = _ddpm_loss(unet, {"batch": 2, "latent": 8, "tokens": 77}, torch.Generator().manual_seed(0))()
     loss.backward()
     assert unet.add_embedding.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_sdxl_exports_one_original_layout_file_that_from_single_file_reads_back_exactly(tmp_path):
+    """`studio export --single-file` on SDXL: UNet (with its add-embedding), VAE, CLIP-L under
+    conditioner.embedders.0 and OpenCLIP-bigG's naming under conditioner.embedders.1 (fused q/k/v, transposed
+    projection); diffusers' `from_single_file` (through load_pipeline, with the config folder) reads every weight
+    back bit for bit and draws the same image (to 1e-5: the single-file loader's modules run in another float
+    order). The two encoders get different widths here, as SDXL's do:
+    diffusers tells them apart by width."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.shapes import embedded
+    from studio.single_file import save_single_file
+
+    torch.manual_seed(0)
+    tok = embedded.build_tokenizer()
+
+    def text(cls, width):
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, max_position_embeddings=embedded.MAX_TOKENS,
+                                  projection_dim=width, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=2, norm_num_groups=8, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=2, projection_class_embeddings_input_dim=88)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text(CLIPTextModel, 24), tokenizer=tok, tokenizer_2=tok,
+                                     text_encoder_2=text(CLIPTextModelWithProjection, 40), unet=unet,
+                                     scheduler=EulerDiscreteScheduler())
+    folder = tmp_path / "xl"
+    pipe.save_pretrained(folder)
+    pipe = load_pipeline(str(folder))
+    path = save_single_file(pipe, tmp_path / "xl.safetensors")
+    again = load_pipeline(str(path), config=str(folder))
+    assert again.studio_architecture == "sdxl"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def draw(p):
+        return p("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    assert np.abs(draw(pipe) - draw(again)).max() < 1e-5
