@@ -12,7 +12,7 @@ import pytest
 
 from studio.utils.settings import setting
 
-UI = Path(__file__).resolve().parents[1] / "ui"
+UI = Path(__file__).resolve().parents[1] / "studio" / "ui"
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _ui_sources() -> list[Path]:
 
 
 def test_no_ui_source_names_a_registered_method():
-    """The must-show: a grep finds no method name in ui/ (strings, identifiers, comments)."""
+    """The must-show: a grep finds no method name in studio/ui/ (strings, identifiers, comments)."""
     from studio.adapters import method_names
 
     names = method_names()

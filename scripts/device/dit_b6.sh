@@ -13,10 +13,7 @@
 set -euo pipefail
 root="$(pwd)"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-# studio's package layout (pyproject's package-dir) as links, so that python3 imports this checkout
-rm -rf /tmp/studio_pkg && mkdir -p /tmp/studio_pkg && cp -r studio /tmp/studio_pkg/studio
-for part in adapters kernels pipelines ui; do ln -s "$root/$part" "/tmp/studio_pkg/studio/$part"; done
-export PYTHONPATH=/tmp/studio_pkg:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH="$root":/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 cd /tmp
 timeout 480 python3 -m studio.cli bench train --models sd3m,flux --methods lora-r16,sara --steps 3 \

@@ -1,5 +1,5 @@
 """`studio distill`: teacher pairs (cached), then the one-step HiPA adaptor trained on them through the training
-engine. The pieces are in adapters/hipa; this picks the prompts, and gives the perceptual term and the
+engine. The pieces are in studio/adapters/hipa; this picks the prompts, and gives the perceptual term and the
 discriminator the model's own frozen VAE encoder as their feature network (never the benchmarks' judge).
 
 Checkpoints and logs of a run writing OUT.safetensors go to OUT_run/ beside it; resume="latest" resumes the

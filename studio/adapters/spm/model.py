@@ -26,7 +26,7 @@ class SpmMethod(LoraMethod):
     config_class = SpmConfig
     kind = "erase"
     trained_by = "studio erase"
-    presets = {}  # membranes are trained by `studio erase` (adapters/spm/erase.py), not the concept engine
+    presets = {}  # membranes are trained by `studio erase` (studio/adapters/spm/erase.py), not the concept engine
 
     def attach(self, pipe, config: SpmConfig, adapter: str) -> None:
         super().attach(pipe, _lora_config(config), adapter)

@@ -19,7 +19,7 @@ class HipaMethod(LoraMethod):
     config_class = HipaConfig
     kind = "one-step"
     trained_by = "studio distill"
-    presets = {}  # trained by `studio distill` (adapters/hipa/distill.py), not the concept engine
+    presets = {}  # trained by `studio distill` (studio/adapters/hipa/distill.py), not the concept engine
 
     def attach(self, pipe, config: HipaConfig, adapter: str) -> None:
         super().attach(pipe, lora_config(config), adapter)

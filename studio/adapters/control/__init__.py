@@ -1,5 +1,5 @@
 """Spatial control adapters: a light ControlNeXt-style module and ControlNet (diffusers `ControlNetModel`), both
-steering the UNet through one hook (adapters/control/inject.py) with a conditioning scale and a start-end window,
+steering the UNet through one hook (studio/adapters/control/inject.py) with a conditioning scale and a start-end window,
 several conditions summed with their weights."""
 
 from studio.adapters.control.config import ControlNetConfig, ControlNeXtConfig, T2IAdapterConfig
