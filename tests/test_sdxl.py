@@ -228,7 +228,7 @@ def test_a_membrane_trains_on_sdxl_and_transport_spares_other_prompts(sdxl_folde
     """SPM on SDXL: the erase loss reads both encoders (the pipeline's encode_prompt), the pooled embedding and the
     size ids; the membrane moves the prediction on the erased concept's prompt, and Facilitated Transport leaves
     a prompt without it exactly as the base model draws it."""
-    from pipelines.membranes import load_membranes
+    from studio.pipelines.membranes import load_membranes
     from studio.tasks.erase import erase
 
     result = erase(["circle"], tmp_path / "m.safetensors", model=str(sdxl_folder),

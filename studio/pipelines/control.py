@@ -5,9 +5,9 @@ control images, scales and step windows; several are summed.
     pipe("a red circle on a gray background")
     set_control(pipe, [...])   # other images / scales for the next calls
 
-`controlnet_pipeline(pipe)` gives diffusers' own `StableDiffusionControlNetPipeline` on the same components with
-the loaded ControlNets (a `MultiControlNetModel` for several), for `controlnet_conditioning_scale`,
-`control_guidance_start/end` as diffusers spells them."""
+`controlnet_pipeline(pipe)` gives diffusers' own ControlNet pipeline of the model's family (SD 1.x, SDXL, SD3, Flux)
+on the same components with the loaded ControlNets (the family's multi-ControlNet class for several), for
+`controlnet_conditioning_scale`, `control_guidance_start/end` as diffusers spells them."""
 
 from __future__ import annotations
 
@@ -73,25 +73,45 @@ def load_control(pipe, control: dict | list[dict]) -> list[str]:
     return names
 
 
-def controlnet_pipeline(pipe, adapters: list[str] | None = None):
-    """diffusers' StableDiffusionControlNetPipeline on `pipe`'s components with the loaded ControlNet adapters
-    (all of them, or those named; a MultiControlNetModel when there are several). Studio's own control inputs
-    are cleared so the ControlNets are not applied twice."""
-    from diffusers import StableDiffusionControlNetPipeline
+# the denoiser's class -> diffusers' ControlNet pipeline for it and the class that holds several ControlNets
+CONTROLNET_PIPELINES = {
+    "UNet2DConditionModel": ("StableDiffusionControlNetPipeline", "MultiControlNetModel"),
+    "SD3Transformer2DModel": ("StableDiffusion3ControlNetPipeline", "SD3MultiControlNetModel"),
+    "FluxTransformer2DModel": ("FluxControlNetPipeline", "FluxMultiControlNetModel"),
+}
 
+
+def controlnet_pipeline(pipe, adapters: list[str] | None = None):
+    """diffusers' ControlNet pipeline of `pipe`'s family (StableDiffusionControlNetPipeline, or the SDXL, SD3 and
+    Flux ones) on its components with the loaded ControlNet adapters (all of them, or those named; the family's
+    multi-ControlNet class when there are several). Studio's own control inputs are cleared so the ControlNets are
+    not applied twice."""
+    import inspect
+
+    import diffusers
+
+    from studio.adapters.base import denoiser
     from studio.adapters.control.controlnet import controlnet_module
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     loaded = [n for n, m in inject.modules(pipe).items() if m.method == "controlnet"]
     names = adapters if adapters is not None else loaded
     if not names:
         raise AdapterError("no ControlNet adapter is loaded")
     models = [controlnet_module(pipe, n) for n in names]
+    model = denoiser(pipe)[1]
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None:
+        pipeline_name, multi_name = "StableDiffusionXLControlNetPipeline", "MultiControlNetModel"
+    else:
+        pipeline_name, multi_name = CONTROLNET_PIPELINES[type(model).__name__]
+    cls = getattr(diffusers, pipeline_name)
+    if multi_name == "MultiControlNetModel":
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel as multi
+    else:
+        multi = getattr(diffusers, multi_name)
     clear_control(pipe)
-    parts = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet",
-                                                                 "scheduler", "feature_extractor", "image_encoder")}
-    controlnet = models[0] if len(models) == 1 else MultiControlNetModel(models)
-    out = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
-                                            requires_safety_checker=False)
+    wanted = inspect.signature(cls.__init__).parameters
+    extra = {k: v for k, v in (("safety_checker", None), ("requires_safety_checker", False)) if k in wanted}
+    parts = {k: v for k, v in pipe.components.items() if k in wanted and k not in extra and k != "controlnet"}
+    out = cls(**parts, **extra, controlnet=models[0] if len(models) == 1 else multi(models))
     out.set_progress_bar_config(disable=True)
     return out

@@ -43,10 +43,24 @@ def control_config(*, condition: str = "mask", method: str | None = None, data: 
         data, control_data = _world_pairs(settings.get("model", "shapes"), condition, Path(output_dir) / "data",
                                           examples, two_shapes, overlay_scenes, render)
     recipe = {} if preset else DEFAULT_RECIPE
-    values = {**LAYOUT_TIMESTEPS, **recipe, **(defaults or {}), **settings}
+    # a flow-matching model (SD3, Flux) draws σ by its own density; the layout timesteps are DDPM weightings
+    layout = FLOW_TIMESTEPS if is_flow_model(settings.get("model", "shapes")) else LAYOUT_TIMESTEPS
+    values = {**layout, **recipe, **(defaults or {}), **settings}
     values["adapter"] = {"condition": condition, **(defaults or {}).get("adapter", {}), **settings.get("adapter", {})}
     return config_with_preset(preset, **{**values, "method": method, "name": name, "output_dir": output_dir,
                                          "data": data, "control_data": control_data})
+
+
+FLOW_TIMESTEPS = {"timestep_bias": "none", "x0_weighting": False}
+
+
+def is_flow_model(model: str) -> bool:
+    """Whether `model` is a local diffusers folder of a diffusion transformer (its model_index names one); hub
+    ids and single files are not looked into (the engine refuses the DDPM settings on them with the reason)."""
+    import json
+
+    index = Path(model) / "model_index.json"
+    return index.is_file() and "transformer" in json.loads(index.read_text(encoding="utf-8"))
 
 
 def _world_pairs(model: str, condition: str, folder: Path, examples: int, two_shapes: float, overlay: bool,

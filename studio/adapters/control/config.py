@@ -52,14 +52,25 @@ class ControlNeXtConfig(ControlConfig):
 
 @dataclass
 class ControlNetConfig(ControlConfig):
-    """diffusers `ControlNetModel.from_unet`: a trainable copy of the UNet's encoder with zero convolutions.
-    `controlnet_config` is filled in when the adapter is attached (the diffusers config it was built with)."""
+    """diffusers `ControlNetModel.from_unet`: a trainable copy of the UNet's encoder with zero convolutions; on SD3
+    and Flux `SD3ControlNetModel` / `FluxControlNetModel.from_transformer`: a copy of the first transformer blocks
+    with zero-initialised control input and output projections. `controlnet_config` is filled in when the adapter
+    is attached (the diffusers config it was built with)."""
 
     embedding_channels: list[int] = setting(
         default_factory=lambda: [16, 32, 96, 256], advanced=True,
         help="widths of the control image's embedding, one stride-2 stage between each (downsampling = the VAE's)")
     controlnet_config: dict[str, Any] = setting(default_factory=dict, advanced=True,
                                                 help="the diffusers ControlNet config (filled in when attached)")
+    controlnet_class: str = setting("", advanced=True,
+                                    help="the diffusers class of that config (filled in when attached; '': "
+                                         "ControlNetModel)")
+    transformer_layers: int = setting(0, advanced=True,
+                                      help="SD3 / Flux: transformer blocks the ControlNet copies (0: diffusers' "
+                                           "default, SD3 half the joint blocks, Flux 4, at most the model's)")
+    single_layers: int = setting(0, advanced=True,
+                                 help="Flux: single-stream blocks it copies (0: diffusers' default 10, at most "
+                                      "the model's)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,9 @@
-"""How control reaches the UNet: one forward pre-hook on the UNet (ControlNet residuals into
-`down_block_additional_residuals` / `mid_block_additional_residual`) and one forward hook on `conv_in` (ControlNeXt
-features added, cross-normalised). Both run only while control inputs are set on the pipeline, so a plain
+"""How control reaches the denoiser: on a UNet, one forward pre-hook (ControlNet residuals into
+`down_block_additional_residuals` / `mid_block_additional_residual`, T2I-Adapter features into the blocks) and one
+forward hook on `conv_in` (ControlNeXt features added, cross-normalised); on a diffusion transformer (SD3, Flux),
+one forward pre-hook feeding a ControlNet's block samples to the transformer as diffusers' SD3 and Flux ControlNet
+pipelines do (`block_controlnet_hidden_states`; `controlnet_block_samples` / `controlnet_single_block_samples`),
+the control image read as VAE latents. Both run only while control inputs are set on the pipeline, so a plain
 diffusers pipeline call is controlled, and with no input (or scale 0, or outside the start-end window) the UNet
 runs exactly as the base model.
 
@@ -52,27 +55,46 @@ class ControlInput:
         key = (height, width, like.device, like.dtype)
         if key not in self._sized:
             self._sized[key] = fit_image(self.image, height, width).to(like.device, like.dtype)
-        image = self._sized[key]
-        n = image.shape[0]
-        if n == batch:
-            return image
-        if n == 1:
-            return image.expand(batch, -1, -1, -1)
-        if batch % n == 0:
-            return image.repeat(batch // n, 1, 1, 1)
-        raise ControlError(f"{n} control images for a batch of {batch}: give one image, or one per generated image")
+        return _match_batch(self._sized[key], batch)
+
+    def latents_at(self, vae, height: int, width: int, batch: int, like: torch.Tensor, shift: bool = True
+                   ) -> torch.Tensor:
+        """The image resized to (height, width) and encoded by `vae` as the SD3 / Flux ControlNet pipelines encode
+        it ((z - shift) * scale), the distribution's mode rather than a sample, so a call is deterministic;
+        encoded once per size and matched to the batch as `at`. shift=False: no shift (what the SD3 pipeline does
+        for a ControlNet that reads zeros for the pooled prompt, InstantX's)."""
+        key = ("latents", height, width, like.device, like.dtype, shift)
+        if key not in self._sized:
+            image = fit_image(self.image, height, width).to(like.device, vae.dtype)
+            with torch.no_grad():
+                z = vae.encode(image * 2 - 1).latent_dist.mode()
+            offset = (vae.config.get("shift_factor") or 0.0) if shift else 0.0
+            self._sized[key] = ((z - offset) * vae.config.scaling_factor).to(like.dtype)
+        return _match_batch(self._sized[key], batch)
 
     def scale_for(self, batch: int, like: torch.Tensor) -> float | torch.Tensor:
-        """The scale as a number, or per image as a batch x 1 x 1 x 1 tensor."""
+        """The scale as a number, or per image as a tensor of `like`'s rank (batch x 1 x ...)."""
         if not torch.is_tensor(self.scale):
             return self.scale
         if self.scale.numel() != batch:
             raise ControlError(f"{self.scale.numel()} control scales for a batch of {batch}")
-        return self.scale.to(like.device, like.dtype).view(batch, 1, 1, 1)
+        return self.scale.to(like.device, like.dtype).view(batch, *[1] * (like.ndim - 1))
 
     @property
     def used(self) -> bool:
         return bool((self.scale != 0).any()) if torch.is_tensor(self.scale) else self.scale != 0
+
+
+def _match_batch(image: torch.Tensor, batch: int) -> torch.Tensor:
+    """One image for all, one per image, or one per image of a classifier-free-guidance doubled batch."""
+    n = image.shape[0]
+    if n == batch:
+        return image
+    if n == 1:
+        return image.expand(batch, -1, -1, -1)
+    if batch % n == 0:
+        return image.repeat(batch // n, 1, 1, 1)
+    raise ControlError(f"{n} control images for a batch of {batch}: give one image, or one per generated image")
 
 
 def state(pipe) -> dict:
@@ -196,7 +218,7 @@ def step_fraction_keep(pipe, timestep, start: float, end: float) -> bool:
     if steps is None or not len(steps):
         return True
     t = timestep.flatten()[0] if torch.is_tensor(timestep) else torch.tensor(timestep)
-    where = (steps.to(t.device) == t).nonzero()
+    where = torch.isclose(steps.to(t.device).float(), t.float(), rtol=0.0, atol=1e-2).nonzero()
     if not len(where):
         return True
     i, n = int(where[0, 0]), len(steps)
@@ -211,14 +233,20 @@ def _active(pipe, timestep) -> list[ControlInput]:
 
 
 def install(pipe) -> None:
-    """Put the hooks on the pipeline's UNet (once)."""
+    """Put the hooks on the pipeline's denoiser (once)."""
     st = state(pipe)
-    unet = pipe.unet
-    if st["handles"] and st.get("unet") is unet:
+    model = getattr(pipe, "unet", None) or pipe.transformer
+    if st["handles"] and st.get("denoiser") is model:
         return
     for h in st["handles"]:
         h.remove()
-    st["unet"] = unet
+    st["denoiser"] = model
+    st["handles"] = _unet_hooks(pipe, model) if model is getattr(pipe, "unet", None) else [
+        model.register_forward_pre_hook(_transformer_hook(pipe), with_kwargs=True)]
+
+
+def _unet_hooks(pipe, unet) -> list:
+    st = state(pipe)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
 
     def unet_pre(module, args, kwargs):
@@ -272,8 +300,80 @@ def install(pipe) -> None:
             output = output + scale * mod.module(image.to(output.dtype), output, timestep)
         return output
 
-    st["handles"] = [unet.register_forward_pre_hook(unet_pre, with_kwargs=True),
-                     unet.conv_in.register_forward_hook(conv_in_post)]
+    return [unet.register_forward_pre_hook(unet_pre, with_kwargs=True),
+            unet.conv_in.register_forward_hook(conv_in_post)]
+
+
+# SD3Transformer2DModel.forward's leading positional parameters (its pipelines pass keywords)
+_SD3_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+
+def _transformer_hook(pipe):
+    """The pre-hook of an SD3 or Flux transformer: each active ControlNet input's block samples, at its scale,
+    summed, passed as the keywords the transformer reads (what diffusers' ControlNet pipelines pass)."""
+    st = state(pipe)
+    flux = type(pipe.transformer).__name__.startswith("Flux")
+
+    def transformer_pre(module, args, kwargs):
+        kwargs = {**dict(zip(_SD3_ARGS, args)), **kwargs} if args else dict(kwargs)
+        timestep = kwargs["timestep"]
+        active = _active(pipe, timestep * 1000 if flux else timestep)  # Flux reads the timestep / 1000
+        if not active:
+            return None
+        hidden = kwargs["hidden_states"]
+        blocks, singles = None, None
+        for c in active:
+            controlnet = st["modules"][c.adapter].module
+            cond = _control_latents(pipe, c, kwargs, flux,
+                                    shift=not controlnet.config.get("force_zeros_for_pooled_projection"))
+            scale = c.scale_for(hidden.shape[0], hidden)
+            inputs = {k: kwargs.get(k) for k in ("encoder_hidden_states", "pooled_projections", "timestep")}
+            if flux:
+                inputs.update(img_ids=kwargs["img_ids"], txt_ids=kwargs["txt_ids"],
+                              guidance=kwargs.get("guidance") if controlnet.config.guidance_embeds else None)
+            else:  # as the SD3 ControlNet pipeline feeds such configs
+                if controlnet.config.get("force_zeros_for_pooled_projection"):
+                    inputs["pooled_projections"] = torch.zeros_like(inputs["pooled_projections"])
+                if controlnet.config.get("joint_attention_dim") is None:
+                    inputs["encoder_hidden_states"] = None
+            dtype = controlnet.dtype
+            out = controlnet(hidden_states=hidden.to(dtype), controlnet_cond=cond.to(dtype), return_dict=False,
+                             **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                                for k, v in inputs.items()})
+            b = [scale * x for x in out[0]]
+            blocks = b if blocks is None else [x + y for x, y in zip(blocks, b)]
+            if flux and out[1] is not None:
+                s = [scale * x for x in out[1]]
+                singles = s if singles is None else [x + y for x, y in zip(singles, s)]
+        if not flux:
+            kwargs["block_controlnet_hidden_states"] = _added(kwargs.get("block_controlnet_hidden_states"), blocks)
+            return (), kwargs
+        kwargs["controlnet_block_samples"] = _added(kwargs.get("controlnet_block_samples"), blocks)
+        if singles is not None:
+            kwargs["controlnet_single_block_samples"] = _added(kwargs.get("controlnet_single_block_samples"), singles)
+        return (), kwargs
+
+    return transformer_pre
+
+
+def _added(given, ours):
+    return list(ours) if given is None else [a + b for a, b in zip(given, ours)]
+
+
+def _control_latents(pipe, c: ControlInput, kwargs: dict, flux: bool, shift: bool = True) -> torch.Tensor:
+    """The control image as the latents the transformer's input is: SD3's B x C x h x w, or Flux's 2x2-packed
+    sequence (its size read from the image position ids)."""
+    hidden, factor = kwargs["hidden_states"], pipe.vae_scale_factor
+    if not flux:
+        return c.latents_at(pipe.vae, hidden.shape[-2] * factor, hidden.shape[-1] * factor, hidden.shape[0], hidden,
+                            shift)
+    from diffusers import FluxPipeline
+
+    ids = kwargs["img_ids"]
+    ids = ids[0] if ids.ndim == 3 else ids
+    h, w = (int(ids[:, 1].max()) + 1) * 2, (int(ids[:, 2].max()) + 1) * 2  # latent rows and columns
+    z = c.latents_at(pipe.vae, h * factor, w * factor, hidden.shape[0], hidden)
+    return FluxPipeline._pack_latents(z, z.shape[0], z.shape[1], h, w)
 
 
 def uninstall(pipe) -> None:

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
-from studio.adapters.base import AdapterError, AdapterMethod, base_fingerprint, describe_base, require_unet
+from studio.adapters.base import (AdapterError, AdapterMethod, base_fingerprint, denoiser, describe_base,
+                                  require_unet)
 from studio.adapters.files import read_adapter
 from studio.adapters.control import inject
 
@@ -25,6 +26,7 @@ class ControlMethod(AdapterMethod):
     conditioned = True   # the engine gives it a control image per example (batch["control"])
     mergeable = False    # it needs a control image at generation: there is nothing to fold into the weights
     prefix = "control"   # tensor keys: "<prefix>.<module tensor>"
+    supports_transformers = False  # ControlNet also steers SD3 / Flux transformers; the others feed UNet blocks
 
     # -- the module itself, per method --
 
@@ -36,8 +38,8 @@ class ControlMethod(AdapterMethod):
     def _add(self, pipe, adapter: str, module: torch.nn.Module, config) -> inject.ControlModule:
         if adapter in inject.modules(pipe):
             raise AdapterError(f"a control adapter named {adapter!r} is already loaded")
-        unet_param = next(pipe.unet.parameters())
-        module.to(unet_param.device)
+        self._require_denoiser(pipe)
+        module.to(next(denoiser(pipe)[1].parameters()).device)
         entry = inject.ControlModule(self.name, module, config)
         inject.modules(pipe)[adapter] = entry
         inject.install(pipe)
@@ -46,7 +48,7 @@ class ControlMethod(AdapterMethod):
     def attach(self, pipe, config, adapter: str) -> None:
         """Attach for training: a new module, or one that starts from `config.init_from`; with `tune="bias"`
         only its biases train."""
-        require_unet(pipe, self.name)  # the control hooks feed a UNet's blocks
+        self._require_denoiser(pipe)
         start = self._initial_tensors(pipe, config)
         self._attach_trainable(pipe, config, adapter)
         if start is not None:
@@ -54,6 +56,10 @@ class ControlMethod(AdapterMethod):
         if config.tune == "bias":
             self._train_biases_only(pipe, adapter)
         inject.state(pipe)["training"] = adapter
+
+    def _require_denoiser(self, pipe) -> None:
+        if not self.supports_transformers:
+            require_unet(pipe, self.name)  # its hook feeds a UNet's blocks
 
     def _attach_trainable(self, pipe, config, adapter: str) -> None:
         torch_module = self.build(pipe, config)
