@@ -4,6 +4,7 @@ diffusers folder, a hub id, or one `.safetensors`/`.ckpt` checkpoint (SD 1.x/2.x
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -178,7 +179,45 @@ def _from_single_file(path: Path, torch_dtype: torch.dtype, config: str | None, 
     cls = _single_file_pipeline(path)
     config = config or _embedded_config_for(path)
     kwargs = {"config": config} if config else {}
+    kwargs.update(_separate_text_encoders(cls.__name__, path, config, torch_dtype, offline))
     return cls.from_single_file(str(path), dtype=torch_dtype, local_files_only=bool(offline), **kwargs)
+
+
+# where an SD3 file holds each text encoder when it holds it (Stability ships them as separate files too)
+_SD3_TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+                      "text_encoder_3": "text_encoders.t5xxl."}
+
+
+def _separate_text_encoders(pipeline: str, path: Path, config: str | None, torch_dtype: torch.dtype,
+                            offline: bool | None) -> dict:
+    """The text encoders an SD3 or Flux file does not hold, from the config folder or hub id (or the family's
+    default repository): diffusers' single-file loader only takes a missing component from a folder that holds
+    diffusers-named weights, which transformers' `model.safetensors` is not."""
+    if pipeline not in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        # the tensors' shapes without their data: diffusers tells the family's variants apart by keys and shapes
+        shapes = {k: SimpleNamespace(shape=torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}
+    keys = list(shapes)
+    if config is None:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+        config = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    from diffusers import DiffusionPipeline
+    import transformers
+
+    index = DiffusionPipeline.load_config(config, local_files_only=bool(offline))
+    missing = {}
+    for name, (library, cls_name) in ((k, v) for k, v in index.items() if isinstance(v, list)):
+        prefix = _SD3_TEXT_ENCODERS.get(name) if pipeline == "StableDiffusion3Pipeline" else None
+        if library != "transformers" or not name.startswith("text_encoder") or (
+                prefix and any(k.startswith(prefix) for k in keys)):
+            continue
+        missing[name] = getattr(transformers, cls_name).from_pretrained(
+            config, subfolder=name, dtype=torch_dtype, local_files_only=bool(offline))
+    return missing
 
 
 def _attach_files(pipe, adapters, membranes, transport: str | None, one_step) -> None:

@@ -1,4 +1,4 @@
-"""Write an SD 1.x-family or SDXL pipeline as one original-layout (LDM / SGM) `.safetensors` checkpoint.
+"""Write an SD 1.x-family, SDXL or SD3 pipeline as one original-layout (LDM / SGM / MMDiT) `.safetensors` checkpoint.
 
 The layout A1111, ComfyUI and diffusers' `from_single_file` read: `model.diffusion_model.*` (UNet),
 `first_stage_model.*` (VAE), and the text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.*`; SDXL's
@@ -148,13 +148,71 @@ def _rename_prefix(rest: str, table) -> str:
     raise ValueError(f"no original-layout name for text-encoder weight {rest}")
 
 
+# SD3's MMDiT: diffusers name -> Stability's (a block's q, k and v are fused into `qkv`, below)
+_SD3_FIXED = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+              "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+              "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+              "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
+              "attn2.norm_k": "x_block.attn2.ln_k", "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+              "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+_SD3_QKV = {"attn.to_": ("x_block.attn.qkv", ""), "attn.add_": ("context_block.attn.qkv", "_proj"),
+            "attn2.to_": ("x_block.attn2.qkv", "")}
+
+
+def _halves_swapped(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous reads (scale, shift), Stability's MMDiT (shift, scale): the swap is its
+    own inverse."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def sd3_transformer_to_original(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """SD3's transformer in Stability's MMDiT layout (`model.diffusion_model.joint_blocks.N.x_block…`), the inverse
+    of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`."""
+    last = config["num_layers"] - 1
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        module, kind = key.rsplit(".", 1)
+        if module in _SD3_FIXED or key in _SD3_FIXED:
+            new = _SD3_FIXED[key] if key in _SD3_FIXED else f"{_SD3_FIXED[module]}.{kind}"
+            out[new] = _halves_swapped(value) if module == "norm_out.linear" else value
+            continue
+        parts = module.split(".")
+        if parts[0] != "transformer_blocks":
+            raise ValueError(f"no original-layout name for transformer weight {key}")
+        i, inner = int(parts[1]), ".".join(parts[2:])
+        if inner in _SD3_BLOCK:
+            swap = inner == "norm1_context.linear" and i == last  # the last block's context norm is continuous
+            out[f"joint_blocks.{i}.{_SD3_BLOCK[inner]}.{kind}"] = _halves_swapped(value) if swap else value
+            continue
+        for head, (fused, suffix) in _SD3_QKV.items():
+            if inner in (f"{head}q{suffix}", f"{head}k{suffix}", f"{head}v{suffix}"):
+                if inner == f"{head}q{suffix}":  # q, k and v stacked in that order
+                    out[f"joint_blocks.{i}.{fused}.{kind}"] = torch.cat(
+                        [sd[f"transformer_blocks.{i}.{head}{x}{suffix}.{kind}"] for x in "qkv"])
+                break
+        else:
+            raise ValueError(f"no original-layout name for transformer weight {key}")
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
 def save_single_file(pipe, path: str | Path) -> Path:
-    """Save an SD 1.x-family or SDXL pipeline (UNet, VAE, text encoders) as one original-layout safetensors file."""
+    """Save a pipeline as one original-layout safetensors file: SD 1.x-family and SDXL with their UNet, VAE and text
+    encoders; SD3 with its transformer and VAE (the layout of Stability's `sd3_medium.safetensors` and SD3.5's
+    files: the text encoders are separate files, which a loader takes from the model's config folder)."""
     from safetensors.torch import save_file
 
     if getattr(pipe, "unet", None) is None:
-        raise ValueError("single-file export covers the UNet families (SD 1.x/2.x, SDXL); a diffusion transformer's "
-                         "original layout is not written yet")
+        return _save_sd3(pipe, Path(path))
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
@@ -167,4 +225,20 @@ def save_single_file(pipe, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "studio_unet_config": json.dumps(dict(pipe.unet.config))})
+    return path
+
+
+def _save_sd3(pipe, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    name = type(pipe.transformer).__name__
+    if name != "SD3Transformer2DModel":
+        raise ValueError(f"single-file export covers SD 1.x/2.x, SDXL and SD3; {name}'s original layout is not "
+                         "written (diffusers reads Flux single files at Flux.1's own width only, so it could not be "
+                         "tested here)")
+    state = sd3_transformer_to_original(pipe.transformer.state_dict(), pipe.transformer.config)
+    state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return path
