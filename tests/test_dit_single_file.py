@@ -51,3 +51,25 @@ def test_flux_single_file_export_is_refused_with_the_reason(flux_folder, tmp_pat
     with pytest.raises(ValueError, match="FluxTransformer2DModel's original layout is not written"):
         save_single_file(load_pipeline(str(flux_folder)), tmp_path / "flux.safetensors")
     assert not (tmp_path / "flux.safetensors").exists()
+
+
+def test_merge_to_one_file_is_refused_on_flux_in_one_line(flux_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from studio.cli import main
+    from studio.shapes import world
+    from studio.training import TrainConfig
+    from studio.training.engine import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(world.render(world.Spec("star", "red", "blue", "large", "center"), 0)).save(data / "a.png")
+    (data / "a.txt").write_text("a red sks", encoding="utf-8")
+    lora = train(TrainConfig(model=str(flux_folder), method="lora", data=str(data), steps=1, batch_size=1,
+                             resolution=16, preview_every=0, tensorboard=False, progress_bar=False, buckets=False,
+                             output_dir=str(tmp_path / "run"))).adapter_path
+    out = tmp_path / "flux.safetensors"
+    capsys.readouterr()
+    assert main(["merge", "--model", str(flux_folder), "--adapter", str(lora), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "original layout is not written" in err and not out.exists()

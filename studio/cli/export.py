@@ -69,7 +69,10 @@ def run_merge(args) -> None:
     if out.suffix == ".safetensors":
         from studio.single_file import save_single_file
 
-        print(save_single_file(pipe, out))
+        try:
+            print(save_single_file(pipe, out))
+        except ValueError as e:  # a family whose original layout is not written
+            raise StudioError(f"{out}: {e}") from None
     else:
         from studio.utils.files import atomic_dir
 
