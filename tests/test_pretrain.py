@@ -109,3 +109,36 @@ def test_the_unet_stage_caches_its_latents_and_renders_again_for_another_vae(tmp
     assert renders == []
     pretrain(PretrainConfig(**{**TOY, "vae_steps": 3}), tmp_path, stages=("vae", "unet"))
     assert renders == [1]
+
+
+def test_kept_weights_are_fp16_and_a_later_run_continues_from_them_with_the_shipped_vae(tmp_path, monkeypatch):
+    """`keep_to` writes the unet stage's UNet and text encoder in fp16 (no VAE: pretraining never changes it); a
+    later run with init_from on that folder starts in fp32 from exactly those weights, with the shipped VAE."""
+    from safetensors import safe_open
+
+    import studio.shapes.pretrain as pretrain_module
+    from studio.shapes import embedded
+
+    toy = dict(TOY, world=2, init_from=str(embedded.SHAPES_DIR), keep_to=str(tmp_path / "kept"), unet_steps=1)
+    pretrain(PretrainConfig(**toy), tmp_path / "first", stages=("unet",))
+    kept = tmp_path / "kept"
+    assert sorted(p.name for p in kept.iterdir()) == ["scheduler", "text_encoder", "tokenizer", "unet"]
+    with safe_open(str(kept / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    first = load_file(str(tmp_path / "first" / "shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    started = {}
+    real = pretrain_module._unet_components
+
+    def components(cfg, log):
+        comps = real(cfg, log)
+        started.update({k: v.clone() for k, v in comps["unet"].state_dict().items()})
+        return comps
+
+    monkeypatch.setattr(pretrain_module, "_unet_components", components)
+    pretrain(PretrainConfig(**dict(toy, init_from=str(kept), keep_to="")), tmp_path / "second", stages=("unet",))
+    assert {v.dtype for v in started.values()} == {torch.float32}
+    assert all(torch.equal(started[k], first[k].half().float()) for k in first)
+    shipped = load_file(str(embedded.SHAPES_DIR / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae = load_file(str(tmp_path / "second" / "shapes" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert vae.keys() == shipped.keys() and all(torch.equal(vae[k], shipped[k]) for k in shipped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from studio.shapes import embedded, world
-from studio.shapes.renders import judge_items, render_scenes, render_set, world_sample
+from studio.shapes.renders import (cached_latents, judge_items, latent_key, render_scenes, render_set,
+                                   world_sample, write_latents)
 from studio.training.recipe import AdapterOutput, Recipe, Trainables
 from studio.utils.files import atomic_dir
 from studio.loading import StudioError
@@ -60,6 +62,9 @@ class PretrainConfig:
     layout_fraction: float = 0.0
     layout_t_min: int = 600
     init_from: str = ""  # a shapes pipeline folder whose UNet and text encoder the unet stage continues from
+    # (a kept folder below, without a VAE, continues with the shipped VAE: pretraining never changes it)
+    keep_to: str = ""  # also write the unet stage's result there as kept weights (fp16, no VAE): small enough to
+    # commit, so a run spanning sessions continues from it with init_from
     unet_checkpoint_every: int = 1000  # the unet stage's checkpoints (in <out>/unet_stage/checkpoints)
     resume: str = ""  # "latest" (or a checkpoint folder): continue the unet stage from its checkpoint
 
@@ -195,8 +200,9 @@ def _unet_components(cfg: PretrainConfig, log) -> dict:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        comps["unet"] = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder")
+        # fp32 whatever the folder stores (kept weights are fp16)
+        comps["unet"] = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder", dtype=torch.float32)
         old_tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.init_from) / "tokenizer")
         comps["text_encoder"] = extend_text_encoder(text_encoder, old_tokenizer, comps["tokenizer"], shapes_world)
         log(f"unet: continuing from {cfg.init_from} (world v{cfg.world}, {len(comps['tokenizer'])} tokens)")
@@ -235,8 +241,8 @@ def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str, cache: Path | N
     VAE, else computed and written there: a resumed run does not render its images again."""
     shapes_world = world.get_world(cfg.world)
     scenes = shapes_world.pretraining_scenes(cfg.unet_images, cfg.seed + 4)
-    key = _latent_key(cfg, vae) if cache is not None else ""
-    latents = _cached_latents(cache, key)
+    key = latent_key(cfg, vae) if cache is not None else ""
+    latents = cached_latents(cache, key)
     if latents is None:
         images = torch.from_numpy(render_scenes([(s.specs, False, s.seed) for s in scenes]))
         with torch.no_grad():
@@ -244,48 +250,12 @@ def _caption_data(cfg: PretrainConfig, vae, tokenizer, dev: str, cache: Path | N
                 vae.encode(images[i:i + 256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
                 for i in range(0, len(images), 256)]) * vae.config.scaling_factor
         if cache is not None:
-            _write_latents(cache, key, latents)
+            write_latents(cache, key, latents)
     latents = latents.contiguous().to(dev)  # (the encoder's output is channels-last: cached or not, one layout)
     captions = [c for s in scenes for c in shapes_world.caption_variants(s.specs, s.seed)] + [""]
     ids = tokenizer(captions, padding="max_length", max_length=embedded.MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids.to(dev)
     return latents, ids, len(captions) - 1
-
-
-def _latent_key(cfg: PretrainConfig, vae) -> str:
-    """What the cached latents depend on: the stream (world, seed, count) and the VAE's weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-    return json.dumps({"world": cfg.world, "seed": cfg.seed, "images": cfg.unet_images,
-                       "vae": digest.hexdigest()[:16]}, sort_keys=True)
-
-
-def _cached_latents(cache: Path | None, key: str) -> torch.Tensor | None:
-    from safetensors import safe_open
-
-    if cache is None or not cache.is_file():
-        return None
-    try:
-        with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
-            return f.get_tensor("latents")
-    except Exception:  # a damaged cache is made again
-        return None
-
-
-def _write_latents(cache: Path, key: str, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    from studio.utils.files import atomic_path
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"key": key})
 
 
 def _unet_loss(cfg: PretrainConfig, unet, text_encoder, noise_sched, data, snr, layout_norm, gen: torch.Generator,
@@ -439,6 +409,24 @@ def save_pipeline(components: dict, out: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
 
 
+def keep_weights(pipeline: Path, folder: Path) -> None:
+    """Write a shapes pipeline's UNet and text encoder in fp16, with its tokenizer and scheduler, to `folder`: the
+    trained part of a pretraining run in about 11 MB (the VAE is the shipped one), for `init_from` to continue
+    from in a later session. Continuing from fp16 weights is a restart with a fresh optimizer, not an exact
+    resume (that needs the run's checkpoints)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipeline = Path(pipeline)
+    with atomic_dir(Path(folder)) as tmp:
+        UNet2DConditionModel.from_pretrained(pipeline / "unet", torch_dtype=torch.float16).save_pretrained(
+            tmp / "unet", safe_serialization=True)
+        CLIPTextModel.from_pretrained(pipeline / "text_encoder", dtype=torch.float16).save_pretrained(
+            tmp / "text_encoder", safe_serialization=True)
+        CLIPTokenizer.from_pretrained(pipeline / "tokenizer").save_pretrained(tmp / "tokenizer")
+        shutil.copytree(pipeline / "scheduler", tmp / "scheduler")
+
+
 def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "judge", "unet"), log=print) -> dict:
     """Run the stages into `out` (a folder holding shapes/ and judge.safetensors); returns a report."""
     from diffusers import AutoencoderKL
@@ -455,7 +443,8 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
         with atomic_dir(vae_dir) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
         report["seconds"]["vae"] = time.time() - t
-    candidates = [vae_dir, out / "shapes" / "vae"] + ([Path(cfg.init_from) / "vae"] if cfg.init_from else [])
+    candidates = [vae_dir, out / "shapes" / "vae"] + (
+        [Path(cfg.init_from) / "vae", embedded.SHAPES_DIR / "vae"] if cfg.init_from else [])
     found = [c for c in candidates if (c / "config.json").is_file()]
     if not found:
         raise StudioError(f"{out}: no trained VAE (run the vae stage first, or set init_from to a shapes folder)")
@@ -469,6 +458,8 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
         t = time.time()
         comps, steps = train_unet(cfg, vae, log, out / "unet_stage")
         save_pipeline(comps, out / "shapes")
+        if cfg.keep_to:
+            keep_weights(out / "shapes", Path(cfg.keep_to))
         report["unet_steps_done"] = steps
         report["seconds"]["unet"] = time.time() - t
     report["device"] = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"

@@ -1,13 +1,17 @@
-"""The shapes world's samples for pretraining and the judge, rendered in parallel processes."""
+"""The shapes world's samples for pretraining and the judge, rendered in parallel processes; the unet stage's
+cache of their VAE latents."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from studio.shapes import world
 
@@ -70,3 +74,41 @@ def world_sample(n: int, seed: int, shapes: tuple[str, ...], heldout: bool | Non
     specs = [world.random_spec(rng, shapes, heldout=heldout) for _ in range(n)]
     seeds = [rng.randrange(2**31) for _ in range(n)]
     return specs, seeds
+
+
+# the unet stage's cache of its rendered images' VAE latents
+
+def latent_key(cfg, vae) -> str:
+    """What the cached latents depend on: the stream (world, seed, count) and the VAE's weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return json.dumps({"world": cfg.world, "seed": cfg.seed, "images": cfg.unet_images,
+                       "vae": digest.hexdigest()[:16]}, sort_keys=True)
+
+
+def cached_latents(cache: Path | None, key: str) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return f.get_tensor("latents")
+    except Exception:  # a damaged cache is made again
+        return None
+
+
+def write_latents(cache: Path, key: str, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from studio.utils.files import atomic_path
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file({"latents": latents.cpu().contiguous()}, str(tmp), metadata={"key": key})
