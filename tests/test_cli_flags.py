@@ -241,3 +241,13 @@ def test_only_the_method_that_writes_extra_files_after_training_does():
     own = [name for name in method_names() if type(get_method(name)).export_extra is not AdapterMethod.export_extra]
     assert own == ["controlnet"]
     assert get_method("hra").export_extra(Path("nowhere.safetensors")) == []
+
+
+def test_control_train_help_names_its_own_defaults(capsys):
+    """control-train's method and recipe defaults are the task's (T2I-Adapter, B5's recipe), not `studio train`'s."""
+    from studio.cli import main
+    from studio.tasks.control import DEFAULT_METHOD, DEFAULT_RECIPE
+
+    assert main(["control-train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DEFAULT_METHOD})" in text and f"optimizer steps (default: {DEFAULT_RECIPE['steps']})" in text

@@ -41,6 +41,11 @@ TINY = {
     "hra": {"rank": 4},
     "oft": {"block_size": 16},
 }
+# what a method needs beside its settings before it runs: UFC's support set (its training sets one each episode)
+PREPARE = {
+    "ufc": lambda module: module.set_support(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)),
+                                             torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))),
+}
 MERGE_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # merged weights round differently from the unmerged sum
 METHODS = method_names()
 
@@ -91,6 +96,8 @@ def _attach_perturbed(pipe, name: str, adapter: str = "a", seed: int = 0):
     method = get_method(name)
     config = _config(name)
     method.attach(pipe, config, adapter)
+    if name in PREPARE:
+        PREPARE[name](pipe._studio_control["modules"][adapter].module)
     params = method.trainable_parameters(pipe, adapter)
     assert params, f"{name} attached with nothing to train"
     g = torch.Generator().manual_seed(seed)

@@ -70,6 +70,8 @@ class AdapterMethod:
     # True: each training example comes with a control image (TrainConfig.control_data), given to
     # training_loss as batch["control"] (Bx3xHxW in [0, 1])
     conditioned: ClassVar[bool] = False
+    # True: trains on episodes, batches of one condition kind (the engine groups a batch by the pairs' kind)
+    episodic: ClassVar[bool] = False
     # False: an adapter acts at weight 1 or 0 only, and set_weights / merge refuse any other weight
     scalable: ClassVar[bool] = True
     # False: the adapter cannot be folded into the base weights, and merge refuses it

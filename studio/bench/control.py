@@ -18,7 +18,7 @@ from studio.shapes.conditions import CONTROL_SEED, control_dataset
 
 B5_SEED = CONTROL_SEED + 1
 FEW_SHOT_SEED = CONTROL_SEED + 2
-METHOD_LR = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3}
+METHOD_LR = {"controlnext": 1e-3, "controlnet": 5e-4, "t2i_adapter": 1e-3, "ufc": 1e-4}  # UFC: the paper's
 
 
 def generated_mask(image: torch.Tensor) -> np.ndarray:
@@ -175,12 +175,16 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
                    examples: int = 512, source_steps: int = 1200, steps: int = 400, batch_size: int = 8,
                    lr: float = 1e-3, bias_lr: float = 1e-2, n: int = 64, eval_steps: int = 25,
                    out: str | Path = "runs/bench_fewshot", write: bool = True, reuse: bool = False, log=None) -> str:
-    """Few-shot control (UFC-style): an adapter trained on the `seen` condition kinds adapts to the `new` kind from
-    `shots` pairs by tuning only its biases; beside it the same method trained from scratch on those pairs (all
-    parameters), the adapter fine-tuned whole on them, and the adapter used on the new kind unchanged. Mask IoU
+    """Few-shot control: an adapter trained on the `seen` condition kinds (UFC: meta-trained on episodes of each)
+    adapts to the `new` kind from `shots` pairs by tuning only its task parameters (its biases; UFC's label-encoder
+    biases and matching modules); beside it the same method trained from scratch on those pairs (all parameters),
+    the adapter fine-tuned whole on them, the adapter used on the new kind unchanged, and the method fully
+    supervised on `examples` pairs of the new kind. Mask IoU
     and colour accuracy on `n` held-out renders with the new kind's condition."""
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
-    from studio.shapes.conditions import ConditionError, check_kind, condition_kinds, write_control_set
+    from studio.adapters import get_method
+    from studio.shapes.conditions import (ConditionError, check_kind, condition_kinds, write_control_set,
+                                          write_training_set)
     from studio.shapes.judge import load_judge
     from studio.loading import load_pipeline
 
@@ -190,7 +194,8 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
     out = Path(out)
     judge = load_judge()
     settings = dict(LAYOUT_TIMESTEPS)
-    seen_images, seen_conditions = write_control_set(out / "data_seen", seen, examples)
+    episodic = get_method(method).episodic  # UFC meta-trains on episodes of one kind
+    seen_images, seen_conditions = write_training_set(out / "data_seen", seen, examples, episodic=episodic)
     # the few shots: renders the seen-kind training set does not contain (another seed)
     shot_images, shot_conditions = write_control_set(out / f"data_{new}_{shots}", new, shots, seed=FEW_SHOT_SEED)
     held_out = control_dataset(new, n, seed=B5_SEED, heldout=True)
@@ -209,7 +214,8 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
                                             lr, settings, {"condition": seen}, reuse)
     rows.append(row(f"trained on {seen} ({examples} pairs), used on {new} as is", f"{params:,}",
                     f"{source_steps} x {batch_size}, lr {lr:g}", f"{seconds / 60:.1f} min{note}", evaluate(source)))
-    runs = [("few-shot: its biases tuned", "bias", bias_lr, {"init_from": str(source), "tune": "bias"}),
+    few = ("its task parameters tuned (label-encoder biases and matching)" if episodic else "its biases tuned")
+    runs = [(f"few-shot: {few}", "bias", bias_lr, {"init_from": str(source), "tune": "bias"}),
             ("few-shot: all of it fine-tuned", "all", lr, {"init_from": str(source)}),
             ("from scratch on the same pairs", "scratch", lr, {})]
     for what, tag, run_lr, extra in runs:
@@ -218,6 +224,13 @@ def bench_few_shot(method: str = "t2i_adapter", seen: str = "mask,edges", new: s
                                                 run_lr, settings, {"condition": new, **extra}, reuse)
         rows.append(row(what, f"{params:,}", f"{steps} x {batch_size} on {shots} pairs, lr {run_lr:g}",
                         f"{seconds / 60:.1f} min{note}", evaluate(path)))
+    # the paper's reference: fully supervised on the new kind, as many pairs and steps as the source had
+    full_images, full_conditions = write_control_set(out / f"data_{new}_full", new, examples)
+    path = out / f"{method}_{new}_supervised" / f"{method}_{new}_supervised.safetensors"
+    params, seconds, note = _train_or_reuse(path, method, full_images, full_conditions, source_steps, batch_size, lr,
+                                            settings, {"condition": new}, reuse)
+    rows.append(row(f"fully supervised on {new} ({examples} pairs)", f"{params:,}",
+                    f"{source_steps} x {batch_size}, lr {lr:g}", f"{seconds / 60:.1f} min{note}", evaluate(path)))
     header = ["adapter", "trainable params", "training (steps x batch)", "training time", "mask IoU",
               "images with IoU >= 0.8", "colour accuracy"]
     title = (f"B5 few-shot control ({method}; unseen condition {new} from {shots} pairs; {n} held-out renders, "

@@ -22,9 +22,11 @@ def register(sub) -> None:
 def _register_control(sub) -> None:
     from studio.adapters import method_names
 
+    from studio.tasks.control import DEFAULT_METHOD, DEFAULT_RECIPE
+
     ct = sub.add_parser("control-train", help=f"train a control adapter ({', '.join(method_names('control'))}) on "
                                               "rendered condition/image pairs, or on --data with --control-data")
-    add_train_args(ct)
+    add_train_args(ct, defaults={"method": DEFAULT_METHOD, **DEFAULT_RECIPE})
     ct.add_argument("--condition", default="mask", help="mask, edges, box (exact, from the shapes world), canny, "
                     "lineart; several comma-separated: the training pairs alternate between them")
     ct.add_argument("--examples", type=int, default=512, help="rendered training pairs (without --data)")
@@ -36,11 +38,12 @@ def _register_control(sub) -> None:
     ct.set_defaults(func=run_control)
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--adapter: the method's settings as KEY=VALUE), a YAML file and a preset."""
+def add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per TrainConfig field (--adapter: the method's settings as KEY=VALUE), a YAML file and a preset;
+    `defaults`: what the help names as a default where the command's differs from TrainConfig's."""
     from studio.training import TrainConfig
 
-    add_settings(p, TrainConfig, exclude=("adapter",))
+    add_settings(p, TrainConfig, exclude=("adapter",), defaults=defaults)
     p.add_argument("--adapter", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                    help="a setting of the method, e.g. rank=8 (repeatable)")
     p.add_argument("--config", dest="config_file", default=None, help="YAML file with any of these settings")

@@ -17,8 +17,6 @@ from studio.adapters.base import AdapterError
 from studio.adapters.control import inject
 from studio.adapters.control.inject import ControlError, clear_control, set_control
 
-CONTROL_METHODS = ("controlnext", "controlnet", "t2i_adapter")
-
 __all__ = ["load_control", "set_control", "clear_control", "controlnet_pipeline", "open_control_image"]
 
 
@@ -43,7 +41,7 @@ def load_control(pipe, control: dict | list[dict]) -> list[str]:
     "image": control image (path, PIL, array or tensor), "scale": 1.0, "start": 0.0, "end": 1.0}, or a list of
     such dicts (multi-condition: their effects are summed; the same file twice is loaded once and given both
     images). Returns the adapters' names."""
-    from studio.adapters import adapter_name_for, attached_adapters, load_adapters, read_adapter
+    from studio.adapters import adapter_name_for, attached_adapters, load_adapters, method_names, read_adapter
     from studio.adapters.control.controlnet import load_controlnet_folder
 
     items = [control] if isinstance(control, dict) else list(control)
@@ -59,9 +57,9 @@ def load_control(pipe, control: dict | list[dict]) -> list[str]:
             name = load_controlnet_folder(pipe, path, adapter_name_for(path, set(attached_adapters(pipe))), scale)
         else:
             method = read_adapter(path).method
-            if method not in CONTROL_METHODS:
+            if method not in method_names("control"):
                 raise ControlError(f"{path} is a {method} adapter, not a control adapter "
-                                   f"({', '.join(CONTROL_METHODS)}); pass it as an adapter instead")
+                                   f"({', '.join(method_names('control'))}); pass it as an adapter instead")
             name = load_adapters(pipe, {path: scale})[0]
         loaded[path.resolve()] = name
         names.append(name)

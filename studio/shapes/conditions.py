@@ -228,3 +228,17 @@ def write_control_set(folder: str | Path, kind: str, n: int, seed: int = CONTROL
         else:
             Image.fromarray(ex.condition).save(conditions / f"{name}.png")
     return images, conditions
+
+
+def write_training_set(folder: str | Path, kinds: str, n: int, *, episodic: bool = False, two_shapes: float = 0.0,
+                       separate: bool = True) -> tuple[Path, Path]:
+    """`write_control_set` of `kinds` (comma-separated): one set whose pairs alternate between them, or for an
+    episodic method (UFC) one set per kind, n / kinds pairs each, named `KIND_00000…` (the engine reads a pair's
+    kind from its name and trains on batches of one kind)."""
+    if not episodic:
+        return write_control_set(folder, kinds, n, two_shapes=two_shapes, separate=separate)
+    names = condition_kinds(kinds)
+    for j, kind in enumerate(names):
+        images, conditions = write_control_set(folder, kind, max(1, n // len(names)), seed=CONTROL_SEED + j,
+                                               two_shapes=two_shapes, separate=separate)
+    return images, conditions

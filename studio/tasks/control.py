@@ -34,6 +34,7 @@ def control_config(*, condition: str = "mask", method: str | None = None, data: 
     whose conditions are two summed inputs, or one overlaid image with `overlay_scenes`) into <output_dir>/data;
     with render=False only their folders are named (a check of the settings before a queued job renders
     them)."""
+    from studio.adapters import get_method
     from studio.adapters.control.method import LAYOUT_TIMESTEPS
 
     method = check_control_method(method or DEFAULT_METHOD)
@@ -41,7 +42,7 @@ def control_config(*, condition: str = "mask", method: str | None = None, data: 
     output_dir = settings.pop("output_dir", None) or f"runs/control/{name}"
     if data is None:
         data, control_data = _world_pairs(settings.get("model", "shapes"), condition, Path(output_dir) / "data",
-                                          examples, two_shapes, overlay_scenes, render)
+                                          examples, two_shapes, overlay_scenes, render, get_method(method).episodic)
     recipe = {} if preset else DEFAULT_RECIPE
     # a flow-matching model (SD3, Flux) draws σ by its own density; the layout timesteps are DDPM weightings
     layout = FLOW_TIMESTEPS if is_flow_model(settings.get("model", "shapes")) else LAYOUT_TIMESTEPS
@@ -64,8 +65,10 @@ def is_flow_model(model: str) -> bool:
 
 
 def _world_pairs(model: str, condition: str, folder: Path, examples: int, two_shapes: float, overlay: bool,
-                 render: bool) -> tuple[str, str]:
-    from studio.shapes.conditions import condition_kinds, write_control_set
+                 render: bool, episodic: bool = False) -> tuple[str, str]:
+    """The rendered pairs' folders; several kinds alternate in one set, or for an episodic method (UFC) are
+    written as one set per kind (`mask_00000…`, `edges_00000…`: the names give the engine each pair's kind)."""
+    from studio.shapes.conditions import condition_kinds, write_training_set
 
     condition_kinds(condition)
     if model != "shapes":
@@ -76,8 +79,8 @@ def _world_pairs(model: str, condition: str, folder: Path, examples: int, two_sh
     if not 0.0 <= two_shapes <= 1.0:
         raise StudioError(f"two_shapes is a fraction between 0 and 1 (got {two_shapes})")
     if render:
-        images, conditions = write_control_set(folder, condition, examples, two_shapes=two_shapes,
-                                               separate=not overlay)
+        images, conditions = write_training_set(folder, condition, examples, episodic=episodic, two_shapes=two_shapes,
+                                                separate=not overlay)
     else:
         images, conditions = folder / "images", folder / "conditions"
     return str(images), str(conditions)

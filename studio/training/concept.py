@@ -27,6 +27,12 @@ def _example_time_ids(image_size: tuple[int, int], bucket: tuple[int, int]) -> t
     return time_ids((image_size[1], image_size[0]), (top, left), (bucket[1], bucket[0]))
 
 
+def episode_kind(path: Path) -> str:
+    """The kind of a control training pair, for episodic methods: its file name's part before the last "_"
+    (`mask_00012.png` -> "mask"; a name without "_" is of the one unnamed kind)."""
+    return Path(path).stem.rpartition("_")[0]
+
+
 def global_batch(buckets: list[int], batch: int, seed: int, step: int) -> list[int]:
     per_epoch = data.batches_per_epoch(buckets, batch)
     epoch, index = divmod(step - 1, per_epoch)
@@ -95,14 +101,17 @@ class ConceptRecipe(Recipe):
         pipe, resolution = self.pipe, self.resolution
         sizes = [data.bucket_size(*ex.image.size, resolution) if self.config.buckets else (resolution, resolution)
                  for ex in examples]
-        bucket_ids = {size: i for i, size in enumerate(sorted(set(sizes)))}
+        # an episodic method (UFC) trains on batches of one kind: a batch is grouped by size and kind
+        groups = [(size, episode_kind(ex.path) if self.method_impl.episodic and control else "")
+                  for ex, size in zip(examples, sizes)]
+        bucket_ids = {group: i for i, group in enumerate(sorted(set(groups)))}
         means, stds = [], []
         for ex, size in zip(examples, sizes):
             pixels = data.to_bucket(ex.image, size).unsqueeze(0).to(self.device, pipe.vae.dtype)
             dist = pipe.vae.encode(pixels).latent_dist
             means.append(dist.mean[0].float().cpu())
             stds.append(dist.std[0].float().cpu())
-        out = {"mean": means, "std": stds, "bucket": [bucket_ids[s] for s in sizes],
+        out = {"mean": means, "std": stds, "bucket": [bucket_ids[g] for g in groups],
                "captions": [ex.caption for ex in examples]}
         if self.family.reads_time_ids:
             out["time_ids"] = [_example_time_ids(ex.image.size, size) for ex, size in zip(examples, sizes)]

@@ -94,3 +94,19 @@ class T2IAdapterConfig(ControlConfig):
         super().__post_init__()
         if int(self.num_res_blocks) < 1:
             raise AdapterError(f"T2I-Adapter num_res_blocks must be at least 1, got {self.num_res_blocks}")
+
+
+@dataclass
+class UFCConfig(ControlConfig):
+    """UFC: query condition features matched against a stored support set of image-condition pairs (attention at
+    every injection site), the label encoder a trainable copy of the UNet's encoder half. `tune="bias"` is the
+    few-shot set: the label encoder's biases and the matching modules."""
+
+    heads: int = setting(4, advanced=True, help="attention heads of each matching module (divides every width)")
+    support: int = setting(3, help="support pairs per episode and in the saved support set (the paper's shots: 3)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.heads) < 1 or int(self.support) < 1:
+            raise AdapterError(f"UFC heads and support must be at least 1, got {self.heads} and {self.support}")
+        self.heads, self.support = int(self.heads), int(self.support)

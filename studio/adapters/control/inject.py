@@ -38,6 +38,7 @@ class ControlModule:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)    # UNet parameter -> delta applied (ControlNeXt)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # UNet parameter -> base value (training)
     weight: float = 1.0  # the weight its UNet deltas act at (its default conditioning scale)
+    cache: dict = field(default_factory=dict)  # what a frozen module computes once (UFC's support features)
 
 
 @dataclass
@@ -274,6 +275,10 @@ def _unet_hooks(pipe, unet) -> list:
             elif mod.method == "t2i_adapter":
                 feats = [scale * f for f in mod.module(image.to(sample.dtype))]
                 intra = feats if intra is None else [a + b for a, b in zip(intra, feats)]
+            elif mod.method == "ufc":
+                d, m = _ufc_residuals(pipe, mod, c, sample, timestep, scale)
+                down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
             else:
                 st["feature_inputs"].append((mod, image, scale, timestep))
         if down is None and intra is None:
@@ -302,6 +307,23 @@ def _unet_hooks(pipe, unet) -> list:
 
     return [unet.register_forward_pre_hook(unet_pre, with_kwargs=True),
             unet.conv_in.register_forward_hook(conv_in_post)]
+
+
+def _ufc_residuals(pipe, mod: ControlModule, c: ControlInput, sample, timestep, scale):
+    """A UFC adapter's residuals: the input's condition latents matched against the stored support set, whose
+    features are computed once per device and dtype (the adapter is frozen at generation)."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    query = c.latents_at(pipe.vae, sample.shape[-2] * factor, sample.shape[-1] * factor, sample.shape[0], sample)
+    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
+    support = None  # training: the support set's features through the label encoder as it learns
+    if not mod.module.training:
+        key = ("ufc_support", sample.device, sample.dtype)
+        if key not in mod.cache:
+            with torch.no_grad():
+                mod.cache = {key: mod.module.support_features(pipe.unet)}
+        support = mod.cache[key]
+    down, mid = mod.module(pipe.unet, query.to(mod.module.null_text.dtype), t, support)
+    return [scale * d.to(sample.dtype) for d in down], scale * mid.to(sample.dtype)
 
 
 # SD3Transformer2DModel.forward's leading positional parameters (its pipelines pass keywords)
