@@ -13,7 +13,6 @@ import torch
 
 from studio.adapters.base import AdapterError, denoiser, register
 from studio.adapters.files import read_adapter
-from studio.adapters.control import inject
 from studio.adapters.control.config import ControlNetConfig
 from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
@@ -62,14 +61,7 @@ class ControlNetMethod(ControlMethod):
         self.check_base(pipe, base or {}, source)
         if not config.controlnet_config:
             raise AdapterError(f"{source}: the ControlNet file does not carry its diffusers config")
-        model = self.build(pipe, config)
-        model.requires_grad_(False).eval()
-        self._add(pipe, adapter, model.to(denoiser(pipe)[1].dtype), config)
-        try:
-            self.set_state(pipe, adapter, tensors)
-        except AdapterError as e:
-            inject.modules(pipe).pop(adapter)
-            raise AdapterError(f"{source}: {e}") from None
+        self._add_loaded(pipe, adapter, config, tensors, source)
 
     def export_extra(self, path: Path) -> list[Path]:
         """The trained file also as a diffusers ControlNet folder (`path` without its suffix)."""

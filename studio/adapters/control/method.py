@@ -45,6 +45,20 @@ class ControlMethod(AdapterMethod):
         inject.install(pipe)
         return entry
 
+    def _add_loaded(self, pipe, adapter: str, config, tensors: dict[str, torch.Tensor], source: str
+                    ) -> inject.ControlModule:
+        """A frozen module built from `config`, in the denoiser's dtype, holding `tensors` (what a file loads);
+        nothing stays attached when they do not fit."""
+        module = self.build(pipe, config)
+        module.requires_grad_(False).eval()
+        entry = self._add(pipe, adapter, module.to(denoiser(pipe)[1].dtype), config)
+        try:
+            self.set_state(pipe, adapter, tensors)
+        except AdapterError as e:
+            inject.modules(pipe).pop(adapter)
+            raise AdapterError(f"{source}: {e}") from None
+        return entry
+
     def attach(self, pipe, config, adapter: str) -> None:
         """Attach for training: a new module, or one that starts from `config.init_from`; with `tune="bias"`
         only its biases train."""

@@ -9,7 +9,6 @@ import json
 import torch
 
 from studio.adapters.base import AdapterError, register
-from studio.adapters.control import inject
 from studio.adapters.control.config import T2IAdapterConfig
 from studio.adapters.control.method import LAYOUT_TIMESTEPS, ControlMethod
 
@@ -51,14 +50,7 @@ class T2IAdapterMethod(ControlMethod):
         self.check_base(pipe, base or {}, source)
         if not config.adapter_config:
             raise AdapterError(f"{source}: the T2I-Adapter file does not carry its diffusers config")
-        model = self.build(pipe, config)
-        model.requires_grad_(False).eval()
-        self._add(pipe, adapter, model, config)
-        try:
-            self.set_state(pipe, adapter, tensors)
-        except AdapterError as e:
-            inject.modules(pipe).pop(adapter)
-            raise AdapterError(f"{source}: {e}") from None
+        self._add_loaded(pipe, adapter, config, tensors, source)
 
 
 def _sdxl_layout(unet_config) -> bool:

@@ -228,11 +228,4 @@ class UFCMethod(ControlMethod):
                         base: dict | None = None, source: str = "adapter") -> None:
         config = config or UFCConfig()
         self.check_base(pipe, base or {}, source)
-        module = self.build(pipe, config)
-        module.requires_grad_(False).eval()
-        self._add(pipe, adapter, module.to(pipe.unet.dtype), config)
-        try:
-            self.set_state(pipe, adapter, tensors)
-        except AdapterError as e:
-            inject.modules(pipe).pop(adapter)
-            raise AdapterError(f"{source}: {e}") from None
+        self._add_loaded(pipe, adapter, config, tensors, source)
