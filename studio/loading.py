@@ -112,7 +112,8 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
                   scheduler: str | None = None, config: str | None = None, offline: bool | None = None,
                   progress: bool = False, adapters: dict[str | Path, float] | list | None = None,
                   membranes: dict[str | Path, float] | list | None = None, transport: str | None = "tokensim",
-                  one_step: str | Path | None = None, control: dict | list[dict] | None = None):
+                  one_step: str | Path | None = None, control: dict | list[dict] | None = None,
+                  fast_decoder: str | Path | None = None):
     """A diffusers pipeline for `model`: "shapes" (the embedded model, default), a diffusers folder,
     a hub id, or a single .safetensors/.ckpt file (`config` names a diffusers folder or hub id for its
     configs). `adapters` ({file: weight}) attaches trained adapters; `membranes` ({file: weight}) attaches
@@ -120,11 +121,14 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
     metric, None for a fixed strength). `one_step` attaches a HiPA adaptor and the one-step scheduler: call
     the pipeline with num_inference_steps=1 (or timesteps=[999]) and guidance_scale=0. `control` attaches control
     adapters with their images: {"adapter": file, "image": img, "scale": 1.0, "start": 0.0, "end": 1.0} or a list
-    of them (summed). Raises StudioError with a one-line reason on bad input."""
+    of them (summed). `fast_decoder` replaces the VAE with a diffusers AutoencoderTiny (a folder or hub id, e.g.
+    TAESD's for SD; "shapes": the embedded model's). Raises StudioError with a one-line reason on bad input."""
     torch_dtype = _resolve_dtype(dtype, device)
     pipe = _open(str(model), torch_dtype, config, offline)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if fast_decoder:
+        pipe.vae = _fast_decoder(pipe, str(fast_decoder), torch_dtype, offline)
     pipe.set_progress_bar_config(disable=not progress)
     pipe.studio_architecture = architecture(pipe)
     if adapters or membranes or one_step:
@@ -134,6 +138,25 @@ def load_pipeline(model: str | Path = "shapes", *, device: str = "cpu", dtype: s
         _attach_control(pipe, control)
     pipe.studio_attention = apply_attention_backend(pipe, device)
     return pipe
+
+
+def _fast_decoder(pipe, source: str, torch_dtype: torch.dtype, offline: bool | None):
+    """An AutoencoderTiny for `pipe` from a folder or hub id ("shapes": the embedded model's), refused with the
+    reason when its latents are not the denoiser's."""
+    from diffusers import AutoencoderTiny
+
+    path = embedded.FAST_DECODER_DIR if source == "shapes" else Path(source).expanduser()
+    try:
+        tiny = AutoencoderTiny.from_pretrained(str(path) if path.exists() else source, torch_dtype=torch_dtype,
+                                               local_files_only=bool(offline) or path.exists())
+    except Exception as e:  # a missing folder, no network, a config of another class
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StudioError(f"{source}: cannot be loaded as a fast decoder (AutoencoderTiny): {msg}") from None
+    channels = pipe.vae.config.latent_channels
+    if tiny.config.latent_channels != channels:
+        raise StudioError(f"{source}: a fast decoder of {tiny.config.latent_channels} latent channels; the model's "
+                          f"latents have {channels}")
+    return tiny
 
 
 def _open(source: str, torch_dtype: torch.dtype, config: str | None, offline: bool | None):

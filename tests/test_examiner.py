@@ -55,9 +55,19 @@ def test_control_methods_train_without_the_judge(no_judge, tmp_path, method):
     from studio.tasks.control import control_config
     from studio.training import train
 
-    config = control_config(method=method, examples=4, steps=2, batch_size=2, output_dir=str(tmp_path / "run"),
+    # batch 4: UFC's episodes need more pairs than its 3 support pairs
+    config = control_config(method=method, examples=4, steps=2, batch_size=4, output_dir=str(tmp_path / "run"),
                             preview_prompts=[], tensorboard=False, progress_bar=False)
     assert _steps_done(train(config)) == 2
+
+
+def test_the_fast_decoder_distils_without_the_judge(no_judge, tmp_path):
+    from studio.shapes import embedded
+    from studio.shapes.pretrain import PretrainConfig, pretrain
+
+    report = pretrain(PretrainConfig(init_from=str(embedded.SHAPES_DIR), decoder_images=16, decoder_steps=2),
+                      tmp_path, stages=("fast_decoder",))
+    assert report["fast_decoder"]["steps"] == 2
 
 
 def test_every_registered_method_is_run_here():

@@ -46,6 +46,9 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-transport", action="store_true",
                    help="membranes at their weight on every prompt (no per-prompt strength)")
     p.add_argument("--one-step", default=None, metavar="FILE", help="a one-step adaptor (studio distill)")
+    p.add_argument("--fast-decoder", default=None, metavar="SOURCE",
+                   help="decode with an AutoencoderTiny instead of the VAE: a folder or hub id (TAESD's for SD), or "
+                        "'shapes' for the embedded model's")
 
 
 def add_steps_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,8 @@ def load_model(args):
                          adapters=parse_adapter_args(getattr(args, "adapter", None)),
                          membranes=parse_adapter_args(getattr(args, "membrane", None)),
                          transport=None if getattr(args, "no_transport", False) else "tokensim",
-                         one_step=getattr(args, "one_step", None), control=control_args(args))
+                         one_step=getattr(args, "one_step", None), control=control_args(args),
+                         fast_decoder=getattr(args, "fast_decoder", None))
 
 
 def control_args(args) -> list[dict] | None:

@@ -71,6 +71,8 @@ def _provenance(args, pipe) -> dict:
                              "start": c["start"], "end": c["end"]} for c in control_args(args)]
     if args.one_step:
         extra["one_step"] = Path(args.one_step).name
+    if getattr(args, "fast_decoder", None):
+        extra["fast_decoder"] = str(args.fast_decoder)
     if getattr(pipe, "studio_last_permeability", None):
         extra["permeability"] = pipe.studio_last_permeability
     return extra

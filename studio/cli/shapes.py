@@ -27,7 +27,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("pretrain", help="train the embedded shapes model and its judge from scratch")
     p.add_argument("--out", default="runs/pretrain")
-    p.add_argument("--stages", default="vae,judge,unet")
+    p.add_argument("--stages", default="vae,judge,unet",
+                   help="comma-separated: vae, judge, unet, fast_decoder (one-step generation's AutoencoderTiny)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overrides", default="{}", help='JSON of PretrainConfig fields, e.g. \'{"unet_steps": 500}\'')

@@ -13,6 +13,7 @@ from studio.shapes import world
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHAPES_DIR = MODELS_DIR / "shapes"
 JUDGE_PATH = MODELS_DIR / "judge.safetensors"
+FAST_DECODER_DIR = MODELS_DIR / "fast_decoder"  # AutoencoderTiny distilled from the shapes VAE (one-step generation)
 
 MAX_TOKENS = 32
 TEXT_WIDTH = 128

@@ -67,6 +67,8 @@ class PretrainConfig:
     # commit, so a run spanning sessions continues from it with init_from
     unet_checkpoint_every: int = 1000  # the unet stage's checkpoints (in <out>/unet_stage/checkpoints)
     resume: str = ""  # "latest" (or a checkpoint folder): continue the unet stage from its checkpoint
+    decoder_images: int = 4_000  # the fast_decoder stage: renders of every shape, and its steps (batch 16 crops)
+    decoder_steps: int = 1_500
 
 
 def _deadline(cfg: PretrainConfig) -> float:
@@ -449,6 +451,16 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
     if not found:
         raise StudioError(f"{out}: no trained VAE (run the vae stage first, or set init_from to a shapes folder)")
     vae = AutoencoderKL.from_pretrained(found[0])
+    if "fast_decoder" in stages:
+        from studio.shapes.fast_decoder import distill_fast_decoder
+
+        specs, seeds = world_sample(cfg.decoder_images, cfg.seed + 5, world.V2.shapes, heldout=None)
+        tiny, report["fast_decoder"] = distill_fast_decoder(
+            vae, torch.from_numpy(render_set(specs, seeds)), steps=cfg.decoder_steps, seed=cfg.seed,
+            minutes=cfg.max_minutes, log=log)
+        with atomic_dir(out / "fast_decoder") as tmp:
+            tiny.save_pretrained(tmp, safe_serialization=True)
+        report["seconds"]["fast_decoder"] = report["fast_decoder"]["seconds"]
     if "judge" in stages:
         t = time.time()
         judge, report["judge_accuracy"] = train_judge_stage(cfg, vae, log)
