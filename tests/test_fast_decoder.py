@@ -50,3 +50,20 @@ def test_a_fast_decoder_of_other_latents_is_refused_with_the_reason(tmp_path):
         load_pipeline("shapes", fast_decoder=str(tmp_path / "tiny16"))
     with pytest.raises(StudioError, match="cannot be loaded as a fast decoder"):
         load_pipeline("shapes", fast_decoder=str(tmp_path / "nothing"), offline=True)
+
+
+def test_control_reads_its_image_through_a_fast_decoders_encoder(tmp_path):
+    """A control method that encodes its image (UFC, the transformers' ControlNet) works with the VAE swapped for
+    an AutoencoderTiny, whose encoder gives the denoiser's latents itself."""
+    from studio.adapters.control.inject import denoiser_latents
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(**TINY_CONFIG).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tiny.encode(images * 2 - 1).latents
+    assert torch.equal(denoiser_latents(tiny, images), expected)
+    vae = AutoencoderKL.from_pretrained(embedded.SHAPES_DIR / "vae")
+    with torch.no_grad():
+        mode = vae.encode(images * 2 - 1).latent_dist.mode()
+    assert torch.allclose(denoiser_latents(vae, images), mode * vae.config.scaling_factor)

@@ -67,10 +67,7 @@ class ControlInput:
         key = ("latents", height, width, like.device, like.dtype, shift)
         if key not in self._sized:
             image = fit_image(self.image, height, width).to(like.device, vae.dtype)
-            with torch.no_grad():
-                z = vae.encode(image * 2 - 1).latent_dist.mode()
-            offset = (vae.config.get("shift_factor") or 0.0) if shift else 0.0
-            self._sized[key] = ((z - offset) * vae.config.scaling_factor).to(like.dtype)
+            self._sized[key] = denoiser_latents(vae, image, shift).to(like.dtype)
         return _match_batch(self._sized[key], batch)
 
     def scale_for(self, batch: int, like: torch.Tensor) -> float | torch.Tensor:
@@ -84,6 +81,17 @@ class ControlInput:
     @property
     def used(self) -> bool:
         return bool((self.scale != 0).any()) if torch.is_tensor(self.scale) else self.scale != 0
+
+
+def denoiser_latents(vae, images: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Images (b, 3, H, W in [0, 1]) as latents the denoiser reads: an AutoencoderKL's mode, shifted and scaled
+    (shift=False: not shifted); an AutoencoderTiny (a fast decoder) gives those latents itself."""
+    with torch.no_grad():
+        encoded = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1)
+    if not hasattr(encoded, "latent_dist"):
+        return encoded.latents
+    offset = (vae.config.get("shift_factor") or 0.0) if shift else 0.0
+    return (encoded.latent_dist.mode() - offset) * vae.config.scaling_factor
 
 
 def _match_batch(image: torch.Tensor, batch: int) -> torch.Tensor:

@@ -160,10 +160,7 @@ def _rows(value, rows: slice, n: int):
 
 def condition_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     """Condition images (b, 3, H, W in [0, 1]) as latents the label encoder reads: the VAE's mode, scaled."""
-    vae = pipe.vae
-    with torch.no_grad():
-        z = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
-    return z * vae.config.scaling_factor
+    return inject.denoiser_latents(pipe.vae, images)
 
 
 def null_prompt(pipe) -> torch.Tensor:
