@@ -146,6 +146,10 @@ def _fast_decoder(pipe, source: str, torch_dtype: torch.dtype, offline: bool | N
     from diffusers import AutoencoderTiny
 
     path = embedded.FAST_DECODER_DIR if source == "shapes" else Path(source).expanduser()
+    if source == "shapes" and not path.is_dir():
+        raise StudioError("the embedded model's fast decoder is not shipped yet (the first distillation cost 23 points "
+                          "of B1 shape accuracy); make one with `studio pretrain --stages fast_decoder` and pass its "
+                          "folder")
     try:
         tiny = AutoencoderTiny.from_pretrained(str(path) if path.exists() else source, torch_dtype=torch_dtype,
                                                local_files_only=bool(offline) or path.exists())

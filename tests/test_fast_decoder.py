@@ -44,12 +44,15 @@ def test_the_stage_writes_a_fast_decoder_that_generation_decodes_with(tmp_path):
     assert image.shape == (128, 128, 3) and np.isfinite(image).all()
 
 
-def test_a_fast_decoder_of_other_latents_is_refused_with_the_reason(tmp_path):
+def test_a_fast_decoder_of_other_latents_is_refused_with_the_reason(tmp_path, monkeypatch):
     AutoencoderTiny(**{**TINY_CONFIG, "latent_channels": 16}).save_pretrained(tmp_path / "tiny16")
     with pytest.raises(StudioError, match="a fast decoder of 16 latent channels; the model's latents have 4"):
         load_pipeline("shapes", fast_decoder=str(tmp_path / "tiny16"))
     with pytest.raises(StudioError, match="cannot be loaded as a fast decoder"):
         load_pipeline("shapes", fast_decoder=str(tmp_path / "nothing"), offline=True)
+    monkeypatch.setattr(embedded, "FAST_DECODER_DIR", tmp_path / "not_shipped")
+    with pytest.raises(StudioError, match="the embedded model's fast decoder is not shipped yet"):
+        load_pipeline("shapes", fast_decoder="shapes")
 
 
 def test_control_reads_its_image_through_a_fast_decoders_encoder(tmp_path):

@@ -12,27 +12,33 @@ from studio.bench.recorder import record
 
 
 def bench_generation(model: str = "shapes", batch: int = 8, steps: int = 25, guidance: float = 5.0,
-                     repeats: int = 3, write: bool = True) -> str:
+                     repeats: int = 3, write: bool = True, fast_decoder: str | None = None) -> str:
+    """Load time and images per second; with `fast_decoder`, a second row with the VAE swapped for it, the two
+    timed in turn in one run (these machines drift: compare the rows' ratio)."""
     from studio.loading import load_pipeline
 
     t = time.perf_counter()
-    pipe = load_pipeline(model)
+    pipes = {model: load_pipeline(model)}
     load_s = time.perf_counter() - t
+    if fast_decoder:
+        pipes[f"{model}, fast decoder {fast_decoder}"] = load_pipeline(model, fast_decoder=fast_decoder)
     prompts = [world.caption(world.random_spec(random.Random(i))) for i in range(batch)]
-    size = world.IMAGE_SIZE if pipe.studio_architecture == "shapes" else None
-    pipe(prompts[:1], num_inference_steps=2, height=size, width=size)  # warm-up
-    times = []
+    size = world.IMAGE_SIZE if pipes[model].studio_architecture == "shapes" else None
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for pipe in pipes.values():
+        pipe(prompts[:1], num_inference_steps=2, height=size, width=size)  # warm-up
     for r in range(repeats):
-        gens = [torch.Generator().manual_seed(r * batch + i) for i in range(batch)]
-        t = time.perf_counter()
-        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size)
-        times.append(time.perf_counter() - t)
-    best = min(times)
+        for name, pipe in pipes.items():
+            gens = [torch.Generator().manual_seed(r * batch + i) for i in range(batch)]
+            t = time.perf_counter()
+            pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size,
+                 width=size)
+            times[name].append(time.perf_counter() - t)
     header = ["model", "load (s)", "batch", "steps", "guidance", "s/batch (best of %d)" % repeats, "img/s",
               "threads"]
-    row = [model, f"{load_s:.2f}", str(batch), str(steps), f"{guidance:g}", f"{best:.2f}", f"{batch / best:.2f}",
-           str(torch.get_num_threads())]
-    return record("Generation speed", header, [row], write=write)
+    rows = [[name, f"{load_s:.2f}" if name == model else "-", str(batch), str(steps), f"{guidance:g}",
+             f"{min(ts):.2f}", f"{batch / min(ts):.2f}", str(torch.get_num_threads())] for name, ts in times.items()]
+    return record("Generation speed", header, rows, write=write)
 
 
 def bench_judge(n: int = 1000, seed: int = 3, write: bool = True, judge: str | None = None,

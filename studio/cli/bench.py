@@ -32,6 +32,8 @@ def _register_speed(bsub) -> None:
     bg.add_argument("--steps", type=int, default=25)
     bg.add_argument("--guidance", type=finite_float, default=5.0)
     bg.add_argument("--repeats", type=int, default=3)
+    bg.add_argument("--fast-decoder", default=None, help="also time the model with this AutoencoderTiny ('shapes', "
+                                                         "a folder or hub id) in place of its VAE, in turn")
     bg.add_argument("--no-write", action="store_true")
     bg.set_defaults(func=run_generate)
 
@@ -226,7 +228,7 @@ def run_generate(args) -> None:
     from studio.bench.concept import bench_generation
 
     print(bench_generation(model=args.model, batch=args.batch, steps=args.steps, guidance=args.guidance,
-                           repeats=args.repeats, write=not args.no_write))
+                           repeats=args.repeats, write=not args.no_write, fast_decoder=args.fast_decoder))
 
 
 def run_judge(args) -> None:
