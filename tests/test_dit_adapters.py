@@ -109,7 +109,7 @@ def test_lora_resnet_convs_and_the_unet_only_methods_are_refused_on_a_transforme
     with pytest.raises(AdapterError, match="has no ResNet convolutions"):
         lora.attach(sd3, lora.config_class(resnet_convs=True), "r")
     assert not lora.state_dict(sd3, "r")
-    for name in ("controlnet", "controlnext", "t2i_adapter"):  # (SPM, HiPA: tests/test_dit_methods.py)
+    for name in ("controlnext", "t2i_adapter", "ufc"):  # ControlNet, SPM, HiPA: test_dit_control/_methods
         method = get_method(name)
         with pytest.raises(AdapterError, match=f"^{name} needs a UNet model; sd3 is a diffusion transformer$"):
             method.attach(sd3, method.config_class(), "x")

@@ -31,6 +31,9 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers"):  # already imported (building a parser can): the variable came late
+        if name in sys.modules and os.environ[name.upper() + "_VERBOSITY"] == "error":
+            sys.modules[name].utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     if not sys.stderr.isatty():
