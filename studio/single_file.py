@@ -168,23 +168,19 @@ _SD3_QKV = {"attn.to_": ("x_block.attn.qkv", ""), "attn.add_": ("context_block.a
             "attn2.to_": ("x_block.attn2.qkv", "")}
 
 
-def _halves_swapped(weight: torch.Tensor) -> torch.Tensor:
-    """diffusers' AdaLayerNormContinuous reads (scale, shift), Stability's MMDiT (shift, scale): the swap is its
-    own inverse."""
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first])
-
-
 def sd3_transformer_to_original(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """SD3's transformer in Stability's MMDiT layout (`model.diffusion_model.joint_blocks.N.x_block…`), the inverse
-    of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`."""
+    of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`. diffusers' continuous norms read (scale,
+    shift), Stability's (shift, scale): diffusers' own `swap_scale_shift` is its own inverse."""
+    from diffusers.loaders.single_file_utils import swap_scale_shift
+
     last = config["num_layers"] - 1
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         module, kind = key.rsplit(".", 1)
         if module in _SD3_FIXED or key in _SD3_FIXED:
             new = _SD3_FIXED[key] if key in _SD3_FIXED else f"{_SD3_FIXED[module]}.{kind}"
-            out[new] = _halves_swapped(value) if module == "norm_out.linear" else value
+            out[new] = swap_scale_shift(value, 0) if module == "norm_out.linear" else value
             continue
         parts = module.split(".")
         if parts[0] != "transformer_blocks":
@@ -192,7 +188,7 @@ def sd3_transformer_to_original(sd: dict[str, torch.Tensor], config) -> dict[str
         i, inner = int(parts[1]), ".".join(parts[2:])
         if inner in _SD3_BLOCK:
             swap = inner == "norm1_context.linear" and i == last  # the last block's context norm is continuous
-            out[f"joint_blocks.{i}.{_SD3_BLOCK[inner]}.{kind}"] = _halves_swapped(value) if swap else value
+            out[f"joint_blocks.{i}.{_SD3_BLOCK[inner]}.{kind}"] = swap_scale_shift(value, 0) if swap else value
             continue
         for head, (fused, suffix) in _SD3_QKV.items():
             if inner in (f"{head}q{suffix}", f"{head}k{suffix}", f"{head}v{suffix}"):

@@ -10,7 +10,7 @@ from PIL import Image
 from studio.adapters import AdapterError, get_method, read_adapter
 from studio.adapters.control import UFCConfig, set_control
 from studio.adapters.control.inject import to_tensor
-from studio.adapters.control.ufc import condition_latents
+from studio.adapters.control.inject import denoiser_latents
 from studio.loading import load_pipeline
 from studio.shapes import world
 from studio.shapes.conditions import world_condition
@@ -26,7 +26,7 @@ def _latents(pipe, images: list[np.ndarray]) -> torch.Tensor:
 
 
 def _conditions(pipe, kind: str, specs) -> torch.Tensor:
-    return condition_latents(pipe, torch.stack([to_tensor(world_condition(kind, s, 0))[0] for s in specs]))
+    return denoiser_latents(pipe.vae, torch.stack([to_tensor(world_condition(kind, s, 0))[0] for s in specs]))
 
 
 def _attached(config: UFCConfig):

@@ -32,12 +32,6 @@ def vae_targets(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tenso
     return torch.cat(latents), torch.cat(decoded)
 
 
-def _crops(gen: torch.Generator, n: int, latent_size: int, crop: int, factor: int):
-    """`n` random crop corners in latent cells (crop x crop latents = crop * factor pixels)."""
-    corners = torch.randint(0, latent_size - crop + 1, (n, 2), generator=gen)
-    return [(int(r), int(c), int(r) * factor, int(c) * factor) for r, c in corners]
-
-
 def distill_fast_decoder(vae, images: torch.Tensor, *, steps: int = 1500, batch: int = 16, lr: float = 1e-3,
                          crop: int = 8, seed: int = 0, minutes: float = 0.0, log=print):
     """An AutoencoderTiny trained to match `vae` on `images` (uint8 renders): decoder MSE to the VAE's decoding,
@@ -62,12 +56,14 @@ def distill_fast_decoder(vae, images: torch.Tensor, *, steps: int = 1500, batch:
         if minutes and time.time() - started > minutes * 60:
             break
         idx = torch.randint(0, train_idx, (batch,), generator=gen)
-        boxes = _crops(gen, batch, size, crop, factor)
-        z = torch.stack([latents[i, :, r:r + crop, c:c + crop] for i, (r, c, _, _) in zip(idx, boxes)])
-        target = torch.stack([decoded[i, :, y:y + crop * factor, x:x + crop * factor].float()
-                              for i, (_, _, y, x) in zip(idx, boxes)])
-        x_in = torch.stack([pixels[i, :, y:y + crop * factor, x:x + crop * factor] for i, (_, _, y, x) in
-                            zip(idx, boxes)]).float() / 127.5 - 1
+        corners = torch.randint(0, size - crop + 1, (batch, 2), generator=gen).tolist()  # in latent cells
+        z, target, x_in = [], [], []
+        for i, (r, c) in zip(idx.tolist(), corners):
+            rows, cols = slice(r * factor, (r + crop) * factor), slice(c * factor, (c + crop) * factor)
+            z.append(latents[i, :, r:r + crop, c:c + crop])
+            target.append(decoded[i, :, rows, cols].float())
+            x_in.append(pixels[i, :, rows, cols].float() / 127.5 - 1)
+        z, target, x_in = torch.stack(z), torch.stack(target), torch.stack(x_in)
         loss = F.mse_loss(tiny.decode(z).sample, target) + F.mse_loss(tiny.encode(x_in).latents, z)
         opt.zero_grad(set_to_none=True)
         loss.backward()

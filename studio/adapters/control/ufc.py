@@ -10,10 +10,11 @@ over the support conditions' features and takes the matching support *image* fea
     O = softmax(Q Kᵀ / √d) V      out = Zero(O + g_t ⊙ GELU(W_o O))
 
 `Zero` is zero-initialised, so an untrained module leaves the UNet as it is; `out` enters the UNet as ControlNet
-residuals. Meta-training (`studio.tasks.ufc`) trains the label encoder and the matching modules on episodes of
-several seen kinds; a new kind adapts from a few pairs by tuning the task parameters only (`tune="bias"`: the
-label encoder's biases, and the matching modules, as the paper does on SD 1.5). The support set (its image and
-condition latents) is stored in the adapter file: generation reads it. SD 1.x-family UNets only for now.
+residuals. Meta-training (`studio control-train --method ufc`, through the engine) trains the label encoder and
+the matching modules on episodes of several seen kinds; a new kind adapts from a few pairs by tuning the task
+parameters only (`tune="bias"`: the label encoder's biases, and the matching modules, as the paper does on SD 1.5).
+The support set (its image and condition latents) is stored in the adapter file: generation reads it. SD 1.x-family
+UNets only for now.
 """
 
 from __future__ import annotations
@@ -158,11 +159,6 @@ def _rows(value, rows: slice, n: int):
     return value
 
 
-def condition_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Condition images (b, 3, H, W in [0, 1]) as latents the label encoder reads: the VAE's mode, scaled."""
-    return inject.denoiser_latents(pipe.vae, images)
-
-
 def null_prompt(pipe) -> torch.Tensor:
     """The empty prompt's encoder hidden states (1, tokens, width)."""
     from studio.adapters.prompts import embed_prompts
@@ -192,7 +188,7 @@ class UFCMethod(ControlMethod):
         if n <= k:
             raise AdapterError(f"ufc trains on episodes of {k} support pairs and at least one query: a batch (per "
                                f"process and accumulation step) of {n} is too small; use batch_size >= {k + 1}")
-        entry.module.set_support(batch["latents"][:k], condition_latents(pipe, control[:k]))
+        entry.module.set_support(batch["latents"][:k], inject.denoiser_latents(pipe.vae, control[:k]))
         query = {key: _rows(value, slice(k, None), n) for key, value in batch.items()}
         inputs = [inject.ControlInput(name, query["control"], 1.0)]
         inputs += [inject.ControlInput(name, images, present) for images, present in query.get("control_more", [])]
