@@ -5,7 +5,7 @@
 # its transformer on the GPU and timing 3 steps after a warm-up); not run yet: no session so far had the machine.
 #
 # The device machine has torch, transformers, peft and accelerate but not diffusers, and no network. Here, once:
-#     echo /.whl/ >> .git/info/exclude
+#     mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #     .venv/bin/python -m pip download --no-deps --only-binary=:all: diffusers==0.42.1 -d .whl
 # then run this script there from the repository root, carrying .whl (timeout 540 s leaves room for one rerun):
 #     bash scripts/device/dit_b6.sh
