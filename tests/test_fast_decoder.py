@@ -24,7 +24,7 @@ def test_distillation_brings_the_decoding_towards_the_vaes():
     images = _renders(48, 1)
     latents, decoded = vae_targets(vae, images[-8:])
     torch.manual_seed(0)
-    before = fast_decoder_report(AutoencoderTiny(**TINY_CONFIG).eval(), latents, decoded)
+    before = fast_decoder_report(AutoencoderTiny(**TINY_CONFIG).eval(), latents, decoded, images[-8:])
     tiny, report = distill_fast_decoder(vae, images, steps=60, batch=8, lr=3e-3, log=lambda _: None)
     assert report["steps"] == 60
     assert report["psnr_vs_vae_db"] > before["psnr_vs_vae_db"] + 3

@@ -10,7 +10,6 @@ Stages, each reading the previous one's output:
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from studio.shapes.renders import (cached_latents, judge_items, latent_key, rend
                                    world_sample, write_latents)
 from studio.training.recipe import AdapterOutput, Recipe, Trainables
 from studio.utils.files import atomic_dir
+from studio.utils.schedules import warmup_cosine
 from studio.loading import StudioError
 
 
@@ -69,18 +69,12 @@ class PretrainConfig:
     resume: str = ""  # "latest" (or a checkpoint folder): continue the unet stage from its checkpoint
     decoder_images: int = 4_000  # the fast_decoder stage: renders of every shape, and its steps (batch 16 crops)
     decoder_steps: int = 1_500
+    decoder_width: int = 64  # its AutoencoderTiny: TAESD's width and blocks a level (32 and 1 gave 21 dB, not shipped)
+    decoder_blocks: int = 3
 
 
 def _deadline(cfg: PretrainConfig) -> float:
     return time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
-
-
-def _cosine_lr(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
-    """Warm-up then cosine decay to 10%; with a time budget, progress is the larger of steps and time."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = max((step - warmup) / max(1, total - warmup), time_progress)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +93,7 @@ def train_vae(cfg: PretrainConfig, log=print):
     deadline = _deadline(cfg)
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
-            group["lr"] = 4e-4 * _cosine_lr(step, cfg.vae_steps, 200)
+            group["lr"] = 4e-4 * warmup_cosine(step, cfg.vae_steps, 200)
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).to(dev)
         x = images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.startswith("cuda")):
@@ -329,7 +323,7 @@ class UNetPretrainRecipe(Recipe):
     def _lr_factor(self, step: int) -> float:
         minutes = self.cfg.unet_minutes or self.cfg.max_minutes
         time_progress = (time.time() - self.started) / (minutes * 60) if minutes > 0 else 0.0
-        return _cosine_lr(step, self.cfg.unet_steps, self.cfg.unet_warmup, time_progress)
+        return warmup_cosine(step, self.cfg.unet_steps, self.cfg.unet_warmup, time_progress)
 
     def prepared(self, modules) -> None:
         self.model_unet, self.model_text = modules["unet"], modules["text_encoder"]
@@ -455,12 +449,12 @@ def pretrain(cfg: PretrainConfig, out: Path, stages: tuple[str, ...] = ("vae", "
         raise StudioError(f"{out}: no trained VAE (run the vae stage first, or set init_from to a shapes folder)")
     vae = AutoencoderKL.from_pretrained(found[0])
     if "fast_decoder" in stages:
-        from studio.shapes.fast_decoder import distill_fast_decoder
+        from studio.shapes.fast_decoder import distill_fast_decoder, tiny_config
 
         specs, seeds = world_sample(cfg.decoder_images, cfg.seed + 5, world.V2.shapes, heldout=None)
         tiny, report["fast_decoder"] = distill_fast_decoder(
             vae, torch.from_numpy(render_set(specs, seeds)), steps=cfg.decoder_steps, seed=cfg.seed,
-            minutes=cfg.max_minutes, log=log)
+            minutes=cfg.max_minutes, config=tiny_config(cfg.decoder_width, cfg.decoder_blocks), log=log)
         with atomic_dir(out / "fast_decoder") as tmp:
             tiny.save_pretrained(tmp, safe_serialization=True)
         report["seconds"]["fast_decoder"] = report["fast_decoder"]["seconds"]

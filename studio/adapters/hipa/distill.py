@@ -10,7 +10,6 @@ sampler."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ from studio.adapters.hipa.losses import high_frequency_loss, spatial_loss
 from studio.adapters.hipa.schedule import one_step_timestep, predicted_x0
 from studio.adapters.prompts import embed_prompts
 from studio.adapters.sampling import is_flow
+from studio.utils.schedules import warmup_cosine
 
 TRAINING_NAME = "one_step"
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -242,12 +242,7 @@ def make_discriminator(pipe, settings: DistillSettings, pairs: TeacherPairs, fea
 
 def lr_factor(settings: DistillSettings):
     """Linear warm-up, then cosine down to a tenth (a factor of the step)."""
-    def at(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        done = (step - settings.warmup) / max(settings.steps - settings.warmup, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-    return at
+    return lambda step: warmup_cosine(step, settings.steps, settings.warmup)
 
 
 def check_distill(pipe, config: HipaConfig, settings: DistillSettings, pairs: TeacherPairs | None,
