@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from studio.utils.schedules import warmup_cosine
 
+
 def tiny_config(width: int = 32, blocks: int = 1) -> dict:
     """diffusers' AutoencoderTiny layout at `width` channels with `blocks` blocks a level (TAESD itself is 64 and
     3; the first level of the encoder and the last of the decoder keep one block, as in TAESD)."""
@@ -51,9 +52,9 @@ def distill_fast_decoder(vae, images: torch.Tensor, *, steps: int = 1500, batch:
     torch.manual_seed(seed)
     tiny = AutoencoderTiny(**(config or TINY_CONFIG))
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if factor != 8 or vae.config.latent_channels != TINY_CONFIG["latent_channels"]:
-        raise ValueError(f"the fast decoder fits a VAE of 4 latent channels and factor 8, not "
-                         f"{vae.config.latent_channels} and {factor}")
+    if factor != 8 or vae.config.latent_channels != tiny.config.latent_channels:
+        raise ValueError(f"the fast decoder fits a VAE of {tiny.config.latent_channels} latent channels and factor "
+                         f"8, not {vae.config.latent_channels} and {factor}")
     held = min(256, len(images) // 8)
     latents, decoded = vae_targets(vae, images)
     pixels = images.permute(0, 3, 1, 2)
