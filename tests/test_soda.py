@@ -292,3 +292,71 @@ def test_oft_and_hra_train_through_the_engine_and_load(tmp_path, stars, sd1_fold
     torch.testing.assert_close(unet_out(pipe), adapted, rtol=0, atol=1e-4)
     with pytest.raises(AdapterError, match="another architecture"):
         load_adapters(load_pipeline(str(sd1_folder)), {run.adapter_path: 1.0})
+
+
+def _text_out(pipe):
+    ids = pipe.tokenizer(["a red circle on a blue background"], padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_soda_on_the_text_encoder_saves_loads_switches_off_and_trains_at_its_own_rate(tmp_path):
+    """text_encoder (the official recipe's): SODA layers on the CLIP attention projections too, saved with their own
+    base digest, loaded back to the same outputs, switched off with the denoiser's; the optimizer gives them
+    lr·text_encoder_lr_scale."""
+    pipe = load_pipeline("shapes")
+    base_text = _text_out(pipe)
+    soda = get_method("soda")
+    config = SodaConfig(target_modules=ATTENTION, text_encoder=True, text_encoder_lr_scale=0.25)
+    soda.attach(pipe, config, "s")
+    text_layers = [m for m in pipe.text_encoder.modules() if isinstance(m, SodaLayer)]
+    assert len(text_layers) == 4 * pipe.text_encoder.config.num_hidden_layers
+    _randomise(_layers(pipe) + text_layers, "s")
+    soda.set_weights(pipe, {"s": 1.0})
+    adapted_text, adapted_unet = _text_out(pipe), unet_out(pipe)
+    assert (adapted_text - base_text).abs().max() > 1e-2
+    with soda.disabled(pipe):
+        torch.testing.assert_close(_text_out(pipe), base_text, rtol=0, atol=1e-5)
+    params = soda.trainable_parameters(pipe, "s")
+    text_ids = {id(p) for layer in text_layers for p in layer.adapter_parameters("s")}
+    assert text_ids and text_ids <= {id(p) for p in params}
+    optimizer = soda.optimizer(pipe, "s", params, lr=1e-3, weight_decay=0.0)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert {rates[i] for i in text_ids} == {2.5e-4}
+    assert {r for i, r in rates.items() if i not in text_ids} == {1e-3}
+    tensors = soda.state_dict(pipe, "s")
+    assert "text_encoder.soda_base_digest" in tensors and "unet.soda_base_digest" in tensors
+    path = save_adapter(tmp_path / "s.safetensors", "soda", config, tensors, base_fingerprint(pipe))
+    fresh = load_pipeline("shapes")
+    load_adapters(fresh, {path: 1.0})
+    torch.testing.assert_close(_text_out(fresh), adapted_text, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet_out(fresh), adapted_unet, rtol=0, atol=1e-5)
+    other = load_pipeline("shapes")  # another text encoder: refused before anything attaches
+    with torch.no_grad():
+        next(m for n, m in other.text_encoder.named_modules() if n.endswith("self_attn.q_proj")).weight.mul_(1.01)
+    with pytest.raises(AdapterError, match="text_encoder layers it adapts differ"):
+        load_adapters(other, {path: 1.0})
+    assert not _layers(other)
+
+
+def test_engine_trains_soda_with_the_text_encoder_and_the_consistency_loss(tmp_path, stars):
+    """The engine sees the trainable encoder (no cached prompts) and DCO's reference re-encodes the prompts with
+    every adapter off: at identity the first consistency loss is exactly log 2."""
+    losses = {}
+
+    def on_event(event):
+        if event["kind"] == "step":
+            losses[event["step"]] = event["loss"]
+
+    run = _train(tmp_path, "soda", stars, adapter={"target_modules": ATTENTION, "text_encoder": True},
+                 dco_beta=1000.0, on_event=on_event)
+    assert math.isclose(losses[1], math.log(2), rel_tol=1e-5), losses[1]
+    tensors = read_adapter(run.adapter_path).tensors
+    moved = [k for k, t in tensors.items() if k.startswith("text_encoder.") and k.endswith(".delta")
+             and float(t.abs().max()) > 0]
+    assert moved
+    pipe = load_pipeline("shapes")
+    base_text = _text_out(pipe)
+    load_adapters(pipe, {run.adapter_path: 1.0})
+    assert (_text_out(pipe) - base_text).abs().max() > 1e-5

@@ -11,7 +11,8 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from studio.adapters.base import DENOISERS, AdapterError, AdapterMethod, denoiser, replace_module, switched_on
+from studio.adapters.base import (DENOISERS, AdapterError, AdapterMethod, components, denoiser, replace_module,
+                                  switched_on)
 
 
 class WrappedLayer(torch.nn.Module):
@@ -139,8 +140,8 @@ def file_denoiser(pipe, tensors, source: str) -> tuple[str, torch.nn.Module]:
 
 
 class WrappedLayerMethod(AdapterMethod):
-    """A method whose adapters live in `layer_class` layers put in place of the denoiser's own (the UNet's, or a
-    diffusion transformer's: `base.denoiser`)."""
+    """A method whose adapters live in `layer_class` layers put in place of a model component's own (the
+    denoiser's, UNet or diffusion transformer: `base.denoiser`; SODA also a text encoder's)."""
 
     layer_class: ClassVar[type[WrappedLayer]]
 
@@ -148,6 +149,12 @@ class WrappedLayerMethod(AdapterMethod):
         for path, module in model.named_modules():
             if isinstance(module, self.layer_class):
                 yield path, module
+
+    def _pipe_layers(self, pipe) -> Iterator[tuple[torch.nn.Module, str, WrappedLayer]]:
+        """(component, path, layer) for each of this method's layers in any component of the pipeline."""
+        for _, model in components(pipe):
+            for path, layer in list(self._layers(model)):
+                yield model, path, layer
 
     def _install(self, model: torch.nn.Module, paths) -> None:
         """Wrap the modules at `paths` (those not wrapped yet)."""
@@ -164,40 +171,33 @@ class WrappedLayerMethod(AdapterMethod):
                     p.requires_grad_(name == adapter)
 
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
-        _, model = denoiser(pipe)
-        return [p for _, layer in self._layers(model) if layer.has_adapter(adapter)
+        return [p for _, _, layer in self._pipe_layers(pipe) if layer.has_adapter(adapter)
                 for p in layer.adapter_parameters(adapter)]
 
     @contextmanager
     def disabled(self, pipe):
-        _, model = denoiser(pipe)
-        with switched_on([layer for _, layer in self._layers(model)], "disabled"):
+        with switched_on([layer for _, _, layer in self._pipe_layers(pipe)], "disabled"):
             yield
 
     def set_weights(self, pipe, weights: dict[str, float]) -> None:
-        _, model = denoiser(pipe)
-        for _, layer in self._layers(model):
+        for _, _, layer in self._pipe_layers(pipe):
             layer.weights = {n: float(w) for n, w in weights.items() if layer.has_adapter(n)}
 
     def merge(self, pipe, adapter: str, weight: float = 1.0) -> None:
-        _, model = denoiser(pipe)
-        for _, layer in self._layers(model):
+        for _, _, layer in self._pipe_layers(pipe):
             if layer.has_adapter(adapter):
                 layer.merge(adapter, float(weight))
 
     def unmerge(self, pipe) -> None:
-        _, model = denoiser(pipe)
-        for _, layer in self._layers(model):
+        for _, _, layer in self._pipe_layers(pipe):
             layer.unmerge()
 
     def unload(self, pipe) -> None:
-        _, model = denoiser(pipe)
-        for path, layer in list(self._layers(model)):
+        for model, path, layer in self._pipe_layers(pipe):
             replace_module(model, path, layer.base_layer)
 
     def remove(self, pipe, adapter: str) -> None:
-        _, model = denoiser(pipe)
-        for path, layer in list(self._layers(model)):
+        for model, path, layer in self._pipe_layers(pipe):
             if layer.has_adapter(adapter):
                 layer.delete_adapter(adapter)
             if not layer.adapter_names():

@@ -246,9 +246,15 @@ class ConceptRecipe(Recipe):
             prompt = PromptEncoding.stack([self.text_cache[c] for c in captions])
         return self.family.inputs(prompt, batch)
 
-    def _base_prediction(self, noisy, timesteps, inputs: dict[str, Any]):
-        with self.method_impl.disabled(self.pipe):
-            return self.family.forward(self.model, noisy, timesteps, inputs)
+    def _base_prediction(self, batch: dict):
+        """The frozen model's prediction for `batch`, as prior preservation's teacher and DCO's reference: every
+        adapter off, and where text encoders train, the prompts re-encoded by them with their adapters off too."""
+        def predict(noisy, timesteps, inputs: dict[str, Any]):
+            with self.method_impl.disabled(self.pipe):
+                if self.train_text:
+                    inputs = self._model_inputs(batch)
+                return self.family.forward(self.model, noisy, timesteps, inputs)
+        return predict
 
     def _batch(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int) -> dict:
         # the step's randomness is drawn for the whole batch and the share's rows sliced from it: a micro-batch or
@@ -277,14 +283,16 @@ class ConceptRecipe(Recipe):
         return batch
 
     def _batch_loss(self, source: dict, indices: list[int], gen: torch.Generator, share: Share, step: int,
-                    teacher=None) -> torch.Tensor:
+                    to_base: bool = False) -> torch.Tensor:
+        """The objective on one batch; `to_base`: towards the frozen model's prediction (prior preservation)."""
         batch = self._batch(source, indices, gen, share, step)
 
         def default(b):
-            reference = self._base_prediction if self.config.dco_beta and teacher is None else None
+            teacher = self._base_prediction(b) if to_base else None
+            reference = self._base_prediction(b) if self.config.dco_beta and not to_base else None
             return self.family.loss(self.model, b, self._model_inputs(b), teacher, reference)
 
-        return default(batch) if teacher else self.method_impl.training_loss(self.pipe, batch, default)
+        return default(batch) if to_base else self.method_impl.training_loss(self.pipe, batch, default)
 
     def loss(self, step: int, share: Share, generator: torch.Generator) -> torch.Tensor:
         from studio.training.engine import step_generator
@@ -294,9 +302,9 @@ class ConceptRecipe(Recipe):
         loss = self._batch_loss(self.cache, indices, generator, share, step)
         if self.class_cache:
             class_indices = global_batch(self.class_cache["bucket"], cfg.batch_size, cfg.seed + 1, step)
-            teacher = self._base_prediction if cfg.prior_target == "base" else None
             loss = loss + cfg.prior_loss_weight * self._batch_loss(
-                self.class_cache, class_indices, step_generator(cfg.seed, step, 1000), share, step, teacher)
+                self.class_cache, class_indices, step_generator(cfg.seed, step, 1000), share, step,
+                to_base=cfg.prior_target == "base")
         return loss * len(share) / share.batch  # the rows' mean -> their part of the global batch's mean
 
     def after_step(self, step: int, optimizer) -> str | None:

@@ -17,16 +17,17 @@ import re
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from studio.adapters.base import DENOISERS, AdapterError, denoiser, matches_target, register
+from studio.adapters.base import (COMPONENTS, AdapterError, component, components, denoiser, matches_target, register,
+                                  text_encoder_names)
 from studio.adapters.soda.config import SodaConfig
 from studio.adapters.soda.kron import kron_plan
 from studio.adapters.soda.layer import SodaLayer
-from studio.adapters.soda.optimizer import soda_optimizer
+from studio.adapters.soda.optimizer import StiefelAdam, soda_groups
 from studio.adapters.wrapped import WrappedLayerMethod, digest_key, file_denoiser, refuse_shared_layers
 
 
-# `<denoiser>.<path>.delta` / `.rot_in.<i>` / `.rot_out.<i>`
-_KEY = re.compile(rf"^(?P<comp>{'|'.join(DENOISERS)})\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
+# `<component>.<path>.delta` / `.rot_in.<i>` / `.rot_out.<i>` (component: the denoiser or a text encoder)
+_KEY = re.compile(rf"^(?P<comp>{'|'.join(COMPONENTS)})\.(?P<path>.+)\.(?:delta|(?P<side>rot_in|rot_out)\.(?P<i>\d+))$")
 
 
 def _targets(model: torch.nn.Module, patterns: list[str]):
@@ -62,13 +63,29 @@ class SodaMethod(WrappedLayerMethod):
     presets = {"quick": {"lr": 2e-3, "adapter": {}}, "standard": {"lr": 1e-3, "adapter": {}}}
 
     def attach(self, pipe, config: SodaConfig, adapter: str) -> None:
+        plan = self._plan(pipe, config)
+        for comp, targets in plan.items():
+            self._add_adapters(component(pipe, comp), targets, config, adapter)
+        for comp in plan:
+            self._freeze_others(component(pipe, comp), adapter)
+        pipe._studio_soda_config = config  # the learning-rate scales, for the optimizer hook
+
+    def _plan(self, pipe, config: SodaConfig) -> dict[str, list[str]]:
+        """Component -> the paths SODA tunes in it: the denoiser's targets, and with `text_encoder` each text
+        encoder whose modules match the text-encoder targets (a T5's other names match none)."""
         comp, model = denoiser(pipe)
-        targets = [path for path, _ in _targets(model, config.target_modules)]
-        if not targets:
+        plan = {comp: [path for path, _ in _targets(model, config.target_modules)]}
+        if not plan[comp]:
             raise AdapterError(f"no Linear of the {comp} matches the SODA targets {config.target_modules}")
-        self._add_adapters(model, targets, config, adapter)
-        self._freeze_others(model, adapter)
-        pipe._studio_soda_config = config  # the rotation learning-rate scale, for the optimizer hook
+        if config.text_encoder:
+            for name in text_encoder_names(pipe):
+                paths = [path for path, _ in _targets(component(pipe, name), config.text_encoder_target_modules)]
+                if paths:
+                    plan[name] = paths
+            if len(plan) == 1:
+                raise AdapterError(f"no text encoder has Linear modules matching the SODA text-encoder targets "
+                                   f"{config.text_encoder_target_modules}")
+        return plan
 
     def _add_adapters(self, model, paths, config: SodaConfig, adapter: str) -> None:
         self._install(model, paths)
@@ -80,47 +97,71 @@ class SodaMethod(WrappedLayerMethod):
                                both=config.rotate == "both", delta_init=config.delta_init)
 
     def _parts(self, pipe, adapter: str):
-        for path, layer in sorted(soda_layers(denoiser(pipe)[1]), key=lambda item: item[0]):
-            if adapter in layer.adapters:
-                yield path, layer, layer.adapters[adapter]
+        """(component, path, layer, adapter's tensors) in a fixed order: the denoiser's, then the encoders'."""
+        for comp, model in components(pipe):
+            for path, layer in sorted(soda_layers(model), key=lambda item: item[0]):
+                if adapter in layer.adapters:
+                    yield comp, path, layer, layer.adapters[adapter]
 
     def trainable_parameters(self, pipe, adapter: str) -> list[torch.nn.Parameter]:
-        return [p for _, _, a in self._parts(pipe, adapter) for p in a.parameters()]
+        return [p for _, _, _, a in self._parts(pipe, adapter) for p in a.parameters()]
 
     def optimizer(self, pipe, adapter: str, params: list[torch.nn.Parameter], *, lr: float, weight_decay: float,
                   kind: str = "adamw") -> torch.optim.Optimizer:
-        """StiefelAdam for the factors (they stay orthogonal), AdamW for δ."""
+        """StiefelAdam for the factors (they stay orthogonal), AdamW for δ; the text encoders' at
+        lr·text_encoder_lr_scale."""
         if kind != "adamw":
             raise AdapterError(f"SODA trains its rotations with StiefelAdam; optimizer {kind!r} is not available "
                                "for it")
-        factors = {id(q) for _, _, a in self._parts(pipe, adapter) for q in a.factors()}
         config = getattr(pipe, "_studio_soda_config", None) or SodaConfig()
-        return soda_optimizer([p for p in params if id(p) in factors], [p for p in params if id(p) not in factors],
-                              lr=lr, weight_decay=weight_decay, rotation_lr_scale=config.rotation_lr_scale)
+        wanted, groups = {id(p) for p in params}, []
+        for text, scale in ((False, 1.0), (True, config.text_encoder_lr_scale)):
+            parts = [a for comp, _, _, a in self._parts(pipe, adapter) if comp.startswith("text_encoder") == text]
+            factors = [q for a in parts for q in a.factors() if id(q) in wanted]
+            shifts = [a.delta for a in parts if id(a.delta) in wanted]
+            groups += soda_groups(factors, shifts, lr=lr * scale, weight_decay=weight_decay,
+                                  rotation_lr_scale=config.rotation_lr_scale)
+        return StiefelAdam(groups, lr=lr)
 
     def state_dict(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
-        comp, model = denoiser(pipe)
-        out, paths = {}, []
-        for path, _, a in self._parts(pipe, adapter):
+        out, paths = {}, {}
+        for comp, path, _, a in self._parts(pipe, adapter):
             out[f"{comp}.{path}.delta"] = a.delta.detach().clone()
             for side in ("rot_in", "rot_out"):
                 rotation = getattr(a, side)
                 for i, q in enumerate(rotation.factors if rotation is not None else []):
                     out[f"{comp}.{path}.{side}.{i}"] = q.detach().clone()
-            paths.append(path)
-        out[digest_key(comp, self.name)] = base_digest(model, paths)
+            paths.setdefault(comp, []).append(path)
+        for comp, comp_paths in paths.items():
+            out[digest_key(comp, self.name)] = base_digest(component(pipe, comp), comp_paths)
         return out
 
     def load_state_dict(self, pipe, adapter: str, tensors: dict[str, torch.Tensor], config: SodaConfig | None = None,
                         base: dict | None = None, source: str = "adapter") -> None:
         config = config or SodaConfig()
-        comp, model = file_denoiser(pipe, tensors, source)
-        modules = dict(model.named_modules())
-        paths = sorted({m.group("path") for key in tensors if (m := _KEY.match(key)) and m.group("comp") == comp})
-        if not paths or digest_key(comp, self.name) not in tensors:
+        comp, _ = file_denoiser(pipe, tensors, source)
+        plan: dict[str, list[str]] = {}
+        for key in sorted(tensors):
+            if m := _KEY.match(key):
+                plan.setdefault(m.group("comp"), [])
+                if m.group("path") not in plan[m.group("comp")]:
+                    plan[m.group("comp")].append(m.group("path"))
+        if comp not in plan or digest_key(comp, self.name) not in tensors:
             raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
+        for name, paths in plan.items():  # everything is checked before anything is attached
+            self._check_fits(component(pipe, name), name, paths, tensors, config, source)
+        for name, paths in plan.items():
+            self._add_adapters(component(pipe, name), paths, config, adapter)
+        self.set_state(pipe, adapter, tensors)
+        for name in plan:
+            self._freeze_others(component(pipe, name), None)
+
+    def _check_fits(self, model, comp: str, paths: list[str], tensors, config: SodaConfig, source: str) -> None:
+        """Refuse a file whose layers `model` does not have with its shapes, or whose SVD came from other
+        weights."""
+        modules = dict(model.named_modules())
         refuse_shared_layers(model, paths, source, BaseTunerLayer)
-        for path in paths:  # everything is checked before anything is attached
+        for path in paths:
             module = modules.get(path)
             layer = module.base_layer if isinstance(module, SodaLayer) else module
             if not isinstance(layer, torch.nn.Linear):
@@ -138,18 +179,15 @@ class SodaMethod(WrappedLayerMethod):
                     got = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
                     raise AdapterError(f"{source}: {comp}.{path}.{part} is {got}; the loaded model's layer "
                                        f"({in_f}→{out_f}) needs {shape} (another architecture)")
-        if not torch.equal(base_digest(model, paths), tensors[digest_key(comp, self.name)]):
-            raise AdapterError(f"{source} was trained on another checkpoint: the weights of the layers it adapts "
-                               "differ from the loaded model's (SODA rotates and rescales the exact singular "
+        digest = tensors.get(digest_key(comp, self.name))
+        if digest is None or not torch.equal(base_digest(model, paths), digest):
+            raise AdapterError(f"{source} was trained on another checkpoint: the weights of the {comp} layers it "
+                               "adapts differ from the loaded model's (SODA rotates and rescales the exact singular "
                                "vectors it was trained on; bake it to a LoRA for other checkpoints)")
-        self._add_adapters(model, paths, config, adapter)
-        self.set_state(pipe, adapter, tensors)
-        self._freeze_others(model, None)
 
     def set_state(self, pipe, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        comp, _ = denoiser(pipe)
         with torch.no_grad():
-            for path, _, a in self._parts(pipe, adapter):
+            for comp, path, _, a in self._parts(pipe, adapter):
                 a.delta.copy_(tensors[f"{comp}.{path}.delta"])
                 for side in ("rot_in", "rot_out"):
                     rotation = getattr(a, side)
@@ -157,8 +195,8 @@ class SodaMethod(WrappedLayerMethod):
                         q.copy_(tensors[f"{comp}.{path}.{side}.{i}"])
 
     def delta_weights(self, pipe, adapter: str) -> dict[str, torch.Tensor]:
-        """<denoiser>.<path> (`unet.<path>`, `transformer.<path>`) -> W' − W at weight 1 (what bake.py truncates
-        to a LoRA)."""
-        comp, _ = denoiser(pipe)
+        """<component>.<path> (`unet.<path>`, `transformer.<path>`, `text_encoder.<path>`) -> W' − W at weight 1
+        (what bake.py truncates to a LoRA)."""
         with torch.no_grad():
-            return {f"{comp}.{path}": layer.delta_weight(adapter) for path, layer, _ in self._parts(pipe, adapter)}
+            return {f"{comp}.{path}": layer.delta_weight(adapter)
+                    for comp, path, layer, _ in self._parts(pipe, adapter)}

@@ -85,14 +85,22 @@ class StiefelAdam(torch.optim.Optimizer):
         return loss
 
 
+def soda_groups(factors: list[torch.nn.Parameter], others: list[torch.nn.Parameter], *, lr: float,
+                weight_decay: float = 0.0, rotation_lr_scale: float = 1.0) -> list[dict]:
+    """StiefelAdam's parameter groups: `factors` on the manifold at lr·rotation_lr_scale, `others` (the spectral
+    shifts) AdamW at lr; an empty list gives no group."""
+    if not math.isfinite(lr * rotation_lr_scale):
+        raise ValueError(f"the rotation learning rate {lr}·{rotation_lr_scale} is not finite")
+    groups = []
+    if others:
+        groups.append({"params": others, "lr": lr, "weight_decay": weight_decay})
+    if factors:
+        groups.append({"params": factors, "stiefel": True, "lr": lr * rotation_lr_scale, "weight_decay": 0.0})
+    return groups
+
+
 def soda_optimizer(factors: list[torch.nn.Parameter], others: list[torch.nn.Parameter], lr: float,
                    weight_decay: float = 0.0, rotation_lr_scale: float = 1.0) -> StiefelAdam:
     """`factors` on the manifold at lr·rotation_lr_scale; `others` (the spectral shifts) AdamW at lr."""
-    groups = []
-    if others:
-        groups.append({"params": others, "weight_decay": weight_decay})
-    if factors:
-        groups.append({"params": factors, "stiefel": True, "lr": lr * rotation_lr_scale, "weight_decay": 0.0})
-    if not math.isfinite(lr * rotation_lr_scale):
-        raise ValueError(f"the rotation learning rate {lr}·{rotation_lr_scale} is not finite")
-    return StiefelAdam(groups, lr=lr)
+    return StiefelAdam(soda_groups(factors, others, lr=lr, weight_decay=weight_decay,
+                                   rotation_lr_scale=rotation_lr_scale), lr=lr)
