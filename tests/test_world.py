@@ -279,3 +279,19 @@ def test_v2_vocabulary_holds_every_caption_word_after_v1_s():
              for c in V2.caption_variants(sc.specs, sc.seed) for w in c.split()}
     words |= {w for s, seed in V2.prompt_specs(256, 1) for w in V2.caption(s, seed).split()}
     assert words <= set(vocab) and {"an", "and", "disc", "hoop", "trapezium", "octagonal"} <= words
+
+
+def test_b2_prior_pictures_are_drawn_from_the_judges_world(tmp_path):
+    """B2's regularization set on world v2 draws v2's base shapes (and the 8 training renders redrawn as each of
+    the eleven) with v2's articles; on v1 it keeps to v1's three shapes."""
+    from studio.bench.evaluate import write_b2_prior_set
+
+    v2 = write_b2_prior_set(tmp_path / "v2", 24, paired=True, shapes_world=world.V2)
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in v2]
+    assert len(v2) == 24 + 8 * len(world.V2.base_shapes)
+    named = {shape for shape in world.V2.base_shapes for c in captions if f" {shape} " in f" {c} "}
+    assert named == set(world.V2.base_shapes)
+    assert any(" an " in f" {c} " for c in captions) and not any(" a o" in c for c in captions)
+    v1 = write_b2_prior_set(tmp_path / "v1", 24)
+    assert all(any(f" {s} " in f" {p.with_suffix('.txt').read_text(encoding='utf-8')} " for s in world.BASE_SHAPES)
+               for p in v1)

@@ -81,14 +81,15 @@ def bench_concept(method: str = "lora", preset: str = "quick", n: int = 64, out:
 
     examiner = load_judge(judge)
     data_dir = Path(out) / "data"
-    write_b2_training_set(data_dir, world.get_world(examiner.version))
+    shapes_world = world.get_world(examiner.version)
+    write_b2_training_set(data_dir, shapes_world)
     extra = dict(settings or {})
     if prior_paired and not prior_renders:
         raise ValueError("prior_paired adds to the prior renders: give prior_renders too")
     prior = {}
     if prior_renders:
         folder = Path(out) / "prior"
-        files = write_b2_prior_set(folder, prior_renders, paired=prior_paired)
+        files = write_b2_prior_set(folder, prior_renders, paired=prior_paired, shapes_world=shapes_world)
         prior = {"prior_preservation": True, "class_data_dir": str(folder), "num_class_images": len(files)}
     settings = {**extra, **prior, "adapter": adapter or {}}
     if steps:

@@ -143,9 +143,9 @@ def _articles(text: str, shapes_world: world.World) -> str:
 B2_PRIOR_SEED = 7
 
 
-def write_b2_prior_set(folder, n: int = 64, paired: bool = False) -> list:
-    """Regularization pictures for B2's prior preservation: n renders of the base shapes (any attributes) with
-    their full captions, as a user's own class images would be (`--class-data-dir`). `paired`: also each
+def write_b2_prior_set(folder, n: int = 64, paired: bool = False, shapes_world: world.World = world.V1) -> list:
+    """Regularization pictures for B2's prior preservation: n renders of the world's base shapes (any attributes)
+    with their full captions, as a user's own class images would be (`--class-data-dir`). `paired`: also each
     training render redrawn as every base shape (same colour, background, size, position and seed), so the
     shape word is all that tells the trigger's pictures from the regularization ones."""
     import dataclasses
@@ -156,17 +156,17 @@ def write_b2_prior_set(folder, n: int = 64, paired: bool = False) -> list:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(B2_PRIOR_SEED)
-    drawn = [(f"p{i:03d}", world.random_spec(rng, world.BASE_SHAPES, heldout=None), rng.randrange(2**31))
+    drawn = [(f"p{i:03d}", world.random_spec(rng, shapes_world.base_shapes, heldout=None), rng.randrange(2**31))
              for i in range(n)]
     if paired:
         twins = [(dataclasses.replace(spec, shape=shape), seed) for spec, seed in b2_training_specs()
-                 for shape in world.BASE_SHAPES]
+                 for shape in shapes_world.base_shapes]
         drawn += [(f"q{k:03d}", spec, seed) for k, (spec, seed) in enumerate(twins)]
     paths = []
     for stem, spec, seed in drawn:
         path = folder / f"{stem}.png"
         Image.fromarray(world.render(spec, seed)).save(path)
-        path.with_suffix(".txt").write_text(world.caption(spec), encoding="utf-8")
+        path.with_suffix(".txt").write_text(_articles(world.caption(spec), shapes_world), encoding="utf-8")
         paths.append(path)
     return paths
 
