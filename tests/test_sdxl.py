@@ -14,7 +14,8 @@ from PIL import Image
 from studio import data
 from studio.loading import StudioError, load_pipeline
 from studio.shapes import world
-from studio.training.conditioning import PromptEncoding, encode_prompts, text_encoders, time_ids, unet_inputs
+from studio.adapters.prompts import time_ids
+from studio.training.conditioning import PromptEncoding, encode_prompts, text_encoders, unet_inputs
 from studio.training.concept import _example_time_ids
 from studio.training.engine import denoising_loss, train
 

@@ -41,10 +41,16 @@ def embed_prompts(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | 
     return pipe.text_encoder(ids)[0], None
 
 
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+             ) -> torch.Tensor:
+    """SDXL's micro-conditioning for one image, each pair as (height, width) / (top, left) in pixels."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
 def sdxl_time_ids(size: int, device) -> torch.Tensor:
     """SDXL's size/crop conditioning of a generated square image: original = target = size, crop at (0, 0), as
     the SDXL pipeline conditions its own generations."""
-    return torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
+    return time_ids((size, size), (0, 0), (size, size)).to(device)
 
 
 def unet_conditioning(hidden: torch.Tensor, pooled: torch.Tensor | None, size: int) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import torch
 
 from studio import data
 from studio.adapters.base import text_encoder_names
+from studio.adapters.prompts import time_ids
 from studio.adapters.trigger import (TRIGGER_KEYS, attach_trigger_embedding, detach_trigger_embedding,
                                     trigger_tensors, training_trigger)
-from studio.training.conditioning import PromptEncoding, text_encoders, time_ids
+from studio.training.conditioning import PromptEncoding, text_encoders
 from studio.training.config import TrainConfig, TrainingError
 from studio.training.families import FamilyError, family_for
 from studio.training.recipe import AdapterOutput, Recipe, Share, Trainables

@@ -57,12 +57,6 @@ def reads_time_ids(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
-             ) -> torch.Tensor:
-    """SDXL's micro-conditioning for one image, each pair as (height, width) / (top, left) in pixels."""
-    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
-
-
 def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Keyword arguments of `UNet2DConditionModel.forward` for these prompts (and, on SDXL, their time ids)."""
     kwargs: dict[str, Any] = {"encoder_hidden_states": prompt.hidden}
@@ -73,4 +67,4 @@ def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict
     return kwargs
 
 
-__all__ = ["PromptEncoding", "encode_prompts", "reads_time_ids", "text_encoders", "time_ids", "unet_inputs"]
+__all__ = ["PromptEncoding", "encode_prompts", "reads_time_ids", "text_encoders", "unet_inputs"]
