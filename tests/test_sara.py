@@ -280,3 +280,27 @@ def test_resume_after_reselection_equals_an_uninterrupted_run(tmp_path):
     resumed = load_file(run("resumed", 4, resume="latest").adapter_path)
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+
+
+def test_the_training_cost_benchmark_steps_sara_as_the_engine_does(monkeypatch):
+    """B6 measures SaRA with its own loss (the nuclear-norm term) and its after-step hook (re-selection at half
+    the measured run), not the bare denoising loss."""
+    from studio.bench import train_cost
+
+    sara, seen = get_method("sara"), {"loss": [], "after": [], "reselect_at": []}
+    loss, after = sara.training_loss, sara.after_step
+
+    def counting_loss(pipe, batch, default_loss):
+        seen["loss"].append(batch["step"])
+        return loss(pipe, batch, default_loss)
+
+    def counting_after(pipe, adapter, step, optimizer):
+        seen["after"].append(step)
+        seen["reselect_at"].append(pipe._studio_sara_config.reselect_at)
+        return after(pipe, adapter, step, optimizer)
+
+    monkeypatch.setattr(sara, "training_loss", counting_loss)
+    monkeypatch.setattr(sara, "after_step", counting_after)
+    result = train_cost.measure("shapes", "sara", 3)
+    assert seen["loss"] == seen["after"] == [1, 2, 3, 4] and set(seen["reselect_at"]) == {2}
+    assert result["trainable"] > 0 and result["step_s"] > 0

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 from types import SimpleNamespace
 
 import torch
@@ -83,22 +84,24 @@ def _denoiser(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     raise ValueError(f"unknown model {model!r}")
 
 
-def _trainable(unet, method: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """The method's trainable parameters and its optimizer (the engine's AdamW unless the method has its own)."""
+def _trainable(unet, method: str, steps: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
+    """The method's trainable parameters, its optimizer (the engine's AdamW unless the method has its own) and
+    (method, pipeline holder) for its loss and after-step hooks (None for full fine-tuning). The method's settings
+    are resolved for a run of `steps` steps, as the engine does (SaRA: re-selection at half of them)."""
     unet.requires_grad_(False)
     if method == "full":
         unet.requires_grad_(True)
-        return list(unet.parameters()), torch.optim.AdamW(unet.parameters(), lr=1e-5)
+        return list(unet.parameters()), torch.optim.AdamW(unet.parameters(), lr=1e-5), None
     name, _, option = method.partition("-r")
     from studio.adapters import get_method
 
     impl = get_method(name)
     settings = {"rank": int(option)} if option else {}
     holder = SimpleNamespace(**{"transformer" if "joint_attention_dim" in unet.config else "unet": unet})
-    impl.attach(holder, impl.config_class.from_dict(settings), "bench")
+    impl.attach(holder, impl.config_class.from_dict(settings).for_run(steps), "bench")
     params = impl.trainable_parameters(holder, "bench")
     optimizer = impl.optimizer(holder, "bench", params, lr=1e-5, weight_decay=0.0)
-    return params, optimizer or torch.optim.AdamW(params, lr=1e-5)
+    return params, optimizer or torch.optim.AdamW(params, lr=1e-5), (impl, holder)
 
 
 def _peak_mb(device: str) -> float:
@@ -114,7 +117,7 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
     unet = _denoiser(model, device, torch_dtype).to(device, torch_dtype)
     setup = SETUPS[model]
     t = time.perf_counter()
-    params, optimizer = _trainable(unet, method)
+    params, optimizer, hooks = _trainable(unet, method, steps + 1)
     for p in params:  # trainable parameters stay in fp32 (what mixed-precision training keeps)
         p.data = p.data.float()
     attach_s = time.perf_counter() - t  # SODA's SVDs happen here
@@ -127,11 +130,13 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
         unet.enable_gradient_checkpointing()
     unet.train()
     times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        loss = loss_of()
+    for i in range(steps + 1):  # the engine's step: the method's own loss (SaRA: + its nuclear-norm term) and
+        t = time.perf_counter()    # its after-step hook (SaRA: frozen entries held, re-selection at its step)
+        loss = hooks[0].training_loss(hooks[1], {"step": i + 1}, lambda _: loss_of()) if hooks else loss_of()
         loss.backward()
         optimizer.step()
+        if hooks:
+            hooks[0].after_step(hooks[1], "bench", i + 1, optimizer)
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
