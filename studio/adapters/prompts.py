@@ -13,10 +13,15 @@ import torch
 from studio.adapters.base import token_ids
 
 
+def reads_time_ids(unet) -> bool:
+    """Whether this UNet reads a pooled prompt embedding and size/crop time ids (SDXL)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 def reads_pooled(pipe) -> bool:
     """Whether the pipeline's UNet reads a pooled prompt embedding and time ids (SDXL)."""
     unet = getattr(pipe, "unet", None)
-    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+    return unet is not None and reads_time_ids(unet)
 
 
 @torch.no_grad()

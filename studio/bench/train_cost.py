@@ -86,12 +86,12 @@ def _denoiser(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
 def _trainable(unet, method: str, steps: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
     """The method's trainable parameters, its optimizer (the engine's AdamW unless the method has its own) and
-    (method, pipeline holder) for its loss and after-step hooks (None for full fine-tuning). The method's settings
-    are resolved for a run of `steps` steps, as the engine does (SaRA: re-selection at half of them)."""
+    (method, pipeline holder) for its loss and after-step hooks ((None, None) for full fine-tuning). The method's
+    settings are resolved for a run of `steps` steps, as the engine does (SaRA: re-selection at half of them)."""
     unet.requires_grad_(False)
     if method == "full":
         unet.requires_grad_(True)
-        return list(unet.parameters()), torch.optim.AdamW(unet.parameters(), lr=1e-5), None
+        return list(unet.parameters()), torch.optim.AdamW(unet.parameters(), lr=1e-5), (None, None)
     name, _, option = method.partition("-r")
     from studio.adapters import get_method
 
@@ -117,7 +117,7 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
     unet = _denoiser(model, device, torch_dtype).to(device, torch_dtype)
     setup = SETUPS[model]
     t = time.perf_counter()
-    params, optimizer, hooks = _trainable(unet, method, steps + 1)
+    params, optimizer, (impl, holder) = _trainable(unet, method, steps + 1)
     for p in params:  # trainable parameters stay in fp32 (what mixed-precision training keeps)
         p.data = p.data.float()
     attach_s = time.perf_counter() - t  # SODA's SVDs happen here
@@ -132,11 +132,11 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
     times = []
     for i in range(steps + 1):  # the engine's step: the method's own loss (SaRA: + its nuclear-norm term) and
         t = time.perf_counter()    # its after-step hook (SaRA: frozen entries held, re-selection at its step)
-        loss = hooks[0].training_loss(hooks[1], {"step": i + 1}, lambda _: loss_of()) if hooks else loss_of()
+        loss = impl.training_loss(holder, {"step": i + 1}, lambda _: loss_of()) if impl else loss_of()
         loss.backward()
         optimizer.step()
-        if hooks:
-            hooks[0].after_step(hooks[1], "bench", i + 1, optimizer)
+        if impl:
+            impl.after_step(holder, "bench", i + 1, optimizer)
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -150,8 +150,7 @@ def measure(model: str, method: str, steps: int, device: str = "cpu", dtype: str
 def _ddpm_loss(unet, setup: dict, g: torch.Generator):
     from diffusers import DDPMScheduler
 
-    from studio.adapters.prompts import unet_conditioning
-    from studio.training.conditioning import reads_time_ids
+    from studio.adapters.prompts import reads_time_ids, unet_conditioning
     from studio.training.engine import denoising_loss
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)

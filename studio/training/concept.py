@@ -289,8 +289,9 @@ class ConceptRecipe(Recipe):
         batch = self._batch(source, indices, gen, share, step)
 
         def default(b):
-            teacher = self._base_prediction(b) if to_base else None
-            reference = self._base_prediction(b) if self.config.dco_beta and not to_base else None
+            base = self._base_prediction(b)
+            teacher = base if to_base else None
+            reference = base if self.config.dco_beta and not to_base else None
             return self.family.loss(self.model, b, self._model_inputs(b), teacher, reference)
 
         return default(batch) if to_base else self.method_impl.training_loss(self.pipe, batch, default)

@@ -53,10 +53,6 @@ def encode_prompts(encoders: list[tuple[Any, torch.nn.Module]], captions: list[s
     return PromptEncoding(torch.cat(hidden, dim=-1), pooled)
 
 
-def reads_time_ids(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Keyword arguments of `UNet2DConditionModel.forward` for these prompts (and, on SDXL, their time ids)."""
     kwargs: dict[str, Any] = {"encoder_hidden_states": prompt.hidden}
@@ -67,4 +63,4 @@ def unet_inputs(prompt: PromptEncoding, ids: torch.Tensor | None = None) -> dict
     return kwargs
 
 
-__all__ = ["PromptEncoding", "encode_prompts", "reads_time_ids", "text_encoders", "unet_inputs"]
+__all__ = ["PromptEncoding", "encode_prompts", "text_encoders", "unet_inputs"]

@@ -54,8 +54,8 @@ class SodaConfig(AdapterConfig):
             raise AdapterError(f"SODA rotate must be {' or '.join(ROTATE)}, got {self.rotate!r}")
         if not float(self.rotation_lr_scale) > 0:
             raise AdapterError(f"SODA rotation_lr_scale must be positive, got {self.rotation_lr_scale}")
-        self.kron_factors, self.max_factor = int(self.kron_factors), int(self.max_factor)
         if not float(self.text_encoder_lr_scale) > 0:
             raise AdapterError(f"SODA text_encoder_lr_scale must be positive, got {self.text_encoder_lr_scale}")
+        self.kron_factors, self.max_factor = int(self.kron_factors), int(self.max_factor)
         self.rotation_lr_scale, self.delta_init = float(self.rotation_lr_scale), float(self.delta_init)
         self.text_encoder_lr_scale = float(self.text_encoder_lr_scale)

@@ -114,11 +114,11 @@ class SodaMethod(WrappedLayerMethod):
             raise AdapterError(f"SODA trains its rotations with StiefelAdam; optimizer {kind!r} is not available "
                                "for it")
         config = getattr(pipe, "_studio_soda_config", None) or SodaConfig()
-        wanted, groups = {id(p) for p in params}, []
+        wanted, groups, parts = {id(p) for p in params}, [], list(self._parts(pipe, adapter))
         for text, scale in ((False, 1.0), (True, config.text_encoder_lr_scale)):
-            parts = [a for comp, _, _, a in self._parts(pipe, adapter) if comp.startswith("text_encoder") == text]
-            factors = [q for a in parts for q in a.factors() if id(q) in wanted]
-            shifts = [a.delta for a in parts if id(a.delta) in wanted]
+            mine = [a for comp, _, _, a in parts if comp.startswith("text_encoder") == text]
+            factors = [q for a in mine for q in a.factors() if id(q) in wanted]
+            shifts = [a.delta for a in mine if id(a.delta) in wanted]
             groups += soda_groups(factors, shifts, lr=lr * scale, weight_decay=weight_decay,
                                   rotation_lr_scale=config.rotation_lr_scale)
         return StiefelAdam(groups, lr=lr)
@@ -140,12 +140,11 @@ class SodaMethod(WrappedLayerMethod):
                         base: dict | None = None, source: str = "adapter") -> None:
         config = config or SodaConfig()
         comp, _ = file_denoiser(pipe, tensors, source)
-        plan: dict[str, list[str]] = {}
-        for key in sorted(tensors):
+        found: dict[str, set[str]] = {}
+        for key in tensors:
             if m := _KEY.match(key):
-                plan.setdefault(m.group("comp"), [])
-                if m.group("path") not in plan[m.group("comp")]:
-                    plan[m.group("comp")].append(m.group("path"))
+                found.setdefault(m.group("comp"), set()).add(m.group("path"))
+        plan = {name: sorted(paths) for name, paths in found.items()}
         if comp not in plan or digest_key(comp, self.name) not in tensors:
             raise AdapterError(f"{source}: not a SODA file (no singular-value shifts, or no base digest)")
         for name, paths in plan.items():  # everything is checked before anything is attached

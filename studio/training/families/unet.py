@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from studio.training.conditioning import encode_prompts, reads_time_ids, text_encoders, unet_inputs
+from studio.adapters.prompts import reads_time_ids
+from studio.training.conditioning import encode_prompts, text_encoders, unet_inputs
 from studio.training.families.base import Family, Teacher
 from studio.training.objectives import denoising_loss, sample_timesteps, timestep_weights, x0_weights
 
